@@ -1,0 +1,132 @@
+"""Per-token log-probabilities through the lm_head, without a (tokens, vocab) tensor.
+
+Math, for a row h (hidden_size,), lm_head weight W (vocab, hidden_size), target token y, temperature tau:
+    z      = W @ h / tau                       logits, (vocab,)
+    lse    = log(sum_v exp(z_v))
+    logp   = z_y - lse
+Backward, for an upstream gradient g = dL/dlogp:
+    dL/dz  = g * (onehot(y) - softmax(z))
+    dL/dh  = W^T @ dL/dz / tau                 (always)
+    dL/dW  = dL/dz outer h / tau               (only when the weight requires grad)
+
+The chunked path processes `rows_per_chunk(vocab)` token rows at a time, so at most
+`CHUNK_ELEMENTS` logits exist at once; the backward recomputes each chunk's logits from the saved
+logsumexp instead of keeping them. `token_logprobs_ref` materializes everything and is the
+reference the tests compare against.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# 2^24 fp32 logits = 64 MiB per chunk: large enough for efficient matmuls on CPU, small enough that
+# the peak stays a fraction of the materialized (tokens, vocab) path at realistic vocab sizes.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def rows_per_chunk(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    """How many token rows fit in one chunk of logits."""
+    return max(1, chunk_elements // vocab_size)
+
+
+def token_logprobs_ref(hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """Reference: materialized logits, log-softmax, gather. hidden (..., H), weight (V, H), token_ids (...)."""
+    logits = (hidden @ weight.T).float() / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
+
+
+def _chunk_logits(hidden_rows: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    # The matmul runs in the input dtype (bf16 on GPU); the softmax statistics are always fp32 so
+    # that the logsumexp over ~150k entries does not lose the target logit's precision.
+    logits = (hidden_rows @ weight.T).float()
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits
+
+
+def _logits_to_grad_(logits: Tensor, lse: Tensor, token_ids: Tensor, grad_logp: Tensor, temperature: float) -> Tensor:
+    """Turn a chunk of logits, in place, into dL/dz / tau = g * (onehot - softmax) / tau."""
+    scale = grad_logp.float() / temperature
+    grad_z = logits.sub_(lse.unsqueeze(1)).exp_().mul_(-scale.unsqueeze(1))
+    rows = torch.arange(grad_z.shape[0], device=grad_z.device)
+    grad_z[rows, token_ids] += scale
+    return grad_z
+
+
+def chunked_token_logprobs_forward(
+    hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float, chunk_rows: int
+) -> tuple[Tensor, Tensor]:
+    """hidden (N, H), weight (V, H), token_ids (N,) -> (logp (N,) fp32, lse (N,) fp32)."""
+    n = hidden.shape[0]
+    logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        logits = _chunk_logits(hidden[start:stop], weight, temperature)
+        lse[start:stop] = torch.logsumexp(logits, dim=1)
+        logp[start:stop] = logits.gather(1, token_ids[start:stop].unsqueeze(1)).squeeze(1) - lse[start:stop]
+    return logp, lse
+
+
+def chunked_token_logprobs_backward(
+    grad_logp: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    lse: Tensor,
+    temperature: float,
+    chunk_rows: int,
+    need_weight_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Recompute each chunk's logits from the saved logsumexp; return (grad_hidden (N, H), grad_weight or None)."""
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+    for start in range(0, hidden.shape[0], chunk_rows):
+        stop = min(start + chunk_rows, hidden.shape[0])
+        rows = hidden[start:stop]
+        logits = _chunk_logits(rows, weight, temperature)
+        grad_z = _logits_to_grad_(logits, lse[start:stop], token_ids[start:stop], grad_logp[start:stop], temperature)
+        grad_hidden[start:stop] = (grad_z.to(weight.dtype) @ weight).to(hidden.dtype)
+        if grad_weight is not None:
+            grad_weight.addmm_(grad_z.T, rows.float())
+    return grad_hidden, grad_weight
+
+
+class ChunkedTokenLogprobs(torch.autograd.Function):
+    """Autograd wrapper of the chunked path; inputs are already flattened to (N, H) / (N,)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float, chunk_rows: int) -> Tensor:
+        logp, lse = chunked_token_logprobs_forward(hidden, weight, token_ids, temperature, chunk_rows)
+        ctx.save_for_backward(hidden, weight, token_ids, lse)
+        ctx.temperature = temperature
+        ctx.chunk_rows = chunk_rows
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor):
+        hidden, weight, token_ids, lse = ctx.saved_tensors
+        grad_hidden, grad_weight = chunked_token_logprobs_backward(
+            grad_logp.contiguous(),
+            hidden,
+            weight,
+            token_ids,
+            lse,
+            ctx.temperature,
+            ctx.chunk_rows,
+            need_weight_grad=ctx.needs_input_grad[1],
+        )
+        if not ctx.needs_input_grad[0]:
+            grad_hidden = None
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def chunked_token_logprobs(
+    hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float = 1.0, chunk_rows: int | None = None
+) -> Tensor:
+    """hidden (N, H), weight (V, H), token_ids (N,) int64 -> logp (N,) fp32, differentiable."""
+    if chunk_rows is None:
+        chunk_rows = rows_per_chunk(weight.shape[0])
+    return ChunkedTokenLogprobs.apply(hidden.contiguous(), weight, token_ids.contiguous(), float(temperature), chunk_rows)

@@ -1,0 +1,166 @@
+"""Public loss functions: argument checks, then dispatch to `onelayer_fast.kernels`.
+
+`backend="auto"` takes the chunked path (never a (tokens, vocab) tensor); `backend="reference"`
+materializes the logits, for debugging and tests.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .kernels.grpo_loss import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    LOSS_TYPES,
+    SCALE_REWARDS,
+    group_advantages,
+    grpo_loss_from_logps,
+)
+from .kernels.token_logprobs import chunked_token_logprobs, token_logprobs_ref
+
+BACKENDS = ("auto", "chunked", "reference")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_lm_head(hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"lm_head_weight must be (vocab, hidden), got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden size mismatch: hidden has {hidden.shape[-1]} features, lm_head_weight has {weight.shape[1]}"
+        )
+    if token_ids.shape != hidden.shape[:-1]:
+        raise ValueError(f"token_ids shape {tuple(token_ids.shape)} must equal hidden.shape[:-1] {tuple(hidden.shape[:-1])}")
+    if token_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
+    if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= weight.shape[0]):
+        raise ValueError(f"token_ids must lie in [0, {weight.shape[0]}) (the lm_head vocab)")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
+
+
+def token_logprobs(
+    hidden: Tensor, lm_head_weight: Tensor, token_ids: Tensor, temperature: float = 1.0, backend: str = "auto"
+) -> Tensor:
+    """Log-probability of each token: hidden (..., H), lm_head_weight (V, H), token_ids (...) -> (...) fp32.
+
+    `hidden[..., i, :]` must be the state that predicts `token_ids[..., i]` (already shifted).
+    Differentiable in `hidden` (and in the weight only if it requires grad).
+    """
+    _check_choice("backend", backend, BACKENDS)
+    _check_lm_head(hidden, lm_head_weight, token_ids, temperature)
+    if backend == "reference":
+        return token_logprobs_ref(hidden, lm_head_weight, token_ids.long(), temperature)
+    flat = chunked_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, token_ids.reshape(-1).long(), temperature)
+    return flat.view(token_ids.shape)
+
+
+def _check_per_token(name: str, value: Tensor | None, shape: torch.Size) -> None:
+    if value is not None and value.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} (batch, completion tokens), got {tuple(value.shape)}")
+
+
+def _resolve_advantages(
+    rewards: Tensor | None, group_size: int | None, advantages: Tensor | None, batch: int, scale_rewards: str
+) -> tuple[Tensor, Tensor | None]:
+    if (rewards is None) == (advantages is None):
+        raise ValueError("pass exactly one of `rewards` (with `group_size`) or `advantages`")
+    if advantages is not None:
+        if advantages.shape != (batch,):
+            raise ValueError(f"advantages must have shape ({batch},), got {tuple(advantages.shape)}")
+        if not torch.isfinite(advantages).all():
+            raise ValueError("advantages contain NaN or inf")
+        return advantages.float(), None
+    if rewards.shape != (batch,):
+        raise ValueError(f"rewards must have shape ({batch},), one per completion row, got {tuple(rewards.shape)}")
+    if group_size is None or group_size < 2:
+        raise ValueError(f"group_size must be given and >= 2 with `rewards` (GRPO needs a group), got {group_size}")
+    if batch % group_size != 0:
+        raise ValueError(f"batch size {batch} is not divisible by group_size {group_size}")
+    if not torch.isfinite(rewards).all():
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        raise ValueError(f"rewards contain NaN or inf at rows {bad}")
+    return group_advantages(rewards.float(), group_size, scale_rewards)
+
+
+def grpo_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    rewards: Tensor | None = None,
+    group_size: int | None = None,
+    advantages: Tensor | None = None,
+    old_logps: Tensor | None = None,
+    ref_logps: Tensor | None = None,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    delta: float | None = None,
+    loss_type: str = "dapo",
+    scale_rewards: str = "group",
+    temperature: float = 1.0,
+    max_completion_length: int | None = None,
+    importance_sampling_level: str = "token",
+    backend: str = "auto",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO loss with TRL GRPOTrainer semantics (see `kernels/grpo_loss.py` for the math).
+
+    hidden (B, T, H): states predicting the completion tokens (already shifted);
+    lm_head_weight (V, H); completion_ids, completion_mask (B, T); rewards (B,) with group_size, or
+    advantages (B,); old_logps, ref_logps (B, T) or None.
+    Returns the scalar loss and metrics (0-d tensors, plus `token_logps` (B, T) detached, zero where
+    masked, which the caller can keep as the next iteration's `old_logps`).
+    """
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
+    _check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+    _check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+    _check_choice("backend", backend, BACKENDS)
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (batch, completion tokens, hidden), got shape {tuple(hidden.shape)}")
+    _check_lm_head(hidden, lm_head_weight, completion_ids, temperature)
+    batch, length = completion_ids.shape
+    if completion_mask.shape != completion_ids.shape:
+        raise ValueError(f"completion_mask shape {tuple(completion_mask.shape)} must equal completion_ids shape {(batch, length)}")
+    _check_per_token("old_logps", old_logps, completion_ids.shape)
+    _check_per_token("ref_logps", ref_logps, completion_ids.shape)
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if beta > 0 and ref_logps is None:
+        raise ValueError("beta > 0 needs ref_logps (the KL term would silently be zero without them)")
+    if epsilon_low < 0 or epsilon_high < 0:
+        raise ValueError(f"epsilons must be >= 0, got epsilon_low={epsilon_low}, epsilon_high={epsilon_high}")
+    if delta is not None and delta <= 1.0:
+        raise ValueError(f"delta (upper clamp of the ratio) must be > 1, got {delta}")
+    if max_completion_length is not None and max_completion_length < 1:
+        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
+    advantages, constant_group = _resolve_advantages(rewards, group_size, advantages, batch, scale_rewards)
+
+    mask = completion_mask.to(torch.float32)
+    ids = completion_ids.long()
+    if backend == "reference":
+        logps = token_logprobs_ref(hidden, lm_head_weight, ids, temperature) * mask
+    else:
+        # Only unmasked tokens go through the lm_head: padding after EOS costs nothing.
+        valid = completion_mask.reshape(-1).bool().nonzero().squeeze(1)
+        flat_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, valid)
+        valid_logps = chunked_token_logprobs(flat_hidden, lm_head_weight, ids.reshape(-1).index_select(0, valid), temperature)
+        logps = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device).index_put((valid,), valid_logps)
+        logps = logps.view(batch, length)
+    # Masked positions must not inject inf/NaN through exp(ref - logp); their value is irrelevant.
+    keep = mask.bool()
+    old = None if old_logps is None else torch.where(keep, old_logps.float(), logps.detach())
+    ref = None if ref_logps is None else torch.where(keep, ref_logps.float(), logps.detach())
+    loss, metrics = grpo_loss_from_logps(
+        logps, mask, advantages.to(logps.device), old, ref, beta, epsilon_low, epsilon_high, delta, loss_type,
+        max_completion_length or length, importance_sampling_level,
+    )
+    if constant_group is not None:
+        metrics["frac_reward_zero_std"] = constant_group.float().mean()
+    metrics["token_logps"] = logps.detach()
+    return loss, metrics
