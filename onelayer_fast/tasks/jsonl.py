@@ -1,0 +1,37 @@
+"""Prompts and answers from a local JSONL file: one {"prompt": ..., "answer": ...} object per line."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from . import Example
+from .arithmetic import exact_match
+
+
+class JsonlTask:
+    name = "jsonl"
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"task file {path} does not exist")
+        self.examples: list[Example] = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            prompt = row.get("prompt", row.get("question"))
+            if prompt is None or "answer" not in row:
+                raise ValueError(f"{path}:{number}: each line needs 'prompt' (or 'question') and 'answer'")
+            self.examples.append(Example(prompt=str(prompt), answer=str(row["answer"]).strip()))
+        if not self.examples:
+            raise ValueError(f"task file {path} holds no examples")
+        self.reward_funcs = [exact_match]
+        self.reward_weights = [1.0]
+
+    def sample(self, rng: random.Random, n: int) -> list[Example]:
+        return [rng.choice(self.examples) for _ in range(n)]

@@ -1,0 +1,200 @@
+"""The training config (TRL GRPOConfig names) and the GRPO training loop; nothing model-specific."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .policy import FullModelPolicy, OneLayerPolicy, decoder_of
+from .rollout import encode_prompts, sample_completions
+from .tasks import Example, Task
+from .update import RolloutBatch, UpdateSettings, grpo_update
+
+MODES = ("single", "full")
+
+
+@dataclass
+class GRPOConfig:
+    """Field names and defaults follow TRL's GRPOConfig where TRL has the knob."""
+
+    output_dir: str = "runs/grpo"
+    layer: int | None = None  # None: the middle layer (len(layers) // 2)
+    mode: str = "single"  # "single": one layer trains; "full": every parameter trains (the baseline)
+    max_steps: int = 100
+    per_device_train_batch_size: int = 8  # completions per step, a multiple of num_generations
+    num_generations: int = 8
+    max_completion_length: int = 256
+    num_iterations: int = 1
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    delta: float | None = None
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    importance_sampling_level: str = "token"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    learning_rate: float = 1e-6
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    save_steps: int = 50
+    save_total_limit: int = 2
+    loss_backend: str = "auto"
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations must be >= 2 (GRPO compares completions in a group), got {self.num_generations}")
+        if self.per_device_train_batch_size % self.num_generations != 0:
+            raise ValueError(
+                f"per_device_train_batch_size {self.per_device_train_batch_size} is not divisible by "
+                f"num_generations {self.num_generations}"
+            )
+        for name in ("max_steps", "max_completion_length", "num_iterations", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+    def update_settings(self) -> UpdateSettings:
+        return UpdateSettings(
+            num_generations=self.num_generations, num_iterations=self.num_iterations, beta=self.beta,
+            epsilon=self.epsilon, epsilon_high=self.epsilon_high, delta=self.delta, loss_type=self.loss_type,
+            scale_rewards=self.scale_rewards, temperature=self.temperature,
+            max_completion_length=self.max_completion_length,
+            importance_sampling_level=self.importance_sampling_level, max_grad_norm=self.max_grad_norm,
+            loss_backend=self.loss_backend,
+        )
+
+
+def score(task: Task, completions: list[str], examples: list[Example]) -> torch.Tensor:
+    """Weighted sum of the task's reward functions, one value per completion; NaN/inf is an error."""
+    rewards = torch.zeros(len(completions), dtype=torch.float32)
+    for func, weight in zip(task.reward_funcs, task.reward_weights):
+        values = torch.tensor([float(func(c, e)) for c, e in zip(completions, examples)], dtype=torch.float32)
+        if not torch.isfinite(values).all():
+            raise ValueError(f"reward function {getattr(func, '__name__', func)!r} returned NaN or inf")
+        rewards += weight * values
+    return rewards
+
+
+class GRPOTrainer:
+    """Single-layer (or full-parameter) GRPO on a task, with atomic checkpoints and resume.
+
+    trainer = GRPOTrainer(model, tokenizer, task, GRPOConfig(layer=2, max_steps=20), base_model="tiny")
+    trainer.train()
+    """
+
+    def __init__(self, model, tokenizer, task: Task, config: GRPOConfig, base_model: str = "", resume: bool = True):
+        config.validate()
+        self.model, self.tokenizer, self.task, self.config = model, tokenizer, task, config
+        self.base_model = base_model
+        num_layers = len(decoder_of(model).layers)
+        if config.mode == "single":
+            layer = num_layers // 2 if config.layer is None else config.layer
+            self.policy = OneLayerPolicy(model, layer=layer)
+        else:
+            self.policy = FullModelPolicy(model, keep_reference=config.beta != 0.0)
+        self.optimizer = torch.optim.AdamW(
+            self.policy.trainable_parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+            eps=config.adam_epsilon, weight_decay=config.weight_decay,
+        )
+        self.output_dir = Path(config.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.step = 0
+        torch.manual_seed(config.seed)
+        if resume and checkpoint.latest_checkpoint(self.output_dir) is not None:
+            self._resume()
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.lm_head_weight.device
+
+    def _resume(self) -> None:
+        path = checkpoint.latest_checkpoint(self.output_dir)
+        meta = checkpoint.load_layer(self.model, path)
+        if meta.get("mode") != self.config.mode or (self.config.mode == "single" and meta.get("layer") != self.policy.layer_index):
+            raise ValueError(f"checkpoint {path} was written by a {meta.get('mode')} run of layer {meta.get('layer')}; "
+                             "use another output_dir or the same mode and layer")
+        self.step, state = checkpoint.load_training_state(path, self.optimizer)
+        torch.set_rng_state(state["torch_rng"])
+
+    def _save(self) -> Path:
+        return checkpoint.save_checkpoint(
+            self.output_dir, policy=self.policy, optimizer=self.optimizer, step=self.step,
+            metadata={"base_model": self.base_model, "config": dataclasses.asdict(self.config), "task": self.task.name},
+            trainer_state={"torch_rng": torch.get_rng_state()}, keep_last=self.config.save_total_limit,
+        )
+
+    def prompts_for_step(self, step: int) -> list[Example]:
+        # Drawn from (seed, step) alone, so a resumed run sees exactly the prompts it would have seen.
+        rng = random.Random(self.config.seed * 1_000_003 + step)
+        return self.task.sample(rng, self.config.per_device_train_batch_size // self.config.num_generations)
+
+    def make_rollouts(self, examples: list[Example]) -> tuple[RolloutBatch, list[str]]:
+        grouped = [e for e in examples for _ in range(self.config.num_generations)]
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [e.prompt for e in grouped], self.device)
+        completion_ids, completion_mask = sample_completions(
+            self.model, prompt_ids, prompt_mask, self.config.max_completion_length,
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            temperature=self.config.temperature, top_p=self.config.top_p,
+        )
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        rewards = score(self.task, texts, grouped).to(self.device)
+        return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards), texts
+
+    def train_step(self) -> dict[str, float]:
+        started = time.perf_counter()
+        batch, _ = self.make_rollouts(self.prompts_for_step(self.step))
+        generated = time.perf_counter()
+        history = grpo_update(self.policy, self.optimizer, batch, self.config.update_settings())
+        finished = time.perf_counter()
+        self.step += 1
+        tokens = int(batch.attention_mask.sum())
+        record = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+        grouped = batch.rewards.view(-1, self.config.num_generations)
+        record.update(
+            step=self.step, reward_mean=float(batch.rewards.mean()), reward_std=float(grouped.std(dim=1).mean()),
+            completion_length=float(batch.completion_mask.sum(1).float().mean()),
+            generate_time=generated - started, update_time=finished - generated, step_time=finished - started,
+            tokens_per_second=tokens / (finished - started),
+        )
+        return record
+
+    def train(self) -> list[dict[str, float]]:
+        """Run until max_steps; a KeyboardInterrupt saves a checkpoint before it propagates."""
+        log_path = self.output_dir / "log.jsonl"
+        records = []
+        bar = tqdm(total=self.config.max_steps, initial=self.step, desc=f"GRPO {self.config.mode}", unit="step")
+        try:
+            while self.step < self.config.max_steps:
+                record = self.train_step()
+                records.append(record)
+                with log_path.open("a") as log:
+                    log.write(json.dumps(record) + "\n")
+                bar.update(1)
+                bar.set_postfix(reward=f"{record['reward_mean']:.3f}", loss=f"{record['loss']:.4f}",
+                                kl=f"{record.get('kl', 0.0):.4f}", clip=f"{record['clip_ratio/region_mean']:.3f}",
+                                tok_s=f"{record['tokens_per_second']:.0f}")
+                if self.step % self.config.save_steps == 0 or self.step == self.config.max_steps:
+                    self._save()
+        except KeyboardInterrupt:
+            if self.step > 0:
+                saved = self._save()
+                print(f"\ninterrupted: saved step {self.step} to {saved}; run the same command to resume")
+            raise
+        finally:
+            bar.close()
+        return records

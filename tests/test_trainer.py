@@ -1,0 +1,108 @@
+"""The training loop: config checks, rewards, what trains, resume."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from onelayer_fast.presets import load_model
+from onelayer_fast.rollout import completion_mask_after_eos
+from onelayer_fast.tasks import Example, get_task
+from onelayer_fast.tasks.arithmetic import ArithmeticTask, digits_only, exact_match
+from onelayer_fast.trainer import GRPOConfig, GRPOTrainer, score
+
+
+def small_config(tmp_path, **overrides) -> GRPOConfig:
+    values = dict(output_dir=str(tmp_path), layer=1, max_steps=2, per_device_train_batch_size=8, num_generations=4,
+                  max_completion_length=6, learning_rate=1e-2, num_iterations=2, beta=0.04, save_steps=1)
+    values.update(overrides)
+    return GRPOConfig(**values)
+
+
+def layer_state(model, index: int) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.model.layers[index].state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(per_device_train_batch_size=6, num_generations=4), "not divisible"),
+        (dict(num_generations=1, per_device_train_batch_size=4), "num_generations"),
+        (dict(mode="half"), "mode"),
+        (dict(max_steps=0), "max_steps"),
+    ],
+)
+def test_config_errors(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(tmp_path, **overrides).validate()
+
+
+def test_layer_out_of_range_is_a_clear_error(tmp_path):
+    model, tokenizer = load_model("tiny")
+    with pytest.raises(ValueError, match="out of range"):
+        GRPOTrainer(model, tokenizer, ArithmeticTask(), small_config(tmp_path, layer=7))
+
+
+def test_nan_reward_is_an_error():
+    task = ArithmeticTask()
+    task.reward_funcs = [lambda completion, example: math.nan]
+    task.reward_weights = [1.0]
+    with pytest.raises(ValueError, match="NaN"):
+        score(task, ["1"], [Example("1+0=", "1")])
+
+
+def test_arithmetic_rewards():
+    example = ArithmeticTask().make(37, "+", 58)
+    assert example.prompt == "37+58=" and example.answer == "95"
+    assert exact_match(" 95", example) == 1.0 and exact_match("96", example) == 0.0
+    assert digits_only("9x", example) == 0.5 and digits_only("", example) == 0.0
+    assert ArithmeticTask().make(3, "-", 8).answer == "-5"
+
+
+def test_jsonl_task(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"prompt": "2+2=", "answer": "4"}\n\n{"question": "3+3=", "answer": 6}\n')
+    task = get_task("jsonl", str(path))
+    assert {e.answer for e in task.examples} == {"4", "6"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(ValueError, match="answer"):
+        get_task("jsonl", str(bad))
+    with pytest.raises(FileNotFoundError):
+        get_task("jsonl", str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="unknown task"):
+        get_task("chess")
+
+
+def test_completion_mask_covers_up_to_first_eos():
+    ids = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 5, 5, 5]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert torch.equal(completion_mask_after_eos(ids, eos_token_id=1), expected)
+
+
+def test_training_changes_only_the_target_layer(tmp_path):
+    model, tokenizer = load_model("tiny")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = GRPOTrainer(model, tokenizer, ArithmeticTask(), small_config(tmp_path))
+    records = trainer.train()
+    assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("model.layers.1.") for k in changed), changed
+    assert (tmp_path / "log.jsonl").read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize("mode", ["single", "full"])
+def test_resume_continues_the_run_exactly(tmp_path, mode):
+    model, tokenizer = load_model("tiny")
+    straight = GRPOTrainer(model, tokenizer, ArithmeticTask(), small_config(tmp_path / "a", mode=mode, max_steps=4))
+    straight.train()
+
+    model, tokenizer = load_model("tiny")
+    GRPOTrainer(model, tokenizer, ArithmeticTask(), small_config(tmp_path / "b", mode=mode, max_steps=2)).train()
+    model, tokenizer = load_model("tiny")  # a fresh process would start from the base model again
+    resumed = GRPOTrainer(model, tokenizer, ArithmeticTask(), small_config(tmp_path / "b", mode=mode, max_steps=4))
+    assert resumed.step == 2
+    resumed.train()
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
