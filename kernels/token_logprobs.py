@@ -31,7 +31,8 @@ def rows_per_chunk(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int
 
 def token_logprobs_ref(hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float = 1.0) -> Tensor:
     """Reference: materialized logits, log-softmax, gather. hidden (..., H), weight (V, H), token_ids (...)."""
-    logits = (hidden @ weight.T).float() / temperature
+    # At least fp32; fp64 inputs stay fp64 so the reference can also serve as a float64 oracle.
+    logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature
     return torch.log_softmax(logits, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
 
 

@@ -104,7 +104,9 @@ class OneLayerPolicy(nn.Module):
         self.model = model
         self.decoder = decoder_of(model)
         num_layers = len(self.decoder.layers)
-        if not isinstance(layer, int) or not -num_layers <= layer < num_layers:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise ValueError(f"layer must be an integer decoder-layer index, got {layer!r}")
+        if not -num_layers <= layer < num_layers:
             raise ValueError(f"layer {layer!r} is out of range for a model with {num_layers} decoder layers "
                              f"(valid: {-num_layers}..{num_layers - 1})")
         self.layer_index = layer % num_layers

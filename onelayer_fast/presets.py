@@ -76,12 +76,17 @@ class Preset:
     extra: dict = field(default_factory=dict)
 
 
+# HF's default init (std 0.02) makes a tiny model's logits nearly uniform, and with the lm_head and
+# final norm frozen one layer cannot move them far: RL would have nothing to work with. A wider init
+# gives the tiny presets logits with a usable range.
+TINY_INIT = {"initializer_range": 0.1}
+
 PRESETS: dict[str, Preset] = {
     # The embedded default: small enough for a GRPO run of a few dozen steps in well under 2 minutes.
     "tiny": Preset("qwen2", num_hidden_layers=4, hidden_size=64, intermediate_size=128,
-                   num_attention_heads=4, num_key_value_heads=2),
-    "tiny-qwen3": Preset("qwen3", 4, 64, 128, 4, 2, extra={"head_dim": 16}),
-    "tiny-llama": Preset("llama", 4, 64, 128, 4, 2, tie_word_embeddings=False),
+                   num_attention_heads=4, num_key_value_heads=2, extra=TINY_INIT),
+    "tiny-qwen3": Preset("qwen3", 4, 64, 128, 4, 2, extra={"head_dim": 16, **TINY_INIT}),
+    "tiny-llama": Preset("llama", 4, 64, 128, 4, 2, tie_word_embeddings=False, extra=TINY_INIT),
     # The CPU benchmark shape of bench/run.py step.
     "bench-cpu": Preset("qwen2", 24, 256, 1024, 4, 2, vocab_size=32000),
 }

@@ -1,0 +1,477 @@
+"""`olf.grpo_loss` against a float64 implementation of the TRL GRPOTrainer formulas written out here.
+
+Nothing from `kernels/grpo_loss.py` is used on the expected side: advantages, importance weights,
+clipping, KL, the four normalizations and the metrics are all re-derived below from the TRL code.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import onelayer_fast as olf
+
+# tiny tensors: one intra-op thread is faster and immune to a busy machine (see conftest)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+H, V = 48, 1013
+STD_EPS = 1e-4
+
+
+# --------------------------------------------------------------------------------------------------
+# float64 reference (TRL GRPOTrainer._compute_loss / _generate_and_score_completions)
+# --------------------------------------------------------------------------------------------------
+def ref_logps64(hidden, weight, ids, temperature):
+    logits = (hidden.double() @ weight.double().T) / temperature  # materialized (B, T, V)
+    return torch.log_softmax(logits, dim=-1).gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+
+
+def ref_advantages64(rewards, group_size, scale_rewards):
+    """-> (advantages (B,), zero-std flag per row (B,))."""
+    r = rewards.double()
+    grouped = r.view(-1, group_size)
+    mean = grouped.mean(dim=1).repeat_interleave(group_size)
+    std = grouped.std(dim=1).repeat_interleave(group_size)  # Bessel (unbiased)
+    adv = r - mean
+    if scale_rewards == "group":
+        adv = adv / (std + STD_EPS)
+    elif scale_rewards == "batch":
+        adv = adv / (r.std() + STD_EPS)
+    else:
+        assert scale_rewards == "none"
+    zero_std = grouped.eq(grouped[:, :1]).all(dim=1).repeat_interleave(group_size)  # constant groups
+    adv = torch.where(zero_std, torch.zeros_like(adv), adv)
+    return adv, zero_std
+
+
+def ref_grpo64(
+    hidden, weight, ids, mask, advantages, old_logps=None, ref_logps=None, beta=0.0, epsilon_low=0.2,
+    epsilon_high=0.2, delta=None, loss_type="dapo", temperature=1.0, max_completion_length=None,
+    importance_sampling_level="token",
+):
+    """Loss and metrics in float64; `hidden`/`weight` are float64 leaves if gradients are wanted."""
+    m = mask.double()
+    logps = ref_logps64(hidden, weight, ids, temperature)
+    old = logps.detach() if old_logps is None else old_logps.double()
+    log_ratio = logps - old
+    if importance_sampling_level == "token":
+        log_w = log_ratio
+    else:
+        log_w = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_w)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    if delta is not None:
+        coef_1 = torch.clamp(coef_1, max=delta)
+    a = advantages.double().unsqueeze(1)
+    per_token_loss = -torch.min(coef_1 * a, coef_2 * a)
+    metrics = {}
+    if beta != 0.0:
+        d = ref_logps.double() - logps
+        kl = torch.exp(d) - d - 1
+        per_token_loss = per_token_loss + beta * kl
+        metrics["kl"] = (kl * m).sum() / m.sum().clamp(min=1.0)
+    batch, length = ids.shape
+    if loss_type == "grpo":
+        loss = ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type in ("bnpo", "dapo"):  # dapo: tokens of the whole generation batch == this batch
+        loss = (per_token_loss * m).sum() / m.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (per_token_loss * m).sum() / (batch * (max_completion_length or length))
+    else:
+        raise AssertionError(loss_type)
+
+    def masked_batch_mean(x):
+        if x.shape[1] == 1:  # sequence level: one weight per row
+            return x.double().mean()
+        return (x.double() * m).sum() / m.sum().clamp(min=1.0)
+
+    with torch.no_grad():
+        low = (coef_1 < 1 - epsilon_low) & (a < 0)
+        high = (coef_1 > 1 + epsilon_high) & (a > 0)
+        metrics["clip_ratio/low_mean"] = masked_batch_mean(low)
+        metrics["clip_ratio/high_mean"] = masked_batch_mean(high)
+        metrics["clip_ratio/region_mean"] = masked_batch_mean(low | high)
+        metrics["advantage_mean"] = advantages.double().mean()
+    return loss, metrics, logps.detach()
+
+
+# --------------------------------------------------------------------------------------------------
+# inputs
+# --------------------------------------------------------------------------------------------------
+def make_mask(batch, length):
+    """Mostly full rows, some cut short (EOS early), row 1 fully masked, row 0 full."""
+    assert batch >= 3
+    lengths = torch.randint(1, length + 1, (batch,))
+    lengths[0] = length
+    lengths[1] = 0
+    lengths[2] = length // 2
+    return (torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)).to(torch.int64)
+
+
+def make_rewards(batch, group_size):
+    """Random rewards with one constant (zero-std) group and a non-representable constant value."""
+    rewards = torch.randint(0, 3, (batch,)).float() + 0.1 * torch.randn(batch)
+    rewards[:group_size] = 0.9  # constant group; for group sizes 3 and 6, r - mean(r) is not exactly 0 in float32
+    return rewards
+
+
+def nudge_off_boundaries(log_ratio, boundaries, mask, level, gap=2e-3):
+    """Move log-ratios away from the clip boundaries so float32 vs float64 cannot flip a clip decision."""
+    log_ratio = log_ratio.clone()
+    if level == "token":
+        for b in boundaries:
+            near = (log_ratio - b).abs() < gap
+            log_ratio = torch.where(near, b + 2 * gap * torch.sign(log_ratio - b + 1e-12), log_ratio)
+        return log_ratio
+    m = mask.double()
+    for b in boundaries:
+        row = (log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+        shift = torch.where((row - b).abs() < gap, 3 * gap * torch.sign(row - b + 1e-12), torch.zeros_like(row))
+        log_ratio = log_ratio + shift.unsqueeze(1)
+    return log_ratio
+
+
+def make_case(batch, length, group_size, temperature, epsilon_low, epsilon_high, delta, level, spread=0.5):
+    hidden = torch.randn(batch, length, H)
+    weight = torch.randn(V, H) / H**0.5 * 2.0
+    ids = torch.randint(0, V, (batch, length))
+    mask = make_mask(batch, length)
+    true = ref_logps64(hidden, weight, ids, temperature)
+    boundaries = [math.log(1 - epsilon_low), math.log(1 + epsilon_high)] + ([math.log(delta)] if delta else [])
+    log_ratio = nudge_off_boundaries((torch.rand(batch, length, dtype=torch.float64) * 2 - 1) * spread,
+                                     boundaries, mask, level)
+    old_logps = (true - log_ratio).float()
+    ref_logps = (true + 0.3 * torch.randn(batch, length, dtype=torch.float64)).float()
+    rewards = make_rewards(batch, group_size)
+    return hidden, weight, ids, mask, rewards, old_logps, ref_logps
+
+
+def run_olf(hidden, weight, ids, mask, weight_grad=False, **kwargs):
+    h = hidden.detach().clone().requires_grad_(True)
+    w = weight.detach().clone().requires_grad_(weight_grad)
+    loss, metrics = olf.grpo_loss(h, w, ids, mask, **kwargs)
+    loss.backward()
+    return loss.detach(), metrics, h.grad, w.grad
+
+
+def run_ref(hidden, weight, ids, mask, advantages, weight_grad=False, **kwargs):
+    h = hidden.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(weight_grad)
+    loss, metrics, logps = ref_grpo64(h, w, ids, mask, advantages, **kwargs)
+    loss.backward()
+    return loss.detach(), metrics, h.grad, w.grad, logps
+
+
+def check_against_ref(out, ref, assert_close, relative_error, metric_names, weight_grad=False):
+    loss, metrics, gh, gw = out
+    e_loss, e_metrics, e_gh, e_gw, e_logps = ref
+    assert torch.isfinite(loss)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    assert_close(loss, e_loss, rtol=1e-5, atol=1e-7, name="loss")
+    assert relative_error(gh, e_gh) < 1e-4, f"grad hidden rel err {relative_error(gh, e_gh):.2e}"
+    assert torch.isfinite(gh).all()
+    if weight_grad:
+        assert gw is not None
+        assert relative_error(gw, e_gw) < 1e-4, f"grad weight rel err {relative_error(gw, e_gw):.2e}"
+    else:
+        assert gw is None
+    for name in metric_names:
+        assert name in metrics, f"metric {name} missing: {sorted(metrics)}"
+        assert metrics[name].dim() == 0, name
+        assert_close(metrics[name], e_metrics[name], rtol=1e-5, atol=1e-6, name=name)
+    return e_logps
+
+
+# (batch, length, group_size, temperature, epsilon_low, epsilon_high, delta, scale_rewards, max_completion_length)
+CONFIGS = {
+    "B6G3T7": (6, 7, 3, 1.0, 0.2, 0.2, None, "group", None),
+    "B12G4T13-batch-delta": (12, 13, 4, 0.7, 0.2, 0.28, 1.5, "batch", 16),
+    "B12G6T13-none": (12, 13, 6, 1.3, 0.1, 0.3, None, "none", None),
+    "B6G2T13-delta": (6, 13, 2, 0.7, 0.2, 0.2, 1.3, "group", 20),
+}
+CLIP_METRICS = ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "advantage_mean"]
+
+
+def _main_cases():
+    """Every loss_type x level x beta, each with two of the four configs (every config 8 times)."""
+    names = list(CONFIGS)
+    cases = []
+    i = 0
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        for level in ("token", "sequence"):
+            for beta in (0.0, 0.04):
+                for config in (names[i % 4], names[(i + 2) % 4]):
+                    cases.append(pytest.param(loss_type, level, beta, config, id=f"{loss_type}-{level}-beta{beta}-{config}"))
+                i += 1
+    return cases
+
+
+@pytest.mark.parametrize("loss_type, level, beta, config", _main_cases())
+def test_grpo_loss_matches_fp64_reference(loss_type, level, beta, config, assert_close, relative_error):
+    batch, length, group_size, temperature, eps_low, eps_high, delta, scale_rewards, mcl = CONFIGS[config]
+    hidden, weight, ids, mask, rewards, old_logps, ref_logps = make_case(
+        batch, length, group_size, temperature, eps_low, eps_high, delta, level)
+    common = dict(old_logps=old_logps, ref_logps=ref_logps if beta else None, beta=beta, epsilon_low=eps_low,
+                  epsilon_high=eps_high, delta=delta, loss_type=loss_type, temperature=temperature,
+                  max_completion_length=mcl, importance_sampling_level=level)
+    out = run_olf(hidden, weight, ids, mask, rewards=rewards, group_size=group_size, scale_rewards=scale_rewards, **common)
+    advantages, zero_std = ref_advantages64(rewards, group_size, scale_rewards)
+    assert zero_std.any() and not zero_std.all()
+    ref = run_ref(hidden, weight, ids, mask, advantages, **common)
+    names = CLIP_METRICS + (["kl"] if beta else [])
+    e_logps = check_against_ref(out, ref, assert_close, relative_error, names)
+    metrics = out[1]
+    if not beta:
+        assert "kl" not in metrics
+    assert_close(metrics["frac_reward_zero_std"], zero_std.double().mean(), rtol=0, atol=1e-7, name="frac_reward_zero_std")
+    # token_logps: detached, the model's log-probs where unmasked, exactly zero where masked
+    token_logps = metrics["token_logps"]
+    assert not token_logps.requires_grad and token_logps.shape == ids.shape
+    assert_close(token_logps, e_logps * mask, rtol=1e-5, atol=1e-5, name="token_logps")
+    assert (token_logps[mask == 0] == 0).all()
+    # the inputs really exercise clipping on both sides (token level has plenty of tokens)
+    if level == "token":
+        assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0
+
+
+@pytest.mark.parametrize("loss_type, level", [("grpo", "token"), ("bnpo", "sequence"), ("dr_grpo", "sequence"),
+                                              ("dapo", "token")])
+def test_weight_gradient_when_lm_head_trains(loss_type, level, assert_close, relative_error):
+    batch, length, group_size, temperature, eps_low, eps_high, delta, scale_rewards, mcl = CONFIGS["B12G4T13-batch-delta"]
+    hidden, weight, ids, mask, rewards, old_logps, ref_logps = make_case(
+        batch, length, group_size, temperature, eps_low, eps_high, delta, level)
+    common = dict(old_logps=old_logps, ref_logps=ref_logps, beta=0.04, epsilon_low=eps_low, epsilon_high=eps_high,
+                  delta=delta, loss_type=loss_type, temperature=temperature, max_completion_length=mcl,
+                  importance_sampling_level=level)
+    for backend in ("auto", "reference"):
+        out = run_olf(hidden, weight, ids, mask, weight_grad=True, rewards=rewards, group_size=group_size,
+                      scale_rewards=scale_rewards, backend=backend, **common)
+        ref = run_ref(hidden, weight, ids, mask, ref_advantages64(rewards, group_size, scale_rewards)[0],
+                      weight_grad=True, **common)
+        check_against_ref(out, ref, assert_close, relative_error, CLIP_METRICS + ["kl"], weight_grad=True)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("with_old", [False, True], ids=["old_none", "old_given"])
+def test_explicit_advantages(loss_type, with_old, assert_close, relative_error):
+    batch, length = 6, 7
+    hidden, weight, ids, mask, _, old_logps, ref_logps = make_case(batch, length, 3, 0.7, 0.2, 0.2, None, "token")
+    advantages = torch.randn(batch)
+    advantages[3] = 0.0
+    common = dict(old_logps=old_logps if with_old else None, ref_logps=ref_logps, beta=0.04, loss_type=loss_type,
+                  temperature=0.7)
+    out = run_olf(hidden, weight, ids, mask, advantages=advantages, **common)
+    ref = run_ref(hidden, weight, ids, mask, advantages, **common)
+    check_against_ref(out, ref, assert_close, relative_error, CLIP_METRICS + ["kl"])
+    metrics = out[1]
+    assert "frac_reward_zero_std" not in metrics  # no rewards, no groups
+    if not with_old:
+        # on-policy: every ratio is exactly 1, nothing is clipped
+        for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+            assert metrics[name] == 0, name
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_old_logps_none_is_ratio_one(level, assert_close, relative_error):
+    """old_logps=None means on-policy: the loss equals old_logps = (the current log-probs, detached)."""
+    batch, length, group_size = 12, 13, 4
+    hidden, weight, ids, mask, rewards, _, _ = make_case(batch, length, group_size, 1.0, 0.2, 0.2, None, level)
+    common = dict(rewards=rewards, group_size=group_size, importance_sampling_level=level, loss_type="grpo")
+    loss_none, m_none, gh_none, _ = run_olf(hidden, weight, ids, mask, old_logps=None, **common)
+    current = m_none["token_logps"]
+    loss_cur, m_cur, gh_cur, _ = run_olf(hidden, weight, ids, mask, old_logps=current, **common)
+    assert_close(loss_none, loss_cur, rtol=1e-6, atol=1e-7, name="loss")
+    assert_close(gh_none, gh_cur, rtol=1e-5, atol=1e-7, name="grad hidden")
+    # and against the float64 reference with ratio 1
+    ref = run_ref(hidden, weight, ids, mask, ref_advantages64(rewards, group_size, "group")[0], loss_type="grpo",
+                  importance_sampling_level=level)
+    check_against_ref((loss_none, m_none, gh_none, None), ref, assert_close, relative_error, CLIP_METRICS)
+    for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert m_none[name] == 0
+
+
+@pytest.mark.parametrize("loss_type, level", [("grpo", "sequence"), ("bnpo", "token"), ("dr_grpo", "token"),
+                                              ("dapo", "sequence")])
+def test_backends_agree(loss_type, level, assert_close):
+    batch, length, group_size = 12, 13, 3
+    hidden, weight, ids, mask, rewards, old_logps, ref_logps = make_case(batch, length, group_size, 0.7, 0.2, 0.28, 1.4, level)
+    common = dict(rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps, beta=0.04,
+                  epsilon_high=0.28, delta=1.4, loss_type=loss_type, temperature=0.7, importance_sampling_level=level)
+    results = {b: run_olf(hidden, weight, ids, mask, weight_grad=True, backend=b, **common)
+               for b in ("auto", "chunked", "reference")}
+    base_loss, base_metrics, base_gh, base_gw = results["reference"]
+    for backend in ("auto", "chunked"):
+        loss, metrics, gh, gw = results[backend]
+        assert_close(loss, base_loss, rtol=1e-5, atol=1e-7, name=f"{backend} loss")
+        assert_close(gh, base_gh, rtol=1e-4, atol=1e-6, name=f"{backend} grad hidden")
+        assert_close(gw, base_gw, rtol=1e-4, atol=1e-6, name=f"{backend} grad weight")
+        assert sorted(metrics) == sorted(base_metrics)
+        for name, value in metrics.items():
+            assert_close(value, base_metrics[name], rtol=1e-5, atol=1e-6, name=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_small_chunks_match_reference_backend(level, monkeypatch, assert_close):
+    """The auto path gathers the unmasked tokens and runs them through several small chunks, the last one ragged."""
+    import onelayer_fast.kernels.token_logprobs as tl
+
+    batch, length, group_size = 12, 13, 6
+    hidden, weight, ids, mask, rewards, old_logps, ref_logps = make_case(batch, length, group_size, 0.7, 0.2, 0.2, None, level)
+    chunk = next(c for c in (5, 7, 6, 9) if int(mask.sum()) % c)  # ragged last chunk
+    monkeypatch.setattr(tl, "rows_per_chunk", lambda vocab_size, chunk_elements=None: chunk)
+    common = dict(rewards=rewards, group_size=group_size, old_logps=old_logps, ref_logps=ref_logps, beta=0.04,
+                  loss_type="grpo", temperature=0.7, importance_sampling_level=level)
+    loss, metrics, gh, gw = run_olf(hidden, weight, ids, mask, weight_grad=True, backend="auto", **common)
+    r_loss, r_metrics, r_gh, r_gw = run_olf(hidden, weight, ids, mask, weight_grad=True, backend="reference", **common)
+    assert_close(loss, r_loss, rtol=1e-5, atol=1e-7, name="loss")
+    assert_close(gh, r_gh, rtol=1e-4, atol=1e-6, name="grad hidden")
+    assert_close(gw, r_gw, rtol=1e-4, atol=1e-6, name="grad weight")
+    assert_close(metrics["token_logps"], r_metrics["token_logps"], rtol=1e-5, atol=1e-5, name="token_logps")
+
+
+def test_dapo_equals_bnpo_and_dr_grpo_scaling(assert_close):
+    hidden, weight, ids, mask, rewards, old_logps, ref_logps = make_case(6, 7, 3, 1.0, 0.2, 0.2, None, "token")
+    common = dict(rewards=rewards, group_size=3, old_logps=old_logps, ref_logps=ref_logps, beta=0.04)
+    losses = {t: olf.grpo_loss(hidden, weight, ids, mask, loss_type=t, **common)[0] for t in ("bnpo", "dapo", "dr_grpo")}
+    assert losses["dapo"] == losses["bnpo"]
+    # dr_grpo divides the same token sum by B * max_completion_length instead of the token count
+    tokens = mask.sum().item()
+    assert_close(losses["dr_grpo"], losses["bnpo"] * tokens / (6 * 7), rtol=1e-6, atol=1e-8, name="dr_grpo")
+    dr_long = olf.grpo_loss(hidden, weight, ids, mask, loss_type="dr_grpo", max_completion_length=70, **common)[0]
+    assert_close(dr_long, losses["dr_grpo"] / 10, rtol=1e-6, atol=1e-8, name="dr_grpo max_completion_length")
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_zero_std_groups_give_zero_advantages(scale_rewards, assert_close):
+    batch, length, group_size = 12, 7, 3
+    hidden, weight, ids, mask, _, _, _ = make_case(batch, length, group_size, 1.0, 0.2, 0.2, None, "token")
+    # groups: constant 0.9, signal, constant 0.45, signal. In float32, 0.9 - mean(0.9, 0.9, 0.9) and
+    # 0.45 - mean(0.45, 0.45, 0.45) are NOT exactly zero: only an explicit zero-std rule gives exact zeros.
+    rewards = torch.tensor([0.9] * 3 + [1.0, 0.0, 1.0] + [0.45] * 3 + [0.2, 0.7, 0.7])
+    grouped = rewards.view(-1, group_size)
+    assert ((grouped - grouped.mean(dim=1, keepdim=True))[[0, 2]] != 0).any()  # the premise
+    h = hidden.clone().requires_grad_(True)
+    # old_logps=None: ratio 1, so no token is clipped and every unmasked token of the signal group has a gradient
+    loss, metrics = olf.grpo_loss(h, weight, ids, mask, rewards=rewards, group_size=group_size,
+                                  scale_rewards=scale_rewards, loss_type="grpo")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(h.grad).all()
+    assert_close(metrics["frac_reward_zero_std"], torch.tensor(0.5), rtol=0, atol=1e-7, name="frac_reward_zero_std")
+    # rows of constant groups contribute nothing: their hidden gradient is exactly zero
+    constant_rows = torch.tensor([1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    assert (h.grad[constant_rows] == 0).all()
+    assert (h.grad[~constant_rows].abs().sum(-1)[mask[~constant_rows].bool()] > 0).all()
+    # the advantage mean over constant groups only is exactly 0 (not rounding noise)
+    c = constant_rows
+    only_constant, m_const = olf.grpo_loss(hidden[c], weight, ids[c], mask[c], rewards=rewards[c], group_size=3,
+                                           scale_rewards=scale_rewards)
+    assert m_const["advantage_mean"] == 0 and only_constant == 0 and m_const["frac_reward_zero_std"] == 1
+    # and the advantages are exactly zero: the loss equals that of explicit zeros there
+    adv, zero_std = ref_advantages64(rewards, group_size, scale_rewards)
+    assert (adv[zero_std] == 0).all()
+    loss_adv, _ = olf.grpo_loss(hidden, weight, ids, mask, advantages=adv.float(), loss_type="grpo")
+    assert_close(loss.detach(), loss_adv, rtol=1e-6, atol=1e-8, name="loss")
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_all_groups_constant_and_all_masked(beta):
+    """No signal at all: the loss is finite (zero without KL) and gradients are finite."""
+    batch, length = 6, 7
+    hidden, weight, ids, mask, _, old_logps, ref_logps = make_case(batch, length, 3, 1.0, 0.2, 0.2, None, "token")
+    rewards = torch.tensor([0.7] * 3 + [0.1] * 3)
+    h = hidden.clone().requires_grad_(True)
+    loss, metrics = olf.grpo_loss(h, weight, ids, mask, rewards=rewards, group_size=3, old_logps=old_logps,
+                                  ref_logps=ref_logps if beta else None, beta=beta)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(h.grad).all()
+    assert metrics["frac_reward_zero_std"] == 1 and metrics["advantage_mean"] == 0
+    if not beta:
+        assert loss == 0 and (h.grad == 0).all()
+    # every row masked: nothing to average, the loss is exactly zero, not NaN
+    for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        for backend in ("auto", "reference"):
+            h = hidden.clone().requires_grad_(True)
+            loss, metrics = olf.grpo_loss(h, weight, ids, torch.zeros_like(mask), rewards=torch.randn(batch), group_size=3,
+                                          old_logps=old_logps, ref_logps=ref_logps if beta else None, beta=beta,
+                                          loss_type=loss_type, backend=backend)
+            loss.backward()
+            assert loss == 0, (loss_type, backend)
+            assert (h.grad == 0).all()
+            assert all(torch.isfinite(v).all() for v in metrics.values())
+
+
+def test_nonfinite_logps_at_masked_positions_are_ignored(assert_close):
+    """old/ref log-probs of padding may be -inf (or anything): only unmasked positions count."""
+    batch, length = 6, 7
+    hidden, weight, ids, mask, rewards, old_logps, ref_logps = make_case(batch, length, 3, 1.0, 0.2, 0.2, None, "sequence")
+    pad = mask == 0
+    assert pad.any()
+    for level in ("token", "sequence"):
+        common = dict(rewards=rewards, group_size=3, beta=0.04, loss_type="grpo", importance_sampling_level=level)
+        h1 = hidden.clone().requires_grad_(True)
+        loss1, _ = olf.grpo_loss(h1, weight, ids, mask, old_logps=old_logps, ref_logps=ref_logps, **common)
+        loss1.backward()
+        h2 = hidden.clone().requires_grad_(True)
+        loss2, _ = olf.grpo_loss(h2, weight, ids, mask, old_logps=old_logps.masked_fill(pad, float("-inf")),
+                                 ref_logps=ref_logps.masked_fill(pad, float("nan")), **common)
+        loss2.backward()
+        assert torch.isfinite(loss2) and torch.isfinite(h2.grad).all()
+        assert_close(loss2, loss1.detach(), rtol=0, atol=0, name=f"{level} loss")
+        assert_close(h2.grad, h1.grad, rtol=0, atol=0, name=f"{level} grad")
+
+
+def test_bool_mask_and_int32_ids(assert_close):
+    hidden, weight, ids, mask, rewards, old_logps, _ = make_case(6, 7, 3, 1.0, 0.2, 0.2, None, "token")
+    loss_a, _ = olf.grpo_loss(hidden, weight, ids, mask, rewards=rewards, group_size=3, old_logps=old_logps)
+    loss_b, _ = olf.grpo_loss(hidden, weight, ids.int(), mask.bool(), rewards=rewards, group_size=3, old_logps=old_logps)
+    assert_close(loss_b, loss_a, rtol=0, atol=0, name="loss")
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks
+# --------------------------------------------------------------------------------------------------
+BAD_INPUTS = {
+    "rewards_and_advantages": ("exactly one", lambda k: k.update(advantages=torch.zeros(6))),
+    "neither_rewards_nor_advantages": ("exactly one", lambda k: (k.pop("rewards"), k.pop("group_size"))),
+    "batch_not_divisible": ("not divisible", lambda k: k.update(group_size=4)),
+    "group_size_missing": ("group_size", lambda k: k.pop("group_size")),
+    "group_size_one": ("group_size", lambda k: k.update(group_size=1)),
+    "rewards_shape": ("rewards must have shape", lambda k: k.update(rewards=torch.zeros(7))),
+    "nan_reward": ("NaN or inf", lambda k: k["rewards"].__setitem__(2, float("nan"))),
+    "inf_reward": ("NaN or inf", lambda k: k["rewards"].__setitem__(4, float("inf"))),
+    "nan_advantage": ("NaN or inf", lambda k: (k.pop("rewards"), k.pop("group_size"),
+                                               k.update(advantages=torch.tensor([0.0, 1, float("nan"), 0, 0, 0])))),
+    "advantages_shape": ("advantages must have shape", lambda k: (k.pop("rewards"), k.pop("group_size"),
+                                                                  k.update(advantages=torch.zeros(6, 1)))),
+    "beta_without_ref": ("ref_logps", lambda k: k.update(beta=0.04, ref_logps=None)),
+    "negative_beta": ("beta", lambda k: k.update(beta=-0.1)),
+    "mask_shape": ("completion_mask", lambda k: k.update(completion_mask=torch.ones(6, 6))),
+    "old_logps_shape": ("old_logps", lambda k: k.update(old_logps=torch.zeros(6, 8))),
+    "ref_logps_shape": ("ref_logps", lambda k: k.update(beta=0.04, ref_logps=torch.zeros(7, 7))),
+    "hidden_size": ("hidden size", lambda k: k.update(lm_head_weight=torch.randn(V, H + 1))),
+    "hidden_2d": ("hidden must be", lambda k: k.update(hidden=torch.randn(42, H))),
+    "ids_shape": ("token_ids shape", lambda k: k.update(completion_ids=torch.zeros(6, 8, dtype=torch.long))),
+    "loss_type": ("loss_type", lambda k: k.update(loss_type="ppo")),
+    "scale_rewards": ("scale_rewards", lambda k: k.update(scale_rewards="true")),
+    "importance_sampling_level": ("importance_sampling_level", lambda k: k.update(importance_sampling_level="tokens")),
+    "backend": ("backend", lambda k: k.update(backend="cuda")),
+    "token_id_too_large": ("vocab", lambda k: k["completion_ids"].__setitem__((3, 2), V)),
+    "token_id_negative": ("vocab", lambda k: k["completion_ids"].__setitem__((0, 0), -1)),
+    "temperature": ("temperature", lambda k: k.update(temperature=0.0)),
+    "delta": ("delta", lambda k: k.update(delta=0.9)),
+    "epsilon": ("epsilon", lambda k: k.update(epsilon_low=-0.1)),
+    "max_completion_length": ("max_completion_length", lambda k: k.update(max_completion_length=0)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_raise_value_error(case):
+    hidden, weight, ids, mask, rewards, old_logps, ref_logps = make_case(6, 7, 3, 1.0, 0.2, 0.2, None, "token")
+    kwargs = dict(hidden=hidden, lm_head_weight=weight, completion_ids=ids, completion_mask=mask, rewards=rewards,
+                  group_size=3, old_logps=old_logps, ref_logps=ref_logps)
+    olf.grpo_loss(**kwargs)  # the unmodified call is fine
+    match, mutate = BAD_INPUTS[case]
+    mutate(kwargs)
+    with pytest.raises(ValueError, match=match):
+        olf.grpo_loss(**kwargs)
