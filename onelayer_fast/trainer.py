@@ -21,36 +21,24 @@ MODES = ("single", "full")
 
 
 @dataclass
-class GRPOConfig:
-    """Field names and defaults follow TRL's GRPOConfig where TRL has the knob."""
+class GRPOConfig(UpdateSettings):
+    """The loss knobs of UpdateSettings plus the run's; names and defaults follow TRL's GRPOConfig."""
 
     output_dir: str = "runs/grpo"
     layer: int | None = None  # None: the middle layer (len(layers) // 2)
     mode: str = "single"  # "single": one layer trains; "full": every parameter trains (the baseline)
     max_steps: int = 100
     per_device_train_batch_size: int = 8  # completions per step, a multiple of num_generations
-    num_generations: int = 8
     max_completion_length: int = 256
-    num_iterations: int = 1
-    beta: float = 0.0
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    delta: float | None = None
-    loss_type: str = "dapo"
-    scale_rewards: str = "group"
-    importance_sampling_level: str = "token"
-    temperature: float = 1.0
     top_p: float = 1.0
     learning_rate: float = 1e-6
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
     seed: int = 42
     save_steps: int = 50
     save_total_limit: int = 2
-    loss_backend: str = "auto"
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -67,16 +55,6 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-
-    def update_settings(self) -> UpdateSettings:
-        return UpdateSettings(
-            num_generations=self.num_generations, num_iterations=self.num_iterations, beta=self.beta,
-            epsilon=self.epsilon, epsilon_high=self.epsilon_high, delta=self.delta, loss_type=self.loss_type,
-            scale_rewards=self.scale_rewards, temperature=self.temperature,
-            max_completion_length=self.max_completion_length,
-            importance_sampling_level=self.importance_sampling_level, max_grad_norm=self.max_grad_norm,
-            loss_backend=self.loss_backend,
-        )
 
 
 def score(task: Task, completions: list[str], examples: list[Example]) -> torch.Tensor:
@@ -159,7 +137,7 @@ class GRPOTrainer:
         started = time.perf_counter()
         batch, _ = self.make_rollouts(self.prompts_for_step(self.step))
         generated = time.perf_counter()
-        history = grpo_update(self.policy, self.optimizer, batch, self.config.update_settings())
+        history = grpo_update(self.policy, self.optimizer, batch, self.config)
         finished = time.perf_counter()
         self.step += 1
         tokens = int(batch.attention_mask.sum())
