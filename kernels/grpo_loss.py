@@ -23,7 +23,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .token_logprobs import token_logprobs_ref
+from .token_logprobs import (
+    logits_into,
+    probs_to_grad_,
+    softmax_stats_,
+    accumulate_input_grads,
+    chunk_buffer,
+    token_logprobs_ref,
+)
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -57,16 +64,36 @@ def log_importance_weights(logps: Tensor, old_logps: Tensor | None, mask: Tensor
     return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
 
 
-def normalize_loss(per_token_loss: Tensor, mask: Tensor, loss_type: str, max_completion_length: int) -> Tensor:
-    """Reduce (B, T) per-token losses to the scalar loss of `loss_type`."""
-    masked = per_token_loss * mask
+def token_loss_weights(mask: Tensor, loss_type: str, max_completion_length: int) -> Tensor:
+    """(B, T) weights w with loss = sum(w * per_token_loss): the loss-type normalization as one tensor."""
     if loss_type == "grpo":
-        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        return mask / (mask.sum(-1, keepdim=True).clamp(min=1.0) * mask.shape[0])
     if loss_type in ("bnpo", "dapo"):
-        return masked.sum() / mask.sum().clamp(min=1.0)
+        return mask / mask.sum().clamp(min=1.0)
     if loss_type == "dr_grpo":
-        return masked.sum() / (per_token_loss.shape[0] * max_completion_length)
+        return mask / (mask.shape[0] * max_completion_length)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+
+
+def per_token_terms(
+    logps: Tensor, log_weights: Tensor, advantages: Tensor, ref_logps: Tensor | None,
+    beta: float, epsilon_low: float, epsilon_high: float, delta: float | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Clipped surrogate + beta * k3 KL per token. advantages broadcast against logps.
+
+    Returns (per_token_loss, coef_1 after the delta clamp (TRL's clip metrics use it), per_token_kl or None).
+    """
+    coef_1 = torch.exp(log_weights)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    if delta is not None:
+        coef_1 = torch.clamp(coef_1, max=delta)
+    per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    per_token_kl = None
+    if beta != 0.0:
+        diff = ref_logps - logps
+        per_token_kl = torch.exp(diff) - diff - 1
+        per_token_loss = per_token_loss + beta * per_token_kl
+    return per_token_loss, coef_1, per_token_kl
 
 
 def grpo_loss_from_logps(
@@ -85,19 +112,15 @@ def grpo_loss_from_logps(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """logps (B, T) differentiable, mask (B, T) float, advantages (B,) -> (loss, metrics of 0-d tensors)."""
     adv = advantages.to(logps.dtype).unsqueeze(1)
-    coef_1 = torch.exp(log_importance_weights(logps, old_logps, mask, importance_sampling_level))
-    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
-    if delta is not None:
-        coef_1 = torch.clamp(coef_1, max=delta)
-    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    log_weights = log_importance_weights(logps, old_logps, mask, importance_sampling_level)
+    per_token_loss, coef_1, per_token_kl = per_token_terms(
+        logps, log_weights, adv, ref_logps, beta, epsilon_low, epsilon_high, delta
+    )
+    loss = (per_token_loss * token_loss_weights(mask, loss_type, max_completion_length)).sum()
     token_count = mask.sum().clamp(min=1.0)
     metrics: dict[str, Tensor] = {}
-    if beta != 0.0:
-        diff = ref_logps - logps
-        per_token_kl = torch.exp(diff) - diff - 1
-        per_token_loss = per_token_loss + beta * per_token_kl
+    if per_token_kl is not None:
         metrics["kl"] = ((per_token_kl * mask).sum() / token_count).detach()
-    loss = normalize_loss(per_token_loss, mask, loss_type, max_completion_length)
 
     def masked_mean(flags: Tensor) -> Tensor:
         # At sequence level there is one weight per row: TRL averages over rows, not tokens.
@@ -113,6 +136,59 @@ def grpo_loss_from_logps(
         metrics["clip_ratio/region_mean"] = masked_mean(low | high)
         metrics["advantage_mean"] = advantages.float().mean()
     return loss, metrics
+
+
+class FusedTokenGRPOLoss(torch.autograd.Function):
+    """Token-level GRPO loss over the lm_head with the gradient formed during the forward.
+
+    At token-level importance sampling dL/dlogp_t depends on token t alone, so each chunk's softmax,
+    still in memory, is turned straight into dL/dhidden: one lm_head matmul pass fewer than
+    forward + recompute-in-backward, and only (N, H) gradients are kept.
+    Inputs are the N unmasked tokens, flattened: hidden (N, H), token_ids, advantages, weights
+    (normalization), old/ref (N,) or None. Returns (loss, logp (N,) non-differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, token_ids, advantages, loss_weights, old_logps, ref_logps, settings):
+        temperature, chunk_rows, beta, epsilon_low, epsilon_high, delta = settings
+        n = hidden.shape[0]
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        buffer = chunk_buffer(n, chunk_rows, weight.shape[0], hidden.device)
+        for start in range(0, n, chunk_rows):
+            part = slice(start, min(start + chunk_rows, n))
+            logits = logits_into(buffer[: part.stop - start], hidden[part], weight, temperature)
+            chunk_logp, _, sum_exp = softmax_stats_(logits, token_ids[part])
+            logp[part] = chunk_logp
+            with torch.enable_grad():
+                leaf = chunk_logp.detach().requires_grad_()
+                old = leaf.detach() if old_logps is None else old_logps[part]
+                ref = None if ref_logps is None else ref_logps[part]
+                per_token_loss, _, _ = per_token_terms(
+                    leaf, leaf - old, advantages[part], ref, beta, epsilon_low, epsilon_high, delta
+                )
+                chunk_loss = (per_token_loss * loss_weights[part]).sum()
+                (grad_logp,) = torch.autograd.grad(chunk_loss, leaf)
+            loss += chunk_loss.detach()
+            if grad_hidden is not None or grad_weight is not None:
+                probs = logits.div_(sum_exp.unsqueeze(1))
+                grad_z = probs_to_grad_(probs, token_ids[part], grad_logp, temperature)
+                rows_grad = grad_hidden[part] if grad_hidden is not None else torch.empty_like(hidden[part])
+                accumulate_input_grads(grad_z, hidden[part], weight, rows_grad, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(logp)
+        return loss, logp
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_loss.to(torch.float32)
+        grad_hidden = None if grad_hidden is None else (grad_hidden * scale).to(grad_hidden.dtype)
+        grad_weight = None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def grpo_loss_ref(

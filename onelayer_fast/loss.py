@@ -12,12 +12,14 @@ from torch import Tensor
 
 from .kernels.grpo_loss import (
     IMPORTANCE_SAMPLING_LEVELS,
+    FusedTokenGRPOLoss,
     LOSS_TYPES,
     SCALE_REWARDS,
     group_advantages,
     grpo_loss_from_logps,
+    token_loss_weights,
 )
-from .kernels.token_logprobs import chunked_token_logprobs, token_logprobs_ref
+from .kernels.token_logprobs import chunked_token_logprobs, rows_per_chunk, token_logprobs_ref
 
 BACKENDS = ("auto", "chunked", "reference")
 
@@ -143,23 +145,42 @@ def grpo_loss(
 
     mask = completion_mask.to(torch.float32)
     ids = completion_ids.long()
+    max_completion_length = max_completion_length or length
+    advantages = advantages.to(hidden.device)
+    loss_args = (beta, epsilon_low, epsilon_high, delta, loss_type, max_completion_length, importance_sampling_level)
+    # Only unmasked tokens go through the lm_head: padding after EOS costs nothing.
+    valid = completion_mask.reshape(-1).bool().nonzero().squeeze(1)
+    fused_loss = None
     if backend == "reference":
         logps = token_logprobs_ref(hidden, lm_head_weight, ids, temperature) * mask
     else:
-        # Only unmasked tokens go through the lm_head: padding after EOS costs nothing.
-        valid = completion_mask.reshape(-1).bool().nonzero().squeeze(1)
         flat_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, valid)
-        valid_logps = chunked_token_logprobs(flat_hidden, lm_head_weight, ids.reshape(-1).index_select(0, valid), temperature)
+        flat_ids = ids.reshape(-1).index_select(0, valid)
+        if importance_sampling_level == "token":
+            def at_valid(per_token: Tensor | None) -> Tensor | None:
+                return None if per_token is None else per_token.reshape(-1).float().index_select(0, valid)
+
+            row_of_token = valid // length
+            settings = (float(temperature), rows_per_chunk(lm_head_weight.shape[0]), beta, epsilon_low, epsilon_high, delta)
+            fused_loss, valid_logps = FusedTokenGRPOLoss.apply(
+                flat_hidden, lm_head_weight, flat_ids, advantages.index_select(0, row_of_token),
+                at_valid(token_loss_weights(mask, loss_type, max_completion_length)),
+                at_valid(old_logps), at_valid(ref_logps), settings,
+            )
+        else:  # sequence level: a token's gradient depends on its whole row, so forward then backward
+            valid_logps = chunked_token_logprobs(flat_hidden, lm_head_weight, flat_ids, temperature)
         logps = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device).index_put((valid,), valid_logps)
         logps = logps.view(batch, length)
     # Masked positions must not inject inf/NaN through exp(ref - logp); their value is irrelevant.
     keep = mask.bool()
     old = None if old_logps is None else torch.where(keep, old_logps.float(), logps.detach())
     ref = None if ref_logps is None else torch.where(keep, ref_logps.float(), logps.detach())
-    loss, metrics = grpo_loss_from_logps(
-        logps, mask, advantages.to(logps.device), old, ref, beta, epsilon_low, epsilon_high, delta, loss_type,
-        max_completion_length or length, importance_sampling_level,
-    )
+    if fused_loss is None:
+        loss, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, *loss_args)
+    else:  # the fused op gave loss and gradient; the same formulas on its log-probs give the metrics
+        with torch.no_grad():
+            _, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, *loss_args)
+        loss = fused_loss
     if constant_group is not None:
         metrics["frac_reward_zero_std"] = constant_group.float().mean()
     metrics["token_logps"] = logps.detach()

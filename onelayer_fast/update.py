@@ -66,7 +66,10 @@ def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, s
     if settings.beta != 0.0:
         with torch.no_grad():
             ref_states = completion_states(policy, cache, prompt_length, reference=True)
-            ref_logps = token_logprobs(ref_states, weight, batch.completion_ids, settings.temperature)
+            # Only unmasked tokens need a reference log-prob; the rest stay 0 and are ignored by the loss.
+            valid = batch.completion_mask.bool()
+            ref_logps = torch.zeros(valid.shape, dtype=torch.float32, device=ref_states.device)
+            ref_logps[valid] = token_logprobs(ref_states[valid], weight, batch.completion_ids[valid], settings.temperature)
     params = policy.trainable_parameters()
     old_logps = None
     history = []

@@ -371,7 +371,8 @@ def test_zero_std_groups_give_zero_advantages(scale_rewards, assert_close):
     adv, zero_std = ref_advantages64(rewards, group_size, scale_rewards)
     assert (adv[zero_std] == 0).all()
     loss_adv, _ = olf.grpo_loss(hidden, weight, ids, mask, advantages=adv.float(), loss_type="grpo")
-    assert_close(loss.detach(), loss_adv, rtol=1e-6, atol=1e-8, name="loss")
+    # The loss is a cancellation of O(1) per-token terms (advantages sum to ~0): fp32 rounding is ~1e-7.
+    assert_close(loss.detach(), loss_adv, rtol=1e-6, atol=1e-7, name="loss")
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.04])
