@@ -1,0 +1,780 @@
+"""Side-by-side benchmarks of onelayer_fast against its baselines.
+
+Usage:
+    python bench/run.py step                      # full run, writes bench/results/step-cpu.json
+    python bench/run.py step --quick              # small model, 2 steps, < 1 min, prints only
+    python bench/run.py step --repeats 8 --rounds 4 --out /tmp/step.json
+    python bench/run.py step --only onelayer_fast naive_trl
+    python bench/run.py step --profile onelayer_fast   # torch.profiler tables of one warm step
+
+Every contender runs in a fresh subprocess (`python bench/run.py _worker <workload> <contender> ...`,
+one JSON line on stdout), so that allocator state, thread pools and caches of one contender never
+leak into another. The parent interleaves the subprocesses over `--rounds` rounds, alternating the
+contender order from round to round, so that machine drift affects all contenders alike.
+
+Per subprocess: build the model, the rollouts and the optimizer; record the RSS baseline; run one
+warm-up step; then run the measured steps, each timed with time.perf_counter. Working memory is the
+peak RSS growth over that baseline during the measured steps, sampled by a background thread every
+5 ms (ru_maxrss cannot give it: it is a process-lifetime maximum, model construction included).
+Each measured step is checked to change the trainable weights (float64 checksum before and after,
+outside the timed region), and the frozen weights are checked to be unchanged at the end, so that a
+benchmark can never time a no-op.
+
+Adding a workload: write a `Workload` (contenders, shapes, a `setup` returning a `Runner`, targets)
+and register it in WORKLOADS.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+
+
+# --------------------------------------------------------------------------------------------------
+# Generic machinery: runners, memory sampling, workers, aggregation, report
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runner:
+    """What a worker needs from a contender: one step, and which tensors must / must not change."""
+
+    step: Callable[[], list[dict[str, float]]]  # one measured unit of work; returns per-iteration metrics
+    trainable: list  # tensors every step must change
+    frozen: list  # tensors no step may change
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. parameter counts, for the JSON
+
+
+@dataclass
+class Target:
+    """`numerator / denominator` of `metric` ("time" = median step time, "memory" = working MiB)."""
+
+    label: str
+    metric: str
+    numerator: str
+    denominator: str
+    op: str  # ">=" or "<="
+    threshold: float
+
+    def check(self, ratio: float) -> bool:
+        return ratio >= self.threshold if self.op == ">=" else ratio <= self.threshold
+
+
+@dataclass
+class Workload:
+    name: str
+    description: Callable[[dict[str, Any]], str]  # shapes -> one line
+    contenders: tuple[str, ...]
+    shapes: Callable[[bool], dict[str, Any]]  # quick -> shapes/settings (JSON-serializable)
+    setup: Callable[[str, dict[str, Any], int], Runner]  # (contender, shapes, seed) -> Runner
+    tokens_per_step: Callable[[dict[str, Any]], int]
+    tokens_definition: str
+    targets: tuple[Target, ...]
+    ratios: tuple[tuple[str, str, str], ...]  # (metric, numerator, denominator) shown in the table
+
+
+class PeakRSS:
+    """Background thread sampling this process's RSS every `interval` seconds; `.peak` in bytes."""
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        return self._proc.memory_info().rss
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+class CpuShare:
+    """How busy the machine was with OTHER processes: (system busy CPU time - this process's CPU time)
+    / (wall time x logical CPUs), since construction. 0 on a quiet machine; contention makes timings slow."""
+
+    def __init__(self):
+        import psutil
+
+        self._psutil = psutil
+        self._proc = psutil.Process()
+        self._t0 = time.perf_counter()
+        self._sys0 = self._busy()
+        self._own0 = self._own()
+
+    def _busy(self) -> float:
+        t = self._psutil.cpu_times()
+        return sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+    def _own(self) -> float:
+        t = self._proc.cpu_times()
+        return t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
+
+    def foreign_fraction(self) -> float:
+        wall = time.perf_counter() - self._t0
+        foreign = (self._busy() - self._sys0) - (self._own() - self._own0)
+        return max(0.0, foreign) / max(wall * (os.cpu_count() or 1), 1e-9)
+
+
+def wait_until_idle(max_wait: float, threshold: float = 0.15, window: float = 1.0) -> float:
+    """Block (at most max_wait s) until other processes use less than `threshold` of the CPUs over `window` s."""
+    import psutil
+
+    start = time.perf_counter()
+    while True:
+        busy = psutil.cpu_percent(interval=window) / 100.0
+        if busy < threshold or time.perf_counter() - start >= max_wait:
+            return busy
+
+
+def checksum(tensors) -> float:
+    """Order-sensitive float64 checksum; no tensor-sized temporaries (sum with dtype= reduces in place)."""
+    import torch
+
+    total = 0.0
+    with torch.no_grad():
+        for k, t in enumerate(tensors):
+            total += (k + 1) * float(t.detach().sum(dtype=torch.float64)) + 1e-3 * float(t.detach().abs().sum(dtype=torch.float64))
+    return total
+
+
+def tensor_peak_mib(step: Callable[[], Any]) -> float | None:
+    """Peak of live tensor bytes allocated during one call of `step`, over its start (allocator-independent,
+    unlike RSS): the running sum of torch.profiler's CPU allocation events. None if the profiler lacks them."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        events.sort(key=lambda e: e.start_ns())
+        live = peak = 0
+        for e in events:
+            live += e.nbytes()
+            peak = max(peak, live)
+        return peak / 2**20
+    except Exception as exc:  # private profiler API: never let it fail a benchmark
+        print(f"tensor peak unavailable: {exc!r}", file=sys.stderr)
+        return None
+
+
+def run_worker(workload: Workload, contender: str, steps: int, quick: bool, seed: int,
+               tensor_peak: bool = False) -> dict[str, Any]:
+    """Build, warm up once, time `steps` steps (then optionally one profiled step); return the raw measurements."""
+    import torch
+
+    shapes = workload.shapes(quick)
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    runner = workload.setup(contender, shapes, seed)
+    setup_s = time.perf_counter() - t0
+    gc.collect()
+    sampler = PeakRSS()
+    baseline = sampler.rss()
+
+    t0 = time.perf_counter()
+    warmup_history = runner.step()
+    warmup_s = time.perf_counter() - t0
+    after_warmup = sampler.rss()
+
+    frozen_before = checksum(runner.frozen)
+    times, updated = [], []
+    histories = []
+    gc.collect()
+    cpu = CpuShare()
+    with sampler:
+        for _ in range(steps):
+            before = checksum(runner.trainable)
+            t0 = time.perf_counter()
+            histories.append(runner.step())
+            times.append(time.perf_counter() - t0)
+            updated.append(checksum(runner.trainable) != before)
+    foreign = cpu.foreign_fraction()
+    frozen_unchanged = checksum(runner.frozen) == frozen_before
+    tensor_peak_value = tensor_peak_mib(runner.step) if tensor_peak else None
+    all_finite = all(all(v == v and abs(v) != float("inf") for v in rec.values()) for h in histories for rec in h)
+    return {
+        "contender": contender,
+        "steps": steps,
+        "times_s": times,
+        "setup_s": setup_s,
+        "warmup_s": warmup_s,
+        "rss_baseline_mib": baseline / 2**20,
+        "rss_after_warmup_mib": after_warmup / 2**20,
+        "rss_peak_mib": sampler.peak / 2**20,
+        "working_mib": (sampler.peak - baseline) / 2**20,
+        "rss_samples": sampler.samples,
+        "tensor_peak_mib": tensor_peak_value,
+        "torch_threads": torch.get_num_threads(),
+        "loadavg_1min_before_after": [load_before[0], os.getloadavg()[0]],
+        "foreign_cpu_fraction": foreign,
+        "weights_updated_every_step": all(updated),
+        "frozen_unchanged": frozen_unchanged,
+        "metrics_finite": all_finite,
+        "warmup_history": warmup_history,
+        "last_history": histories[-1] if histories else None,
+        **runner.info,
+    }
+
+
+def run_profile(workload: Workload, contender: str, quick: bool, seed: int, sort: str, rows: int) -> None:
+    """Warm up once, then one step under torch.profiler (CPU time and memory); tables on stdout."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = workload.setup(contender, workload.shapes(quick), seed)
+    runner.step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        runner.step()
+        elapsed = time.perf_counter() - t0
+    print(f"== {workload.name}/{contender}: one step under the profiler took {elapsed:.3f} s "
+          f"(profiler overhead included)")
+    averages = prof.key_averages()
+    print(averages.table(sort_by=sort, row_limit=rows, max_name_column_width=60))
+    print(averages.table(sort_by="self_cpu_memory_usage", row_limit=15, max_name_column_width=60))
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=rows,
+                                                               max_name_column_width=40, max_shapes_column_width=80))
+
+
+def spawn_worker(workload: str, contender: str, steps: int, quick: bool, seed: int, tensor_peak: bool) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_worker", workload, contender,
+           "--steps", str(steps), "--seed", str(seed)] + (["--quick"] if quick else []) + (["--tensor-peak"] if tensor_peak else [])
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise RuntimeError(f"worker {workload}/{contender} failed with exit code {proc.returncode}")
+    return json.loads(lines[-1])
+
+
+def split_steps(total: int, rounds: int) -> list[int]:
+    """Spread `total` steps over `rounds` rounds as evenly as possible (every round >= 1 step)."""
+    rounds = max(1, min(rounds, total))
+    return [total // rounds + (1 if r < total % rounds else 0) for r in range(rounds)]
+
+
+def round_order(contenders: tuple[str, ...], r: int) -> list[str]:
+    """Round r: rotate by r, and reverse every other round, so that no contender always runs first/last."""
+    order = list(contenders)
+    k = (r // 2) % len(order)
+    order = order[k:] + order[:k]
+    return order[::-1] if r % 2 else order
+
+
+def quantile(values: list[float], q: float) -> float:
+    xs = sorted(values)
+    if len(xs) == 1:
+        return xs[0]
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def aggregate(workload: Workload, shapes: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    tokens = workload.tokens_per_step(shapes)
+    per: dict[str, Any] = {}
+    for name in workload.contenders:
+        mine = [r for r in runs if r["contender"] == name]
+        if not mine:
+            continue
+        times = [t for r in mine for t in r["times_s"]]
+        working = [r["working_mib"] for r in mine]
+        median = statistics.median(times)
+        per[name] = {
+            "median_s": median,
+            "min_s": min(times),
+            "max_s": max(times),
+            "q25_s": quantile(times, 0.25),
+            "q75_s": quantile(times, 0.75),
+            "tokens_per_s": tokens / median,
+            "working_mib": statistics.median(working),
+            "working_mib_min": min(working),
+            "working_mib_max": max(working),
+            "rss_baseline_mib": statistics.median(r["rss_baseline_mib"] for r in mine),
+            "tensor_peak_mib": next((r["tensor_peak_mib"] for r in mine if r.get("tensor_peak_mib") is not None), None),
+            "foreign_cpu_fraction_max": max(r.get("foreign_cpu_fraction", 0.0) for r in mine),
+            "valid": all(r["weights_updated_every_step"] and r["frozen_unchanged"] and r["metrics_finite"] for r in mine),
+            "raw_times_s": [r["times_s"] for r in mine],
+            "raw_working_mib": working,
+            "runs": mine,
+        }
+
+    def value(metric: str, name: str) -> float:
+        return per[name]["median_s" if metric == "time" else "working_mib"]
+
+    ratios = {}
+    for metric, num, den in workload.ratios:
+        if num in per and den in per:
+            ratios[f"{metric}:{num}/{den}"] = value(metric, num) / value(metric, den)
+            if metric == "time":  # the best step of each: the least contention-sensitive estimate
+                ratios[f"time_min:{num}/{den}"] = per[num]["min_s"] / per[den]["min_s"]
+            if metric == "memory" and per[num]["tensor_peak_mib"] and per[den]["tensor_peak_mib"]:
+                ratios[f"tensor_peak:{num}/{den}"] = per[num]["tensor_peak_mib"] / per[den]["tensor_peak_mib"]
+    targets = []
+    for t in workload.targets:
+        if t.numerator in per and t.denominator in per:
+            ratio = value(t.metric, t.numerator) / value(t.metric, t.denominator)
+            targets.append({"label": t.label, "metric": t.metric, "ratio": ratio, "op": t.op,
+                            "threshold": t.threshold, "pass": t.check(ratio)})
+    return {"tokens_per_step": tokens, "contenders": per, "ratios": ratios, "targets": targets}
+
+
+def device_info() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"device": f"{model}, {cores} cores (cpu)", "cpu_model": model, "cores": cores,
+            "logical_cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def git_info() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def print_report(workload: Workload, shapes: dict[str, Any], agg: dict[str, Any]) -> None:
+    per = agg["contenders"]
+    print()
+    print(f"workload {workload.name}: {workload.description(shapes)}")
+    print(f"tokens/s = {workload.tokens_definition}")
+    header = (f"{'contender':<15} {'median s':>9} {'min s':>8} {'max s':>8} {'IQR s':>15} {'tokens/s':>9} "
+              f"{'work MiB':>9} {'(range)':>15} {'tensor MiB':>10} {'n':>3} {'busy':>5} valid")
+    print(header)
+    print("-" * len(header))
+    for name, c in per.items():
+        iqr = f"{c['q25_s']:.3f}-{c['q75_s']:.3f}"
+        wrange = f"{c['working_mib_min']:.0f}-{c['working_mib_max']:.0f}"
+        n = sum(len(t) for t in c["raw_times_s"])
+        tensor = f"{c['tensor_peak_mib']:.1f}" if c["tensor_peak_mib"] is not None else "-"
+        print(f"{name:<15} {c['median_s']:>9.3f} {c['min_s']:>8.3f} {c['max_s']:>8.3f} {iqr:>15} "
+              f"{c['tokens_per_s']:>9.0f} {c['working_mib']:>9.1f} {wrange:>15} {tensor:>10} {n:>3} "
+              f"{c['foreign_cpu_fraction_max']:>5.0%} {'yes' if c['valid'] else 'NO'}")
+    print("work MiB = peak RSS growth over the pre-warm-up baseline during the measured steps (sampled every 5 ms); "
+          "tensor MiB = peak live tensor bytes of one extra profiled step (allocator-independent); "
+          "busy = largest share of the CPUs used by OTHER processes during a contender's measured steps")
+    print()
+    for key, ratio in agg["ratios"].items():
+        metric, pair = key.split(":")
+        print(f"  {metric:<11} {pair:<28} {ratio:6.2f}x")
+    print()
+    for t in agg["targets"]:
+        print(f"  [{'PASS' if t['pass'] else 'MISS'}] {t['label']}: {t['ratio']:.2f} (target {t['op']} {t['threshold']})")
+    if shapes.get("quick"):
+        print("  (quick shapes: a smoke run; the targets are meant for the full shapes)")
+    invalid = [n for n, c in per.items() if not c["valid"]]
+    if invalid:
+        print(f"  [INVALID] weights not updated / frozen weights changed / non-finite metrics: {invalid}")
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    workload = WORKLOADS[args.workload]
+    contenders = tuple(args.only) if args.only else workload.contenders
+    unknown = set(contenders) - set(workload.contenders)
+    if unknown:
+        raise SystemExit(f"unknown contenders {sorted(unknown)}; {workload.name} has {workload.contenders}")
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
+    plan = split_steps(repeats, rounds)
+    shapes = workload.shapes(args.quick)
+    print(f"{workload.name}: contenders {contenders}, {repeats} measured steps each over {len(plan)} rounds {plan}"
+          f"{' (quick)' if args.quick else ''}", flush=True)
+    runs = []
+    started = time.perf_counter()
+    for r, steps in enumerate(plan):
+        for name in round_order(contenders, r):
+            if args.wait_idle > 0:
+                busy = wait_until_idle(args.wait_idle)
+                if busy >= 0.15:
+                    print(f"  (machine still {busy:.0%} busy after waiting {args.wait_idle:.0f} s; running anyway)")
+            t0 = time.perf_counter()
+            result = spawn_worker(workload.name, name, steps, args.quick, args.seed, tensor_peak=(r == 0))
+            result["round"] = r
+            runs.append(result)
+            times = ", ".join(f"{t:.3f}" for t in result["times_s"])
+            load = "/".join(f"{x:.1f}" for x in result["loadavg_1min_before_after"])
+            print(f"  round {r} {name:<15} steps [{times}] s, working {result['working_mib']:.1f} MiB "
+                  f"(baseline RSS {result['rss_baseline_mib']:.0f} MiB), subprocess {time.perf_counter() - t0:.1f} s, "
+                  f"loadavg {load}, other processes {result['foreign_cpu_fraction']:.0%} of the CPUs",
+                  flush=True)
+    wl = dataclasses.replace(workload, contenders=contenders)  # --only
+    agg = aggregate(wl, shapes, runs)
+    print_report(wl, shapes, agg)
+    cross = workload_crosscheck(workload.name, agg)
+    for line in cross:
+        print(f"  {line}")
+    print(f"\ntotal wall time {time.perf_counter() - started:.1f} s")
+
+    out = args.out if args.out else (None if args.quick else str(RESULTS / f"{workload.name}-cpu.json"))
+    if out:
+        import torch
+        import transformers
+
+        record = {
+            "workload": workload.name,
+            "description": workload.description(shapes),
+            "quick": args.quick,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            **device_info(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "torch_threads": runs[0]["torch_threads"] if runs else None,
+            "git": git_info(),
+            "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+            "shapes": shapes,
+            "repeats": repeats,
+            "rounds": plan,
+            "seed": args.seed,
+            "tokens_definition": workload.tokens_definition,
+            "memory_definition": "working_mib: peak RSS during the measured steps minus RSS after building model, "
+                                 "reference, optimizer and rollouts (before the warm-up step); sampled every 5 ms. "
+                                 "tensor_peak_mib: peak live tensor bytes during one extra step under torch.profiler "
+                                 "(round 0 only), over the step's start",
+            "crosscheck": cross,
+            **agg,
+        }
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {path}")
+    valid = all(c["valid"] for c in agg["contenders"].values())
+    return 0 if valid else 1
+
+
+def workload_crosscheck(name: str, agg: dict[str, Any]) -> list[str]:
+    hook = CROSSCHECKS.get(name)
+    return hook(agg) if hook else []
+
+
+# --------------------------------------------------------------------------------------------------
+# Workload `step`: one GRPO update cycle on fixed rollouts
+# --------------------------------------------------------------------------------------------------
+
+STEP_LR = 1e-5
+
+
+def step_shapes(quick: bool) -> dict[str, Any]:
+    model = dict(num_hidden_layers=24, hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True)
+    layer = 12
+    if quick:
+        model.update(num_hidden_layers=4, hidden_size=64, intermediate_size=256, vocab_size=2048)
+        layer = 2
+    return {
+        "quick": quick,
+        "model": {"arch": "qwen2", "dtype": "float32", "attn_implementation": "sdpa", **model},
+        "layer": layer,
+        "num_prompts": 4,
+        "num_generations": 4,
+        "prompt_length": 32,
+        "completion_length": 64,
+        # (row, real prompt tokens) and (row, real completion tokens): the rest is padding
+        "prompt_left_pad": {"1": 5, "3": 11},  # prompt index -> pad tokens (all its rows)
+        "completion_lengths": {"2": 40, "5": 17, "10": 63, "13": 1, "15": 52},  # row -> unmasked tokens
+        "num_iterations": 2,
+        "beta": 0.04,
+        "epsilon": 0.2,
+        "max_grad_norm": 1.0,
+        "loss_type": "dapo",
+        "optimizer": f"AdamW(lr={STEP_LR}), torch defaults otherwise",
+    }
+
+
+def step_tokens(shapes: dict[str, Any]) -> int:
+    rows = shapes["num_prompts"] * shapes["num_generations"]
+    return rows * (shapes["prompt_length"] + shapes["completion_length"])
+
+
+def build_model(shapes: dict[str, Any], seed: int):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    spec = {k: v for k, v in shapes["model"].items() if k not in ("arch", "dtype", "attn_implementation")}
+    config = Qwen2Config(**spec, max_position_embeddings=max(128, shapes["prompt_length"] + shapes["completion_length"]),
+                         attn_implementation=shapes["model"]["attn_implementation"])
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32).eval()
+    assert model.config._attn_implementation == "sdpa"
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def make_rollouts(shapes: dict[str, Any], seed: int):
+    """Fixed random rollouts, identical for every contender: grouped rows, left-padded prompts, masked tails."""
+    import torch
+
+    from onelayer_fast.update import RolloutBatch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    prompts, gens = shapes["num_prompts"], shapes["num_generations"]
+    rows, plen, clen = prompts * gens, shapes["prompt_length"], shapes["completion_length"]
+    vocab, pad = shapes["model"]["vocab_size"], 0
+    prompt = torch.randint(1, vocab, (prompts, plen), generator=g)
+    prompt_mask = torch.ones(prompts, plen, dtype=torch.long)
+    for p, n in shapes["prompt_left_pad"].items():
+        prompt[int(p), :n] = pad
+        prompt_mask[int(p), :n] = 0
+    prompt_ids = prompt.repeat_interleave(gens, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(gens, dim=0)
+    completion_ids = torch.randint(1, vocab, (rows, clen), generator=g)
+    completion_mask = torch.ones(rows, clen, dtype=torch.long)
+    for r, n in shapes["completion_lengths"].items():
+        completion_ids[int(r), n:] = pad
+        completion_mask[int(r), n:] = 0
+    rewards = torch.rand(rows, generator=g)
+    return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards)
+
+
+class NaiveTRLStep:
+    """Single-layer GRPO the way TRL's GRPOTrainer runs it, in plain PyTorch/transformers.
+
+    Only layer `layer` requires grad; the reference is a deepcopy of the whole model; old and
+    reference log-probs each cost a full no-grad forward; every iteration is a full forward with
+    `logits_to_keep = C + 1`, log-softmax via gather - logsumexp (row by row, as TRL's
+    `selective_log_softmax`), the TRL loss, backward, grad clipping and an AdamW step.
+    """
+
+    def __init__(self, model, batch, shapes: dict[str, Any]):
+        import torch
+
+        import onelayer_fast as olf
+
+        self.model = model
+        model.requires_grad_(False)
+        model.model.layers[shapes["layer"]].requires_grad_(True)
+        self.ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=STEP_LR)
+        self.shapes = shapes
+        self.input_ids = batch.input_ids
+        self.attention_mask = batch.attention_mask
+        self.position_ids = olf.position_ids_from_mask(self.attention_mask)
+        self.completion_ids = batch.completion_ids
+        self.completion_mask = batch.completion_mask.float()
+        self.rewards = batch.rewards
+
+    def per_token_logps(self, model):
+        import torch
+
+        c = self.completion_ids.shape[1]
+        logits = model(input_ids=self.input_ids, attention_mask=self.attention_mask,
+                       position_ids=self.position_ids, logits_to_keep=c + 1).logits
+        logits = logits[:, :-1, :]  # (B, C, V): position p predicts token p + 1
+        ids = self.input_ids[:, -c:]
+        selected = torch.gather(logits, dim=-1, index=ids.unsqueeze(-1)).squeeze(-1)
+        lse = torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+        return selected - lse
+
+    def step(self) -> list[dict[str, float]]:
+        import torch
+
+        s = self.shapes
+        g = s["num_generations"]
+        with torch.no_grad():
+            old_logps = self.per_token_logps(self.model)
+            ref_logps = self.per_token_logps(self.ref_model)
+            grouped = self.rewards.view(-1, g)
+            mean = grouped.mean(dim=1).repeat_interleave(g)
+            std = grouped.std(dim=1).repeat_interleave(g)
+            advantages = ((self.rewards - mean) / (std + 1e-4)).unsqueeze(1)
+        mask = self.completion_mask
+        history = []
+        for _ in range(s["num_iterations"]):
+            logps = self.per_token_logps(self.model)
+            coef_1 = torch.exp(logps - old_logps)
+            coef_2 = torch.clamp(coef_1, 1 - s["epsilon"], 1 + s["epsilon"])
+            per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+            per_token_kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+            per_token_loss = per_token_loss + s["beta"] * per_token_kl
+            loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)  # dapo
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s["max_grad_norm"])
+            self.optimizer.step()
+            kl = (per_token_kl * mask).sum() / mask.sum().clamp(min=1.0)
+            history.append({"loss": float(loss.detach()), "grad_norm": float(grad_norm), "kl": float(kl.detach())})
+        return history
+
+
+def step_setup(contender: str, shapes: dict[str, Any], seed: int) -> Runner:
+    import torch
+
+    import onelayer_fast as olf
+    from onelayer_fast.update import UpdateSettings, grpo_update
+
+    model = build_model(shapes, seed)
+    batch = make_rollouts(shapes, seed)
+    settings = UpdateSettings(num_generations=shapes["num_generations"], num_iterations=shapes["num_iterations"],
+                              beta=shapes["beta"], epsilon=shapes["epsilon"], max_grad_norm=shapes["max_grad_norm"],
+                              loss_type=shapes["loss_type"])
+
+    def pick(history: list[dict[str, float]]) -> list[dict[str, float]]:
+        return [{k: rec[k] for k in ("loss", "grad_norm", "kl") if k in rec} for rec in history]
+
+    if contender == "onelayer_fast":
+        policy = olf.OneLayerPolicy(model, layer=shapes["layer"])
+        trainable = policy.trainable_parameters()
+        optimizer = torch.optim.AdamW(trainable, lr=STEP_LR)
+        ids = {id(p) for p in trainable}
+        frozen = [p for p in model.parameters() if id(p) not in ids] + list(policy.reference_layer.parameters())
+        return Runner(lambda: pick(grpo_update(policy, optimizer, batch, settings)), trainable, frozen,
+                      {"trainable_params": sum(p.numel() for p in trainable)})
+    if contender == "full":
+        policy = olf.FullModelPolicy(model)
+        trainable = policy.trainable_parameters()
+        optimizer = torch.optim.AdamW(trainable, lr=STEP_LR)
+        frozen = list(policy.reference_model.parameters())
+        return Runner(lambda: pick(grpo_update(policy, optimizer, batch, settings)), trainable, frozen,
+                      {"trainable_params": sum(p.numel() for p in trainable)})
+    if contender == "naive_trl":
+        naive = NaiveTRLStep(model, batch, shapes)
+        ids = {id(p) for p in naive.params}
+        frozen = [p for p in model.parameters() if id(p) not in ids] + list(naive.ref_model.parameters())
+        return Runner(naive.step, naive.params, frozen, {"trainable_params": sum(p.numel() for p in naive.params)})
+    raise ValueError(f"unknown contender {contender!r}")
+
+
+def step_crosscheck(agg: dict[str, Any]) -> list[str]:
+    """onelayer_fast and naive_trl train the same layer with the same loss from the same weights: their
+    warm-up metrics must agree (iteration 0 grad norm, iteration 1 loss and KL)."""
+    per = agg["contenders"]
+    if "onelayer_fast" not in per or "naive_trl" not in per:
+        return []
+    a = per["onelayer_fast"]["runs"][0]["warmup_history"]
+    b = per["naive_trl"]["runs"][0]["warmup_history"]
+    lines = ["cross-check onelayer_fast vs naive_trl (warm-up step, same weights and rollouts):"]
+    for it, (x, y) in enumerate(zip(a, b)):
+        for k in ("loss", "grad_norm", "kl"):
+            if k in x and k in y:
+                rel = abs(x[k] - y[k]) / max(abs(y[k]), 1e-12)
+                lines.append(f"  iter {it} {k:<9} onelayer_fast {x[k]: .6e}  naive_trl {y[k]: .6e}  rel diff {rel:.1e}")
+    return lines
+
+
+def step_description(s: dict[str, Any]) -> str:
+    m = s["model"]
+    return (f"one GRPO update cycle (num_iterations={s['num_iterations']}, beta={s['beta']}, {s['loss_type']}) on fixed "
+            f"rollouts: {s['num_prompts']} prompts x {s['num_generations']} generations, {s['prompt_length']} prompt + "
+            f"{s['completion_length']} completion tokens; Qwen2-shaped random-init fp32 model ({m['num_hidden_layers']} layers, "
+            f"hidden {m['hidden_size']}, {m['num_attention_heads']}/{m['num_key_value_heads']} heads, intermediate "
+            f"{m['intermediate_size']}, vocab {m['vocab_size']}, tied, sdpa), layer {s['layer']} trains"
+            f"{' [quick shapes]' if s.get('quick') else ''}")
+
+
+STEP = Workload(
+    name="step",
+    description=step_description,
+    contenders=("onelayer_fast", "full", "naive_trl"),
+    shapes=step_shapes,
+    setup=step_setup,
+    tokens_per_step=step_tokens,
+    tokens_definition="rows x (prompt + completion) positions per update cycle (16 x 96 = 1536, padding "
+                      "included; one cycle = num_iterations = 2 optimizer steps) / median cycle time",
+    targets=(
+        Target("time naive_trl / onelayer_fast", "time", "naive_trl", "onelayer_fast", ">=", 1.3),
+        Target("time full / onelayer_fast", "time", "full", "onelayer_fast", ">=", 2.1),
+        Target("memory onelayer_fast / naive_trl", "memory", "onelayer_fast", "naive_trl", "<=", 0.60),
+    ),
+    ratios=(("time", "naive_trl", "onelayer_fast"), ("time", "full", "onelayer_fast"),
+            ("memory", "onelayer_fast", "naive_trl"), ("memory", "full", "onelayer_fast")),
+)
+
+WORKLOADS: dict[str, Workload] = {"step": STEP}
+CROSSCHECKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {"step": step_crosscheck}
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_worker":
+        p = argparse.ArgumentParser(prog="run.py _worker")
+        p.add_argument("workload", choices=sorted(WORKLOADS))
+        p.add_argument("contender")
+        p.add_argument("--steps", type=int, default=5)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--quick", action="store_true")
+        p.add_argument("--tensor-peak", action="store_true", help="after the measured steps, one profiled step")
+        a = p.parse_args(argv[1:])
+        result = run_worker(WORKLOADS[a.workload], a.contender, a.steps, a.quick, a.seed, a.tensor_peak)
+        sys.stdout.write(json.dumps(result) + "\n")
+        return 0
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("workload", choices=sorted(WORKLOADS))
+    p.add_argument("--quick", action="store_true", help="small model, 2 steps: a smoke run in under a minute")
+    p.add_argument("--repeats", type=int, default=None, help="measured steps per contender (default 5; quick 2)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved rounds the repeats are spread over (default 2; quick 1)")
+    p.add_argument("--out", default=None, help="JSON result path (default bench/results/<workload>-cpu.json; "
+                                               "--quick writes nothing unless --out is given)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait-idle", type=float, default=120.0, metavar="SECONDS",
+                   help="before each subprocess wait (at most this long) until other processes use < 15%% "
+                        "of the CPUs (default 120; 0 = never wait)")
+    p.add_argument("--only", nargs="+", metavar="CONTENDER", help="run only these contenders")
+    p.add_argument("--profile", metavar="CONTENDER", help="profile one warm step of CONTENDER instead of benchmarking")
+    p.add_argument("--sort", default="self_cpu_time_total", help="profiler table sort key")
+    p.add_argument("--rows", type=int, default=25, help="profiler table rows")
+    args = p.parse_args(argv)
+    if args.profile:
+        run_profile(WORKLOADS[args.workload], args.profile, args.quick, args.seed, args.sort, args.rows)
+        return 0
+    return run_benchmark(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""bench/run.py stays runnable: a quick step benchmark of every contender, validated by its own checks."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_quick_step_benchmark_runs_and_checks_itself(tmp_path):
+    out = tmp_path / "step.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "step", "--quick", "--wait-idle", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    contenders = record["contenders"]
+    assert {"onelayer_fast", "full", "naive_trl"} <= set(contenders)
