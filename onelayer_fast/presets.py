@@ -126,6 +126,15 @@ def build_preset(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
+def default_attn_implementation() -> str:
+    """flash-attn on CUDA when it is installed (the `[flash]` extra), PyTorch SDPA otherwise."""
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_model(name_or_path: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A preset name, or a local HF model directory -> (model, tokenizer)."""
     if name_or_path in PRESETS:
@@ -139,7 +148,7 @@ def load_model(name_or_path: str, seed: int = 0, dtype: torch.dtype = torch.floa
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=default_attn_implementation()).eval()
     if (path / "char_tokenizer.json").exists():
         tokenizer = CharTokenizer.from_pretrained(path)
     else:

@@ -106,3 +106,35 @@ def test_resume_continues_the_run_exactly(tmp_path, mode):
     resumed.train()
     for key, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
+def test_interrupt_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    calls = {"n": 0}
+
+    def interrupt_on_third_step(completion: str, example: Example) -> float:
+        calls["n"] += 1
+        if calls["n"] > 2 * 8:  # two steps of 8 completions, then Ctrl-C
+            raise KeyboardInterrupt
+        return float(len(completion))
+
+    task = ArithmeticTask()
+    task.reward_funcs, task.reward_weights = [interrupt_on_third_step], [1.0]
+    model, tokenizer = load_model("tiny")
+    trainer = GRPOTrainer(model, tokenizer, task, small_config(tmp_path, max_steps=4, save_steps=100))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    model, tokenizer = load_model("tiny")
+    resumed = GRPOTrainer(model, tokenizer, ArithmeticTask(), small_config(tmp_path, max_steps=4, save_steps=100))
+    assert resumed.step == 2
+
+
+def test_flash_attention_only_with_cuda_and_flash_attn(monkeypatch):
+    import importlib.util
+
+    from onelayer_fast import presets
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert presets.default_attn_implementation() == "flash_attention_2"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert presets.default_attn_implementation() == "sdpa"
