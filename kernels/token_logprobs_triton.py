@@ -26,6 +26,33 @@ from torch import Tensor
 
 
 @triton.jit
+def _logits_tile(
+    hidden_ptr, weight_ptr, rows, row_mask, cols, col_mask, H, stride_hn, stride_wv, temperature,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """(BLOCK_T, BLOCK_V) fp32 tile of z = hidden[rows] @ W[cols]^T / tau, accumulated over H tiles."""
+    acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        ks = h0 + tl.arange(0, BLOCK_H)
+        k_mask = ks < H
+        a = tl.load(
+            hidden_ptr + rows[:, None] * stride_hn + ks[None, :],
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        b = tl.load(  # W tile transposed: (BLOCK_H, BLOCK_V)
+            weight_ptr + cols[None, :] * stride_wv + ks[:, None],
+            mask=k_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        if DOT_FP32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc / temperature
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(
     hidden_ptr,  # (N, H), row stride stride_hn, unit column stride
     weight_ptr,  # (V, H), row stride stride_wv, unit column stride
@@ -65,25 +92,8 @@ def _token_logprobs_fwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)  # int64: cols * stride_wv passes 2^31 at V*H > 2^31
         col_mask = cols < V
-        acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            ks = h0 + tl.arange(0, BLOCK_H)
-            k_mask = ks < H
-            a = tl.load(
-                hidden_ptr + rows[:, None] * stride_hn + ks[None, :],
-                mask=row_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            b = tl.load(  # W tile transposed: (BLOCK_H, BLOCK_V)
-                weight_ptr + cols[None, :] * stride_wv + ks[:, None],
-                mask=k_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            )
-            if DOT_FP32:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-        z = acc / temperature
+        z = _logits_tile(hidden_ptr, weight_ptr, rows, row_mask, cols, col_mask, H, stride_hn, stride_wv,
+                         temperature, BLOCK_T, BLOCK_V, BLOCK_H, DOT_FP32)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         # First tile: run_max = -inf, new_max finite (every tile has >= 1 valid column) -> factor 0.
@@ -149,25 +159,8 @@ def _token_logprobs_bwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V
-        acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            ks = h0 + tl.arange(0, BLOCK_H)
-            k_mask = ks < H
-            a = tl.load(
-                hidden_ptr + rows[:, None] * stride_hn + ks[None, :],
-                mask=row_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                weight_ptr + cols[None, :] * stride_wv + ks[:, None],
-                mask=k_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            )
-            if DOT_FP32:
-                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-        z = acc / temperature
+        z = _logits_tile(hidden_ptr, weight_ptr, rows, row_mask, cols, col_mask, H, stride_hn, stride_wv,
+                         temperature, BLOCK_T, BLOCK_V, BLOCK_H, DOT_FP32)
         probs = tl.exp(z - lse[:, None])
         onehot = (cols[None, :] == targets[:, None]).to(tl.float32)
         grad_z = scale[:, None] * (onehot - probs)
