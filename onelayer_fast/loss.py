@@ -1,7 +1,9 @@
 """Public loss functions: argument checks, then dispatch to `onelayer_fast.kernels`.
 
-`backend="auto"` takes the chunked path (never a (tokens, vocab) tensor); `backend="reference"`
-materializes the logits, for debugging and tests.
+`backend="auto"` takes the chunked PyTorch path (never a (tokens, vocab) tensor) on every device;
+`backend="triton"` runs the Triton log-prob kernels (CUDA tensors, or CPU tensors under
+TRITON_INTERPRET=1; opt-in until they are validated on a GPU); `backend="reference"` materializes
+the logits, for debugging and tests.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .kernels.grpo_loss import (
 )
 from .kernels.token_logprobs import chunked_token_logprobs, rows_per_chunk, token_logprobs_ref
 
-BACKENDS = ("auto", "chunked", "reference")
+BACKENDS = ("auto", "chunked", "triton", "reference")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -58,8 +60,17 @@ def token_logprobs(
     _check_lm_head(hidden, lm_head_weight, token_ids, temperature)
     if backend == "reference":
         return token_logprobs_ref(hidden, lm_head_weight, token_ids.long(), temperature)
+    if backend == "triton":
+        return _triton_token_logprobs(hidden, lm_head_weight, token_ids, temperature)
     flat = chunked_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, token_ids.reshape(-1).long(), temperature)
     return flat.view(token_ids.shape)
+
+
+def _triton_token_logprobs(hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float) -> Tensor:
+    # Imported here: importing triton costs start-up time that the default path does not need.
+    from .kernels.token_logprobs_triton import token_logprobs_triton
+
+    return token_logprobs_triton(hidden, weight, token_ids, temperature)
 
 
 def _check_per_token(name: str, value: Tensor | None, shape: torch.Size) -> None:
@@ -156,7 +167,9 @@ def grpo_loss(
     else:
         flat_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, valid)
         flat_ids = ids.reshape(-1).index_select(0, valid)
-        if importance_sampling_level == "token":
+        if backend == "triton":
+            valid_logps = _triton_token_logprobs(flat_hidden, lm_head_weight, flat_ids, temperature)
+        elif importance_sampling_level == "token":
             def at_valid(per_token: Tensor | None) -> Tensor | None:
                 return None if per_token is None else per_token.reshape(-1).float().index_select(0, valid)
 
