@@ -6,6 +6,8 @@ Usage:
     python bench/run.py step --repeats 8 --rounds 4 --out /tmp/step.json
     python bench/run.py step --only onelayer_fast naive_trl
     python bench/run.py step --profile onelayer_fast   # torch.profiler tables of one warm step
+    python bench/run.py grpo_loss                 # GRPO loss fwd+bwd alone, writes bench/results/grpo_loss-cpu.json
+    python bench/run.py grpo_loss --quick         # tiny shapes (256 tokens, hidden 64, vocab 4096), prints only
 
 Every contender runs in a fresh subprocess (`python bench/run.py _worker <workload> <contender> ...`,
 one JSON line on stdout), so that allocator state, thread pools and caches of one contender never
@@ -36,6 +38,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -59,6 +62,12 @@ class Runner:
     trainable: list  # tensors every step must change
     frozen: list  # tensors no step may change
     info: dict[str, Any] = field(default_factory=dict)  # e.g. parameter counts, for the JSON
+    # Run before every step, outside the timed region (e.g. zero a gradient buffer, so that the
+    # "trainable tensors changed" check sees one step's work and not an accumulation).
+    before_step: Callable[[], None] | None = None
+    # Tensors saved (torch.save) after the measured steps when the parent passes BENCH_ARTIFACTS (a
+    # directory): for cross-checks that need more than scalars, e.g. a gradient compared across contenders.
+    artifacts: Callable[[], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -87,6 +96,13 @@ class Workload:
     tokens_definition: str
     targets: tuple[Target, ...]
     ratios: tuple[tuple[str, str, str], ...]  # (metric, numerator, denominator) shown in the table
+    flops_per_step: Callable[[dict[str, Any]], float] | None = None  # shapes -> FLOP of one step (GFLOP/s column)
+    flops_definition: str = ""
+    memory_definition: str = ("working_mib: peak RSS during the measured steps minus RSS after building model, "
+                              "reference, optimizer and rollouts (before the warm-up step); sampled every 5 ms. "
+                              "tensor_peak_mib: peak live tensor bytes during one extra step under torch.profiler "
+                              "(round 0 only), over the step's start")
+    skip_reason: Callable[[str], str | None] | None = None  # contender -> why it cannot run here, or None
 
 
 class PeakRSS:
@@ -205,6 +221,8 @@ def run_worker(workload: Workload, contender: str, steps: int, quick: bool, seed
     sampler = PeakRSS()
     baseline = sampler.rss()
 
+    prepare = runner.before_step or (lambda: None)
+    prepare()
     t0 = time.perf_counter()
     warmup_history = runner.step()
     warmup_s = time.perf_counter() - t0
@@ -217,6 +235,7 @@ def run_worker(workload: Workload, contender: str, steps: int, quick: bool, seed
     cpu = CpuShare()
     with sampler:
         for _ in range(steps):
+            prepare()
             before = checksum(runner.trainable)
             t0 = time.perf_counter()
             histories.append(runner.step())
@@ -224,6 +243,12 @@ def run_worker(workload: Workload, contender: str, steps: int, quick: bool, seed
             updated.append(checksum(runner.trainable) != before)
     foreign = cpu.foreign_fraction()
     frozen_unchanged = checksum(runner.frozen) == frozen_before
+    artifact = None
+    if runner.artifacts is not None and os.environ.get("BENCH_ARTIFACTS"):
+        artifact = str(Path(os.environ["BENCH_ARTIFACTS"]) / f"{contender}.pt")
+        torch.save(runner.artifacts(), artifact)  # the last measured step's, before the profiled one
+    if tensor_peak:
+        prepare()
     tensor_peak_value = tensor_peak_mib(runner.step) if tensor_peak else None
     all_finite = all(all(v == v and abs(v) != float("inf") for v in rec.values()) for h in histories for rec in h)
     return {
@@ -246,6 +271,7 @@ def run_worker(workload: Workload, contender: str, steps: int, quick: bool, seed
         "metrics_finite": all_finite,
         "warmup_history": warmup_history,
         "last_history": histories[-1] if histories else None,
+        "artifact": artifact,
         **runner.info,
     }
 
@@ -322,6 +348,7 @@ def aggregate(workload: Workload, shapes: dict[str, Any], runs: list[dict[str, A
             "q25_s": quantile(times, 0.25),
             "q75_s": quantile(times, 0.75),
             "tokens_per_s": tokens / median,
+            "gflop_per_s": (workload.flops_per_step(shapes) / median / 1e9) if workload.flops_per_step else None,
             "working_mib": statistics.median(working),
             "working_mib_min": min(working),
             "working_mib_max": max(working),
@@ -387,7 +414,11 @@ def print_report(workload: Workload, shapes: dict[str, Any], agg: dict[str, Any]
     print()
     print(f"workload {workload.name}: {workload.description(shapes)}")
     print(f"tokens/s = {workload.tokens_definition}")
+    flops = workload.flops_per_step is not None
+    if flops:
+        print(f"GFLOP/s = {workload.flops_definition}")
     header = (f"{'contender':<15} {'median s':>9} {'min s':>8} {'max s':>8} {'IQR s':>15} {'tokens/s':>9} "
+              + (f"{'GFLOP/s':>8} " if flops else "") +
               f"{'work MiB':>9} {'(range)':>15} {'tensor MiB':>10} {'n':>3} {'busy':>5} valid")
     print(header)
     print("-" * len(header))
@@ -396,10 +427,11 @@ def print_report(workload: Workload, shapes: dict[str, Any], agg: dict[str, Any]
         wrange = f"{c['working_mib_min']:.0f}-{c['working_mib_max']:.0f}"
         n = sum(len(t) for t in c["raw_times_s"])
         tensor = f"{c['tensor_peak_mib']:.1f}" if c["tensor_peak_mib"] is not None else "-"
+        gflops = f"{c['gflop_per_s']:>8.1f} " if flops else ""
         print(f"{name:<15} {c['median_s']:>9.3f} {c['min_s']:>8.3f} {c['max_s']:>8.3f} {iqr:>15} "
-              f"{c['tokens_per_s']:>9.0f} {c['working_mib']:>9.1f} {wrange:>15} {tensor:>10} {n:>3} "
+              f"{c['tokens_per_s']:>9.0f} {gflops}{c['working_mib']:>9.1f} {wrange:>15} {tensor:>10} {n:>3} "
               f"{c['foreign_cpu_fraction_max']:>5.0%} {'yes' if c['valid'] else 'NO'}")
-    print("work MiB = peak RSS growth over the pre-warm-up baseline during the measured steps (sampled every 5 ms); "
+    print("work MiB = peak RSS growth over the pre-warm-up baseline (taken after the inputs are built) during the measured steps (sampled every 5 ms); "
           "tensor MiB = peak live tensor bytes of one extra profiled step (allocator-independent); "
           "busy = largest share of the CPUs used by OTHER processes during a contender's measured steps")
     print()
@@ -422,6 +454,15 @@ def run_benchmark(args: argparse.Namespace) -> int:
     unknown = set(contenders) - set(workload.contenders)
     if unknown:
         raise SystemExit(f"unknown contenders {sorted(unknown)}; {workload.name} has {workload.contenders}")
+    skipped = {}
+    for name in contenders:
+        reason = workload.skip_reason(name) if workload.skip_reason else None
+        if reason:
+            skipped[name] = reason
+            print(f"skipping contender {name}: {reason}")
+    contenders = tuple(n for n in contenders if n not in skipped)
+    artifacts_dir = tempfile.TemporaryDirectory(prefix=f"bench-{workload.name}-")
+    os.environ["BENCH_ARTIFACTS"] = artifacts_dir.name  # inherited by the worker subprocesses
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
     plan = split_steps(repeats, rounds)
@@ -452,6 +493,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
     cross = workload_crosscheck(workload.name, agg)
     for line in cross:
         print(f"  {line}")
+    artifacts_dir.cleanup()
+    for c in agg["contenders"].values():
+        for r in c["runs"]:
+            r.pop("artifact", None)  # temporary paths, gone now
     print(f"\ntotal wall time {time.perf_counter() - started:.1f} s")
 
     out = args.out if args.out else (None if args.quick else str(RESULTS / f"{workload.name}-cpu.json"))
@@ -475,10 +520,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
             "rounds": plan,
             "seed": args.seed,
             "tokens_definition": workload.tokens_definition,
-            "memory_definition": "working_mib: peak RSS during the measured steps minus RSS after building model, "
-                                 "reference, optimizer and rollouts (before the warm-up step); sampled every 5 ms. "
-                                 "tensor_peak_mib: peak live tensor bytes during one extra step under torch.profiler "
-                                 "(round 0 only), over the step's start",
+            **({"flops_definition": workload.flops_definition} if workload.flops_per_step else {}),
+            "memory_definition": workload.memory_definition,
+            "skipped": skipped,
             "crosscheck": cross,
             **agg,
         }
@@ -487,7 +531,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {path}")
     valid = all(c["valid"] for c in agg["contenders"].values())
-    return 0 if valid else 1
+    return 0 if valid and not crosscheck_failed(cross) else 1
+
+
+def crosscheck_failed(lines: list[str]) -> bool:
+    """A cross-check hook marks a failed comparison with "[MISMATCH]"; the run then exits non-zero."""
+    return any("[MISMATCH]" in line for line in lines)
 
 
 def workload_crosscheck(name: str, agg: dict[str, Any]) -> list[str]:
@@ -728,8 +777,207 @@ STEP = Workload(
             ("memory", "onelayer_fast", "naive_trl"), ("memory", "full", "onelayer_fast")),
 )
 
-WORKLOADS: dict[str, Workload] = {"step": STEP}
-CROSSCHECKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {"step": step_crosscheck}
+
+
+# --------------------------------------------------------------------------------------------------
+# Workload `grpo_loss`: forward + backward of the GRPO loss alone (lm_head + log-softmax + loss)
+# --------------------------------------------------------------------------------------------------
+
+
+def grpo_loss_shapes(quick: bool) -> dict[str, Any]:
+    shapes = {"rows": 64, "completion_length": 64, "hidden_size": 896, "vocab_size": 151936}  # Qwen2.5-0.5B head
+    if quick:
+        shapes.update(rows=16, completion_length=16, hidden_size=64, vocab_size=4096)
+    return {
+        "quick": quick,
+        **shapes,
+        "dtype": "float32",
+        "group_size": 8,
+        # row -> unmasked tokens: "all tokens unmasked except a few"
+        "completion_lengths": {"3": shapes["completion_length"] - 5, "10": shapes["completion_length"] - 2},
+        "beta": 0.04,
+        "epsilon": 0.2,
+        "loss_type": "dapo",
+        "importance_sampling_level": "token",
+        "logp_noise": 0.1,  # old/ref log-probs = true log-probs + N(0, logp_noise^2), independently
+        "hidden_requires_grad": True,
+        "lm_head_requires_grad": False,
+    }
+
+
+def grpo_loss_unmasked(shapes: dict[str, Any]) -> int:
+    full = shapes["completion_length"]
+    return shapes["rows"] * full - sum(full - n for n in shapes["completion_lengths"].values())
+
+
+def grpo_loss_flops(shapes: dict[str, Any]) -> float:
+    return 4.0 * grpo_loss_unmasked(shapes) * shapes["hidden_size"] * shapes["vocab_size"]
+
+
+def grpo_loss_inputs(shapes: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Random inputs, identical for every contender (same seed, same generator order)."""
+    import torch
+
+    import onelayer_fast as olf
+
+    g = torch.Generator().manual_seed(seed)
+    b, t, h, v = shapes["rows"], shapes["completion_length"], shapes["hidden_size"], shapes["vocab_size"]
+    hidden = torch.randn(b, t, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * (1.0 / h ** 0.5)  # logits ~ N(0, 1)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    for r, n in shapes["completion_lengths"].items():
+        mask[int(r), n:] = 0
+    rewards = torch.rand(b, generator=g)
+    with torch.no_grad():  # chunked: never a (tokens, vocab) tensor in any contender's setup
+        true = olf.token_logprobs(hidden, weight, ids, backend="auto")
+    noise = shapes["logp_noise"]
+    old = (true + noise * torch.randn(b, t, generator=g)) * mask
+    ref = (true + noise * torch.randn(b, t, generator=g)) * mask
+    hidden.requires_grad_(True)
+    hidden.grad = torch.zeros_like(hidden)  # one buffer, allocated before the baseline, zeroed before each step
+    return {"hidden": hidden, "weight": weight, "ids": ids, "mask": mask, "rewards": rewards, "old": old, "ref": ref}
+
+
+def liger_skip_reason(contender: str) -> str | None:
+    if contender != "liger":
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel is not importable in this environment (not installed; this benchmark does not install it)"
+    return None
+
+
+def grpo_loss_setup(contender: str, shapes: dict[str, Any], seed: int) -> Runner:
+    import torch
+
+    import onelayer_fast as olf
+
+    x = grpo_loss_inputs(shapes, seed)
+    hidden, weight = x["hidden"], x["weight"]
+    grad = hidden.grad
+    kwargs = dict(rewards=x["rewards"], group_size=shapes["group_size"], old_logps=x["old"], ref_logps=x["ref"],
+                  beta=shapes["beta"], epsilon_low=shapes["epsilon"], epsilon_high=shapes["epsilon"],
+                  loss_type=shapes["loss_type"], importance_sampling_level=shapes["importance_sampling_level"])
+    if contender in ("onelayer_fast", "materialized"):
+        backend = "auto" if contender == "onelayer_fast" else "reference"
+
+        def loss_fn() -> "torch.Tensor":
+            loss, _ = olf.grpo_loss(hidden, weight, x["ids"], x["mask"], backend=backend, **kwargs)
+            return loss
+    elif contender == "liger":  # NOT YET RUN: liger_kernel is not installed where this was written
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        from onelayer_fast.kernels.grpo_loss import group_advantages
+
+        advantages, _ = group_advantages(x["rewards"], shapes["group_size"])
+        module = LigerFusedLinearGRPOLoss(beta=shapes["beta"], compiled=False, use_ref_model=True,
+                                          epsilon_low=shapes["epsilon"], epsilon_high=shapes["epsilon"],
+                                          loss_type=shapes["loss_type"],
+                                          importance_sampling_level=shapes["importance_sampling_level"])
+
+        def loss_fn() -> "torch.Tensor":
+            out = module(hidden, weight, x["ids"], x["mask"], advantages,
+                         ref_per_token_logps=x["ref"], old_per_token_logps=x["old"])
+            return out[0] if isinstance(out, tuple) else out
+    else:
+        raise ValueError(f"unknown contender {contender!r}")
+
+    last: dict[str, Any] = {}
+
+    def step() -> list[dict[str, float]]:
+        loss = loss_fn()
+        loss.backward()  # accumulates into the zeroed buffer `grad`
+        last["loss"] = loss.detach()
+        return [{"loss": float(loss.detach()), "grad_norm": float(grad.norm())}]
+
+    def before_step() -> None:
+        assert hidden.grad is grad, "backward replaced the gradient buffer: the update check would be blind"
+        grad.zero_()
+
+    def artifacts() -> dict[str, Any]:
+        return {"loss": last["loss"].double(), "grad": grad.detach().clone()}
+
+    frozen = [weight, x["old"], x["ref"], hidden]
+    return Runner(step, [grad], frozen, {"unmasked_tokens": grpo_loss_unmasked(shapes)},
+                  before_step=before_step, artifacts=artifacts)
+
+
+GRPO_LOSS_TOLERANCE = 1e-4
+
+
+def grpo_loss_crosscheck(agg: dict[str, Any]) -> list[str]:
+    """Every contender's loss and gradient (last measured step; identical inputs) against materialized's."""
+    import torch
+
+    per = agg["contenders"]
+    if "materialized" not in per:
+        return []
+
+    def load(name: str) -> dict[str, Any] | None:
+        path = per[name]["runs"][0].get("artifact")
+        return torch.load(path) if path and Path(path).exists() else None
+
+    base = load("materialized")
+    if base is None:
+        return ["cross-check unavailable: materialized saved no loss/gradient"]
+    lines = [f"cross-check vs materialized (same inputs; rel diff must be < {GRPO_LOSS_TOLERANCE:g}):"]
+    for name in per:
+        if name == "materialized":
+            continue
+        other = load(name)
+        if other is None:
+            lines.append(f"  {name}: [MISMATCH] no loss/gradient saved")
+            continue
+        loss_rel = float((other["loss"] - base["loss"]).abs() / base["loss"].abs().clamp(min=1e-30))
+        g, gb = other["grad"].double(), base["grad"].double()
+        grad_rel = float((g - gb).norm() / gb.norm().clamp(min=1e-30))
+        grad_max = float((g - gb).abs().max() / gb.abs().max().clamp(min=1e-30))
+        ok = loss_rel < GRPO_LOSS_TOLERANCE and grad_rel < GRPO_LOSS_TOLERANCE
+        lines.append(f"  {name}: loss {float(other['loss']):.8e} vs {float(base['loss']):.8e} rel diff {loss_rel:.1e}; "
+                     f"grad rel diff (norm) {grad_rel:.1e}, (max abs / max abs) {grad_max:.1e}  "
+                     f"[{'MATCH' if ok else 'MISMATCH'}]")
+    return lines
+
+
+def grpo_loss_description(s: dict[str, Any]) -> str:
+    tokens = s["rows"] * s["completion_length"]
+    return (f"GRPO loss forward + backward alone: {s['rows']} rows x {s['completion_length']} tokens = {tokens} tokens "
+            f"({grpo_loss_unmasked(s)} unmasked), hidden {s['hidden_size']}, vocab {s['vocab_size']}, {s['dtype']}; "
+            f"rewards in groups of {s['group_size']}, old/ref log-probs given, beta={s['beta']}, {s['loss_type']}, "
+            f"{s['importance_sampling_level']}-level IS; grad w.r.t. hidden only (lm_head frozen)"
+            f"{' [quick shapes]' if s.get('quick') else ''}")
+
+
+GRPO_LOSS = Workload(
+    name="grpo_loss",
+    description=grpo_loss_description,
+    contenders=("onelayer_fast", "materialized", "liger"),
+    shapes=grpo_loss_shapes,
+    setup=grpo_loss_setup,
+    tokens_per_step=lambda s: s["rows"] * s["completion_length"],
+    tokens_definition="rows x completion tokens per loss forward + backward (masked included) / median time",
+    targets=(
+        Target("memory onelayer_fast / materialized", "memory", "onelayer_fast", "materialized", "<=", 1 / 8),
+        Target("time materialized / onelayer_fast", "time", "materialized", "onelayer_fast", ">=", 1.0),
+    ),
+    ratios=(("time", "materialized", "onelayer_fast"), ("memory", "onelayer_fast", "materialized"),
+            ("time", "liger", "onelayer_fast"), ("memory", "onelayer_fast", "liger")),
+    flops_per_step=grpo_loss_flops,
+    flops_definition="4 x unmasked tokens x hidden x vocab FLOP (forward logits matmul + backward input-gradient "
+                     "matmul, 2 FLOP per multiply-add; softmax and loss not counted; the lm_head weight gets no "
+                     "gradient) / median time",
+    memory_definition="working_mib: peak RSS during the measured steps minus RSS after the inputs are built (hidden, "
+                      "lm_head weight, ids, mask, rewards, old/ref log-probs, the zeroed hidden.grad buffer) and "
+                      "before the warm-up step; sampled every 5 ms. tensor_peak_mib: peak live tensor bytes during "
+                      "one extra step under torch.profiler (round 0 only), over the step's start",
+    skip_reason=liger_skip_reason,
+)
+
+WORKLOADS: dict[str, Workload] = {"step": STEP, "grpo_loss": GRPO_LOSS}
+CROSSCHECKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {"step": step_crosscheck,
+                                                                  "grpo_loss": grpo_loss_crosscheck}
 
 
 # --------------------------------------------------------------------------------------------------

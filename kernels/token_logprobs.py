@@ -9,8 +9,8 @@ Backward, for an upstream gradient g = dL/dlogp:
     dL/dh  = W^T @ dL/dz / tau                 (always)
     dL/dW  = dL/dz outer h / tau               (only when the weight requires grad)
 
-The chunked path processes `rows_per_chunk(vocab)` token rows at a time, so at most
-`CHUNK_ELEMENTS` logits exist at once; the backward recomputes each chunk's logits from the saved
+The chunked path processes `rows_per_chunk(vocab)` token rows at a time, so about `CHUNK_ELEMENTS`
+logits (at least `MIN_CHUNK_ROWS` rows of them) exist at once; the backward recomputes each chunk's logits from the saved
 logsumexp instead of keeping them. `token_logprobs_ref` materializes everything and is the
 reference the tests compare against.
 """
@@ -19,15 +19,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# 2^22 fp32 logits = 16 MiB per chunk: large enough for efficient matmuls on CPU (measured no slower
-# than 2^24 on the bench shape), small enough that the peak stays a small fraction of the
-# materialized (tokens, vocab) path.
+# About 2^22 fp32 logits = 16 MiB per chunk, but never fewer than MIN_CHUNK_ROWS token rows: at a
+# 150k vocab 2^22 logits are only 27 rows, and such thin matmuls ran at 106 GFLOP/s against 181 at
+# 110 rows (CPU, hidden 896). 128 rows x 151936 x 4 B = 74 MiB is still ~1% of the materialized path.
 CHUNK_ELEMENTS = 1 << 22
+MIN_CHUNK_ROWS = 128
 
 
-def rows_per_chunk(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    """How many token rows fit in one chunk of logits."""
-    return max(1, chunk_elements // vocab_size)
+def rows_per_chunk(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS, min_rows: int = MIN_CHUNK_ROWS) -> int:
+    """How many token rows one chunk of logits holds."""
+    return max(min_rows, chunk_elements // vocab_size, 1)
 
 
 def token_logprobs_ref(hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float = 1.0) -> Tensor:

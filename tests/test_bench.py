@@ -1,4 +1,4 @@
-"""bench/run.py stays runnable: a quick step benchmark of every contender, validated by its own checks."""
+"""bench/run.py stays runnable: quick step and grpo_loss benchmarks of every contender, validated by their own checks."""
 from __future__ import annotations
 
 import json
@@ -22,3 +22,20 @@ def test_quick_step_benchmark_runs_and_checks_itself(tmp_path):
     record = json.loads(out.read_text())
     contenders = record["contenders"]
     assert {"onelayer_fast", "full", "naive_trl"} <= set(contenders)
+
+
+@pytest.mark.slow
+def test_quick_grpo_loss_benchmark_runs_and_cross_checks(tmp_path):
+    out = tmp_path / "grpo_loss.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "grpo_loss", "--quick", "--wait-idle", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    contenders = record["contenders"]
+    assert {"onelayer_fast", "materialized"} <= set(contenders)
+    assert all(c["valid"] and c["gflop_per_s"] > 0 for c in contenders.values())
+    assert any("onelayer_fast:" in line and "[MATCH]" in line for line in record["crosscheck"])
+    if "liger" not in contenders:
+        assert "liger" in record["skipped"]

@@ -177,9 +177,11 @@ def test_no_grad_inputs_forward_only():
 
 
 def test_rows_per_chunk():
-    assert rows_per_chunk(1013, chunk_elements=5 * 1013) == 5
-    assert rows_per_chunk(1013, chunk_elements=5 * 1013 + 1012) == 5
-    assert rows_per_chunk(10**6, chunk_elements=10) == 1  # never zero rows
+    assert rows_per_chunk(1013, chunk_elements=5 * 1013, min_rows=1) == 5
+    assert rows_per_chunk(1013, chunk_elements=5 * 1013 + 1012, min_rows=1) == 5
+    assert rows_per_chunk(10**6, chunk_elements=10, min_rows=0) == 1  # never zero rows
+    # Large vocabularies: the row floor keeps the matmuls from getting thin.
+    assert rows_per_chunk(151936) == 128 and rows_per_chunk(32000) == (1 << 22) // 32000
 
 
 @pytest.mark.parametrize(
