@@ -11,28 +11,25 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
-def test_quick_step_benchmark_runs_and_checks_itself(tmp_path):
-    out = tmp_path / "step.json"
+def run_quick(workload: str, tmp_path: Path) -> dict:
+    """Run `bench/run.py <workload> --quick`, require exit 0 (its own checks passed), return its JSON."""
+    out = tmp_path / f"{workload}.json"
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "step", "--quick", "--wait-idle", "0", "--out", str(out)],
+        [sys.executable, str(REPO / "bench" / "run.py"), workload, "--quick", "--wait-idle", "0", "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    record = json.loads(out.read_text())
-    contenders = record["contenders"]
-    assert {"onelayer_fast", "full", "naive_trl"} <= set(contenders)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_quick_step_benchmark_runs_and_checks_itself(tmp_path):
+    assert {"onelayer_fast", "full", "naive_trl"} <= set(run_quick("step", tmp_path)["contenders"])
 
 
 @pytest.mark.slow
 def test_quick_grpo_loss_benchmark_runs_and_cross_checks(tmp_path):
-    out = tmp_path / "grpo_loss.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "grpo_loss", "--quick", "--wait-idle", "0", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    record = json.loads(out.read_text())
+    record = run_quick("grpo_loss", tmp_path)
     contenders = record["contenders"]
     assert {"onelayer_fast", "materialized"} <= set(contenders)
     assert all(c["valid"] and c["gflop_per_s"] > 0 for c in contenders.values())
