@@ -2,14 +2,20 @@
 
 A task is an object with
     name: str
-    sample(rng, n) -> list[Example]            n training examples drawn with `rng` (random.Random)
-    reward_funcs: list[RewardFunc]             each (completion_text, example) -> float
-    reward_weights: list[float]                how the reward functions are summed
+    sample(rng, n, split="train") -> list[Example]   n examples of `split` ("train" or "eval") drawn with
+                                                    `rng` (random.Random); the two splits never overlap
+    reward_funcs: list[RewardFunc]                  each (completion_text, example) -> float
+    reward_weights: list[float]                     how the reward functions are summed
+    correct(completion_text, example) -> bool       the task's real measure (exact match, tests pass, ...)
 """
 from __future__ import annotations
 
+import hashlib
+import random
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
+
+SPLITS = ("train", "eval")
 
 
 @dataclass(frozen=True)
@@ -27,7 +33,32 @@ class Task(Protocol):
     reward_funcs: list[RewardFunc]
     reward_weights: list[float]
 
-    def sample(self, rng, n: int) -> list[Example]: ...
+    def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Example]: ...
+
+    def correct(self, completion: str, example: Example) -> bool: ...
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def split_of(key: str, eval_share: float = 0.1) -> str:
+    """A stable train/eval assignment from a string key (same on every machine and Python run)."""
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return "eval" if digest / 2**64 < eval_share else "train"
+
+
+def eval_examples(task: Task, n: int, seed: int = 0) -> list[Example]:
+    """Up to n distinct held-out examples, the same for a given (task, n, seed)."""
+    rng = random.Random(seed)
+    seen: dict[str, Example] = {}
+    for _ in range(20):
+        for example in task.sample(rng, n, split="eval"):
+            seen.setdefault(example.prompt, example)
+        if len(seen) >= n:
+            break
+    return list(seen.values())[:n]
 
 
 def get_task(name: str, path: str | None = None) -> Task:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from . import Example
+from . import Example, check_split, split_of
 
 
 def exact_match(completion: str, example: Example) -> float:
@@ -35,8 +35,15 @@ class ArithmeticTask:
         value = a + b if op == "+" else a - b
         return Example(prompt=f"{a}{op}{b}=", answer=str(value))
 
-    def sample(self, rng: random.Random, n: int) -> list[Example]:
-        return [
-            self.make(rng.randint(0, self.max_operand), rng.choice(self.operators), rng.randint(0, self.max_operand))
-            for _ in range(n)
-        ]
+    def correct(self, completion: str, example: Example) -> bool:
+        return exact_match(completion, example) == 1.0
+
+    def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Example]:
+        """Rejection-sample problems whose stable hash puts them in `split` (10% of problems are eval)."""
+        check_split(split)
+        examples: list[Example] = []
+        while len(examples) < n:
+            example = self.make(rng.randint(0, self.max_operand), rng.choice(self.operators), rng.randint(0, self.max_operand))
+            if split_of(example.prompt) == split:
+                examples.append(example)
+        return examples
