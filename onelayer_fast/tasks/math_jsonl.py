@@ -1,0 +1,192 @@
+"""Math word problems from a local JSONL file in GSM8K layout, rewarded by numeric answer match.
+
+Each line is {"question": ..., "answer": ...}; the answer is a GSM8K solution ending in `#### 42`, or
+holds a `\\boxed{...}`, or is a bare number ("42", "1,234", "3/4", "0.75"). The same extraction reads
+the final answer of a model's completion:
+
+1. the text after the last `####` (its first number, if it has one);
+2. otherwise the content of the last `\\boxed{...}` (LaTeX `\\frac{a}{b}`, `{,}`, `\\$`, `\\%` and
+   `\\text{...}` cleaned up);
+3. otherwise the last number anywhere in the text.
+
+Two answers match when both parse as numbers equal within a relative tolerance (`1,234` == `1234.0`,
+`3/4` == `0.75`, `50%` == `50`); an answer that is not a number (rare in GSM8K) must match the gold
+text exactly after whitespace is removed.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from fractions import Fraction
+from pathlib import Path
+
+from . import SPLITS, Example, check_split, split_of
+
+# A number as written in text: optional sign, digits with optional thousands commas, optional
+# decimals, optionally a fraction "a/b". Thousands groups are tried first so "1,234" is one number.
+_NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?"
+_NUMBER_RE = re.compile(
+    r"(?<![\w.])"  # not inside a word or after a decimal point
+    rf"(?=[-+]?\.?\d)({_NUMBER}(?:\s*/\s*(?=\.?\d){_NUMBER})?)"
+)
+_FRAC_RE = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+_TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
+
+
+def numbers_in(text: str) -> list[str]:
+    """The numbers written in `text`, in order, as strings ("1,234", "-3/4", "0.5")."""
+    text = text.replace("\u2212", "-")  # unicode minus sign
+    return [match.group(1) for match in _NUMBER_RE.finditer(text)]
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`), with nested braces; None if there is none."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    brace = text.find("{", start)
+    if brace < 0:
+        return None
+    depth = 0
+    for index in range(brace, len(text)):
+        if text[index] == "{":
+            depth += 1
+        elif text[index] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[brace + 1 : index]
+    return None  # unbalanced (e.g. a truncated completion): no boxed answer
+
+
+def clean_latex(text: str) -> str:
+    """`\\frac{3}{4}` -> `3/4`, `1{,}000` -> `1,000`; drops `$`, `%`, `\\!`, `\\,` and `\\text{}` wrappers."""
+    text = _TEXT_RE.sub(r" \1 ", text)
+    text = _FRAC_RE.sub(r"(\1)/(\2)", text)
+    for old, new in (("{,}", ","), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\$", ""), ("$", ""),
+                     ("\\%", ""), ("%", ""), ("\\left", ""), ("\\right", "")):
+        text = text.replace(old, new)
+    # Parentheses that wrap a bare number (from the \frac rewrite above) are not needed to parse it.
+    text = re.sub(r"\(\s*([-+]?[\d.,]+)\s*\)", r"\1", text)
+    return text.strip()
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer written in `text` (see the module docstring for the order); None if none."""
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].strip()
+        first_line = tail.splitlines()[0] if tail else ""
+        found = numbers_in(clean_latex(first_line))
+        return found[0] if found else (first_line.strip() or None)
+    boxed = last_boxed(text)
+    if boxed is not None:
+        cleaned = clean_latex(boxed)
+        if parse_number(cleaned) is not None:
+            return cleaned
+        found = numbers_in(cleaned)
+        return found[0] if len(found) == 1 else (cleaned or None)
+    found = numbers_in(text)
+    return found[-1] if found else None
+
+
+def parse_number(text: str) -> Fraction | None:
+    """Exact value of "1,234", "1234.0", "-3/4", "+.5", "50%"; None for anything that is not one number."""
+    text = text.strip().replace("\u2212", "-").replace(",", "").replace(" ", "").rstrip("%").rstrip(".")
+    if not text:
+        return None
+    try:
+        return Fraction(text)  # accepts "3/4", "-0.75", "1e3"; exact, so 0.1 + 0.2 issues never arise
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def answers_match(predicted: str | None, gold: str, rel_tol: float = 1e-6) -> bool:
+    """Numeric equality within `rel_tol` (relative to max(1, |gold|)) when both are numbers, else text equality."""
+    if predicted is None:
+        return False
+    a, b = parse_number(predicted), parse_number(gold)
+    if a is not None and b is not None:
+        return abs(a - b) <= rel_tol * max(1, abs(b))
+    return "".join(predicted.split()) == "".join(gold.split())
+
+
+class MathJsonlTask:
+    """GSM8K-style math: reward 1.0 when the completion's final answer equals the gold answer, else 0.0."""
+
+    name = "jsonl-math"
+
+    def __init__(self, path: str | Path, prompt_template: str = "{question}", rel_tol: float = 1e-6):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"task file {path} does not exist")
+        if "{question}" not in prompt_template:
+            raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
+        self.path, self.prompt_template, self.rel_tol = path, prompt_template, rel_tol
+        self.examples: list[Example] = []
+        with path.open(encoding="utf-8") as file:
+            for number, line in enumerate(file, start=1):
+                if line.strip():
+                    self.examples.append(self._parse_line(path, number, line))
+        if len(self.examples) < 2:
+            raise ValueError(
+                f"task file {path} holds {len(self.examples)} example(s); it needs at least 2 so that "
+                f"both the train and the eval split get one"
+            )
+        self.splits = self._split(self.examples)
+        self.reward_funcs = [self.answer_reward]
+        self.reward_weights = [1.0]
+
+    def _parse_line(self, path: Path, number: int, line: str) -> Example:
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        missing = [key for key in ("question", "answer") if key not in row]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}; each line needs 'question' and 'answer'")
+        question, solution = str(row["question"]).strip(), str(row["answer"])
+        if not question:
+            raise ValueError(f"{where}: empty 'question'")
+        gold = extract_answer(solution)
+        if gold is None:
+            raise ValueError(
+                f"{where}: no final answer found in 'answer' {solution[-80:]!r}; "
+                f"expected '... #### 42', '\\boxed{{42}}' or a number"
+            )
+        return Example(
+            prompt=self.prompt_template.format(question=question),
+            answer=gold,
+            meta={"question": question, "solution": solution, "line": number},
+        )
+
+    @staticmethod
+    def _split(examples: list[Example]) -> dict[str, list[Example]]:
+        """Split by the question's stable hash; if one split comes out empty (small files), move the last
+        question of the other split over, with all its duplicates, so the splits still never overlap."""
+        splits: dict[str, list[Example]] = {split: [] for split in SPLITS}
+        for example in examples:
+            splits[split_of(example.meta["question"])].append(example)
+        for empty, full in (("eval", "train"), ("train", "eval")):
+            if not splits[empty]:
+                moved = splits[full][-1].meta["question"]
+                splits[empty] = [e for e in splits[full] if e.meta["question"] == moved]
+                splits[full] = [e for e in splits[full] if e.meta["question"] != moved]
+        if not splits["train"] or not splits["eval"]:
+            raise ValueError(
+                "task file has a single distinct question; it needs at least 2 for both train and eval"
+            )
+        return splits
+
+    def answer_reward(self, completion: str, example: Example) -> float:
+        return 1.0 if answers_match(extract_answer(completion), example.answer, self.rel_tol) else 0.0
+
+    def correct(self, completion: str, example: Example) -> bool:
+        return self.answer_reward(completion, example) == 1.0
+
+    def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Example]:
+        check_split(split)
+        pool = self.splits[split]
+        return [rng.choice(pool) for _ in range(n)]
