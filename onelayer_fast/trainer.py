@@ -12,6 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
+from .advantages import ALGORITHMS, GIGPO_NORMS, apply_algorithm
+from .episodes import Episodes, episode_batch, is_environment_task, run_episodes
 from .policy import FullModelPolicy, OneLayerPolicy, decoder_of
 from .rollout import encode_prompts, sample_completions
 from .tasks import Example, Task
@@ -39,6 +41,12 @@ class GRPOConfig(UpdateSettings):
     seed: int = 42
     save_steps: int = 50
     save_total_limit: int = 2
+    # Algorithm (advantages.py): "grpo" (TRL defaults), "dr_grpo" (sets scale_rewards "none", loss_type
+    # "dr_grpo"), "gigpo" (episode + anchor-state step advantages; environment tasks only).
+    algo: str = "grpo"
+    gigpo_gamma: float = 0.95  # discount of the step returns that GiGPO compares within an anchor state
+    gigpo_omega: float = 1.0  # weight of the step advantage: A = A_episode + omega * A_step
+    gigpo_norm: str = "mean"  # "mean": subtract the group mean (the GiGPO paper's default); "std": also divide by std
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -55,6 +63,14 @@ class GRPOConfig(UpdateSettings):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.algo not in ALGORITHMS:
+            raise ValueError(f"algo must be one of {ALGORITHMS}, got {self.algo!r}")
+        if self.gigpo_norm not in GIGPO_NORMS:
+            raise ValueError(f"gigpo_norm must be one of {GIGPO_NORMS}, got {self.gigpo_norm!r}")
+        if not 0.0 <= self.gigpo_gamma <= 1.0:
+            raise ValueError(f"gigpo_gamma must be in [0, 1], got {self.gigpo_gamma}")
+        if self.gigpo_omega < 0:
+            raise ValueError(f"gigpo_omega must be >= 0, got {self.gigpo_omega}")
 
 
 def score(task: Task, completions: list[str], examples: list[Example]) -> torch.Tensor:
@@ -77,6 +93,11 @@ class GRPOTrainer:
 
     def __init__(self, model, tokenizer, task: Task, config: GRPOConfig, base_model: str = "", resume: bool = True):
         config.validate()
+        config = apply_algorithm(config)  # a copy: dr_grpo / gigpo fix some loss knobs
+        self.multi_turn = is_environment_task(task)
+        if config.algo == "gigpo" and not self.multi_turn:
+            raise ValueError(f"algo 'gigpo' needs a multi-turn environment task (with make_env), "
+                             f"and task {task.name!r} is single-turn; use grpo or dr_grpo")
         self.model, self.tokenizer, self.task, self.config = model, tokenizer, task, config
         self.base_model = base_model
         num_layers = len(decoder_of(model).layers)
@@ -121,7 +142,21 @@ class GRPOTrainer:
         rng = random.Random(self.config.seed * 1_000_003 + step)
         return self.task.sample(rng, self.config.per_device_train_batch_size // self.config.num_generations)
 
+    def make_episodes(self, examples: list[Example]) -> tuple[RolloutBatch, Episodes]:
+        """Environment tasks: G episodes per example, one batch row per step (see episodes.py)."""
+        episodes = run_episodes(
+            self.model, self.tokenizer, self.task, examples, self.config.num_generations,
+            self.config.max_completion_length, temperature=self.config.temperature, top_p=self.config.top_p,
+            device=self.device,
+        )
+        return episode_batch(self.tokenizer, episodes, self.config, self.device), episodes
+
     def make_rollouts(self, examples: list[Example]) -> tuple[RolloutBatch, list[str]]:
+        """-> (batch, texts): completions of single-turn tasks, or for environment tasks one
+        transcript per episode and a batch of one row per step."""
+        if self.multi_turn:
+            batch, episodes = self.make_episodes(examples)
+            return batch, episodes.transcripts
         grouped = [e for e in examples for _ in range(self.config.num_generations)]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [e.prompt for e in grouped], self.device)
         completion_ids, completion_mask = sample_completions(
@@ -135,16 +170,27 @@ class GRPOTrainer:
 
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
-        batch, _ = self.make_rollouts(self.prompts_for_step(self.step))
+        examples = self.prompts_for_step(self.step)
+        if self.multi_turn:
+            batch, episodes = self.make_episodes(examples)
+            returns = episodes.returns  # rewards per episode, not per row
+        else:
+            batch, _ = self.make_rollouts(examples)
+            returns = batch.rewards
         generated = time.perf_counter()
         history = grpo_update(self.policy, self.optimizer, batch, self.config)
         finished = time.perf_counter()
         self.step += 1
         tokens = int(batch.attention_mask.sum())
         record = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
-        grouped = batch.rewards.view(-1, self.config.num_generations)
+        grouped = returns.view(-1, self.config.num_generations)
+        if self.multi_turn:
+            constant = torch.isclose(grouped.std(dim=1), torch.zeros(()))  # groups with no episode-level signal
+            record.update(frac_reward_zero_std=float(constant.float().mean()),
+                          success_rate=sum(episodes.success) / len(episodes.success),
+                          episode_length=float(episodes.lengths.float().mean()), rows=batch.rewards.shape[0])
         record.update(
-            step=self.step, reward_mean=float(batch.rewards.mean()), reward_std=float(grouped.std(dim=1).mean()),
+            step=self.step, reward_mean=float(returns.mean()), reward_std=float(grouped.std(dim=1).mean()),
             completion_length=float(batch.completion_mask.sum(1).float().mean()),
             generate_time=generated - started, update_time=finished - generated, step_time=finished - started,
             tokens_per_second=tokens / (finished - started),
@@ -155,7 +201,7 @@ class GRPOTrainer:
         """Run until max_steps; a KeyboardInterrupt saves a checkpoint before it propagates."""
         log_path = self.output_dir / "log.jsonl"
         records = []
-        bar = tqdm(total=self.config.max_steps, initial=self.step, desc=f"GRPO {self.config.mode}", unit="step")
+        bar = tqdm(total=self.config.max_steps, initial=self.step, desc=f"{self.config.algo} {self.config.mode}", unit="step")
         try:
             while self.step < self.config.max_steps:
                 record = self.train_step()

@@ -11,13 +11,19 @@ from .loss import grpo_loss, token_logprobs
 
 @dataclass
 class RolloutBatch:
-    """Sampled completions and their rewards; rows are grouped: num_generations consecutive rows per prompt."""
+    """Sampled completions and their rewards.
+
+    Without `advantages`, rows are grouped (num_generations consecutive rows per prompt) and the loss
+    normalizes `rewards` within each group. With `advantages` (e.g. one row per step of multi-turn
+    episodes, any row count), the loss uses them as given and `rewards` are only reported.
+    """
 
     prompt_ids: Tensor  # (B, P) left-padded
     prompt_mask: Tensor  # (B, P)
     completion_ids: Tensor  # (B, C)
     completion_mask: Tensor  # (B, C) 1 up to and including EOS
     rewards: Tensor  # (B,)
+    advantages: Tensor | None = None  # (B,) precomputed per-row advantages, or None
 
     @property
     def input_ids(self) -> Tensor:
@@ -70,6 +76,10 @@ def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, s
             valid = batch.completion_mask.bool()
             ref_logps = torch.zeros(valid.shape, dtype=torch.float32, device=ref_states.device)
             ref_logps[valid] = token_logprobs(ref_states[valid], weight, batch.completion_ids[valid], settings.temperature)
+    if batch.advantages is None:
+        advantage_args = {"rewards": batch.rewards, "group_size": settings.num_generations}
+    else:
+        advantage_args = {"advantages": batch.advantages}
     params = policy.trainable_parameters()
     old_logps = None
     history = []
@@ -77,7 +87,7 @@ def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, s
         states = completion_states(policy, cache, prompt_length)
         loss, metrics = grpo_loss(
             states, weight, batch.completion_ids, batch.completion_mask,
-            rewards=batch.rewards, group_size=settings.num_generations,
+            **advantage_args,
             old_logps=old_logps, ref_logps=ref_logps, beta=settings.beta,
             epsilon_low=settings.epsilon,
             epsilon_high=settings.epsilon if settings.epsilon_high is None else settings.epsilon_high,

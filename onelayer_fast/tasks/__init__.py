@@ -63,12 +63,19 @@ def eval_examples(task: Task, n: int, seed: int = 0) -> list[Example]:
 
 def get_task(name: str, path: str | None = None) -> Task:
     from .arithmetic import ArithmeticTask
+    from .code import CodeTask
     from .jsonl import JsonlTask
+    from .math_jsonl import MathJsonlTask
 
+    file_tasks = {"jsonl": JsonlTask, "jsonl-math": MathJsonlTask, "code": CodeTask}
     if name == "arithmetic":
         return ArithmeticTask()
-    if name == "jsonl":
+    if name == "agent":
+        from .agent import AgentTask
+
+        return AgentTask()
+    if name in file_tasks:
         if path is None:
-            raise ValueError("task 'jsonl' needs a path to a local JSONL file (--task-path)")
-        return JsonlTask(path)
-    raise ValueError(f"unknown task {name!r}; tasks: arithmetic, jsonl")
+            raise ValueError(f"task {name!r} needs a path to a local JSONL file (--task-path)")
+        return file_tasks[name](path)
+    raise ValueError(f"unknown task {name!r}; tasks: arithmetic, agent, jsonl, jsonl-math, code")
