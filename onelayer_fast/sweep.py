@@ -1,0 +1,559 @@
+"""Layer sweeps: Base, Full and Single(i) runs with the same data, seeds and hyper-parameters, each
+evaluated greedily, combined into the paper's per-layer contribution
+
+    contribution(i) = (Single(i) - Base) / (Full - Base)        (undefined when Full == Base)
+
+Layout of a sweep directory DIR:
+    sweep.json                 the settings; a rerun with different settings is refused
+    runs/<name>/               one GRPOTrainer output_dir per run (`full`, `layer-05`, ...): checkpoints, log.jsonl
+    runs/<name>/result.json    the run's evaluated result, written atomically when the run finishes
+    results.csv, results.json  the table (one row per layer); contribution.png (needs matplotlib)
+
+Resume: a rerun of the same sweep skips runs that have a result.json and lets the trainer resume a
+half-finished run from its latest checkpoint, so a kill loses at most the steps since that checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gc
+import io
+import json
+import os
+import re
+import resource
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .evaluate import evaluate
+from .policy import decoder_of
+from .presets import load_model
+from .tasks import eval_examples, get_task
+from .trainer import GRPOConfig, GRPOTrainer
+
+FORMAT_VERSION = 1
+METRICS = ("accuracy", "mean_reward")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SETTINGS_NAME = "sweep.json"
+RESULT_NAME = "result.json"
+CSV_COLUMNS = (
+    "layer", "base", "full", "single", "contribution",
+    "single_seconds", "single_tokens", "single_peak_memory_mib",
+    "full_seconds", "full_tokens", "full_peak_memory_mib",
+    "base_reward", "full_reward", "single_reward",
+)
+# GRPOConfig fields that do not change what a run computes: they may differ between a sweep and its rerun.
+_RUN_LOCAL_FIELDS = ("output_dir", "layer", "mode", "save_steps", "save_total_limit")
+
+
+# -------------------------------------------------------------------------------------- small math
+
+def contribution(single: float, base: float, full: float) -> float | None:
+    """(single - base) / (full - base); None when full == base (no gain to share)."""
+    gain = full - base
+    if abs(gain) < 1e-12:
+        return None
+    return (single - base) / gain
+
+
+def middle_layers(num_layers: int) -> list[int]:
+    """The middle third of the stack: drop floor(n / 3) layers from each end, i.e. range(n // 3, n - n // 3).
+
+    28 layers (Qwen2.5-1.5B) -> 9..18, 36 (Qwen2.5-3B / Qwen3-4B) -> 12..23, 4 -> 1..2, 1 or 2 -> all.
+    """
+    return list(range(num_layers // 3, num_layers - num_layers // 3))
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """A layer spec -> sorted distinct layer indices in [0, num_layers).
+
+    `all`; `middle` (see middle_layers); or a comma list of indices and inclusive ranges, e.g.
+    `0,5,10-14`. Negative indices count from the end (`-1` is the last layer, `-3--1` the last three).
+    Raises ValueError for empty items, malformed items, out-of-range indices and descending ranges.
+    """
+    if num_layers < 1:
+        raise ValueError(f"the model has no decoder layers (num_layers={num_layers})")
+    text = spec.strip().lower()
+    if text == "all":
+        return list(range(num_layers))
+    if text == "middle":
+        return middle_layers(num_layers)
+    valid = f"valid: 0..{num_layers - 1}, or -{num_layers}..-1 from the end"
+
+    def index(token: str) -> int:
+        value = int(token)
+        resolved = value + num_layers if value < 0 else value
+        if not 0 <= resolved < num_layers:
+            raise ValueError(f"layer {value} in {spec!r} is out of range for a model with {num_layers} layers ({valid})")
+        return resolved
+
+    chosen: set[int] = set()
+    for item in text.split(","):
+        item = item.strip()
+        if single := re.fullmatch(r"-?\d+", item):
+            chosen.add(index(single.group(0)))
+        elif span := re.fullmatch(r"(-?\d+)\s*-\s*(-?\d+)", item):
+            start, stop = index(span.group(1)), index(span.group(2))
+            if start > stop:
+                raise ValueError(f"range {item!r} in {spec!r} is descending (layers {start} > {stop})")
+            chosen.update(range(start, stop + 1))
+        else:
+            raise ValueError(f"bad layer spec {spec!r}: item {item!r} is not an index or a range a-b; "
+                             "use all, middle, or e.g. 0,5,10-14 (negative indices count from the end)")
+    return sorted(chosen)
+
+
+# ----------------------------------------------------------------------------------------- config
+
+@dataclass
+class SweepConfig:
+    """What to sweep. `grpo` holds every training knob (max_steps, learning_rate, seed, ...); its
+    output_dir, layer and mode are set per run."""
+
+    model: str  # a preset name or a local HF model directory
+    out: str  # the sweep directory
+    task: str = "arithmetic"
+    task_path: str | None = None
+    layers: str = "middle"  # see parse_layers
+    algo: str | None = None  # None: grpo.algo (or "grpo" where GRPOConfig has no algo field yet)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval_size: int = 200  # held-out examples (eval split), the same for every run
+    eval_seed: int = 0
+    eval_batch_size: int = 64
+    eval_max_new_tokens: int | None = None  # None: grpo.max_completion_length
+    metric: str = "accuracy"  # what Base / Full / Single and the contribution are measured in
+    device: str | None = None  # None: cuda when available, else cpu
+    dtype: str = "float32"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.eval_size < 1 or self.eval_batch_size < 1:
+            raise ValueError(f"eval_size and eval_batch_size must be >= 1, got {self.eval_size} and {self.eval_batch_size}")
+        if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
+            raise ValueError(f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}")
+
+
+def run_config(config: SweepConfig) -> GRPOConfig:
+    """The sweep's GRPOConfig with `algo` applied (when the trainer has algorithms), validated."""
+    grpo = config.grpo
+    has_algo = any(f.name == "algo" for f in dataclasses.fields(GRPOConfig))
+    if config.algo is not None:
+        if has_algo:
+            grpo = dataclasses.replace(grpo, algo=config.algo)
+        elif config.algo != "grpo":
+            raise ValueError(f"algo {config.algo!r} is not available: this trainer's GRPOConfig has no algo field "
+                             "and only runs 'grpo'")
+    grpo.validate()
+    return grpo
+
+
+def algo_of(grpo: GRPOConfig) -> str:
+    return str(getattr(grpo, "algo", "grpo"))
+
+
+# ------------------------------------------------------------------------------------------ results
+
+@dataclass
+class RunResult:
+    name: str  # "base", "full", "layer-05"
+    mode: str  # "base" (no training) | "full" | "single"
+    layer: int | None
+    accuracy: float
+    mean_reward: float
+    n: int  # evaluation examples
+    eval_seconds: float
+    train_seconds: float  # sum of logged per-step wall times (rollout + update); counts each step once across resumes
+    steps: int
+    tokens: int  # prompt + completion tokens of every training rollout, summed over steps
+    peak_memory_mib: float
+    memory_kind: str  # "cuda_max_allocated" (torch.cuda.max_memory_allocated) or "rss_peak" (sampled RSS)
+
+    def metric(self, name: str) -> float:
+        return float(getattr(self, name))
+
+
+@dataclass
+class SweepResult:
+    settings: dict[str, Any]
+    metric: str
+    base: RunResult
+    full: RunResult
+    singles: list[RunResult]  # ascending layer
+    out: Path
+    plot: Path | None = None
+
+    @property
+    def contributions(self) -> dict[int, float | None]:
+        base, full = self.base.metric(self.metric), self.full.metric(self.metric)
+        return {r.layer: contribution(r.metric(self.metric), base, full) for r in self.singles}
+
+    @property
+    def full_equals_base(self) -> bool:
+        return contribution(0.0, self.base.metric(self.metric), self.full.metric(self.metric)) is None
+
+    @property
+    def best_layer(self) -> int | None:
+        """The layer with the highest Single(i) score (lowest index on ties); None without layers."""
+        if not self.singles:
+            return None
+        return max(self.singles, key=lambda r: (r.metric(self.metric), -r.layer)).layer
+
+    def rows(self) -> list[dict[str, Any]]:
+        contributions = self.contributions
+        return [{
+            "layer": r.layer, "base": self.base.metric(self.metric), "full": self.full.metric(self.metric),
+            "single": r.metric(self.metric), "contribution": contributions[r.layer],
+            "single_seconds": r.train_seconds, "single_tokens": r.tokens, "single_peak_memory_mib": r.peak_memory_mib,
+            "full_seconds": self.full.train_seconds, "full_tokens": self.full.tokens,
+            "full_peak_memory_mib": self.full.peak_memory_mib,
+            "base_reward": self.base.mean_reward, "full_reward": self.full.mean_reward, "single_reward": r.mean_reward,
+        } for r in self.singles]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION, "metric": self.metric, "settings": self.settings,
+            "full_equals_base": self.full_equals_base,
+            "note": ("contribution = (single - base) / (full - base); null when full == base"),
+            "best_layer": self.best_layer, "rows": self.rows(),
+            "runs": [dataclasses.asdict(r) for r in (self.base, self.full, *self.singles)],
+        }
+
+
+# -------------------------------------------------------------------------------------- file helpers
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Temp file in the same directory, fsync, os.replace: readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_json(path: Path, value: Any) -> None:
+    _write_atomic(path, json.dumps(value, indent=2) + "\n")
+
+
+def _diff(stored: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(stored) | set(current)):
+            name = f"{prefix}{key}"
+            if key not in stored or key not in current:
+                out.append(f"{name}: {stored.get(key, '<absent>')!r} -> {current.get(key, '<absent>')!r}")
+            else:
+                out.extend(_diff(stored[key], current[key], f"{name}."))
+        return out
+    return [] if stored == current else [f"{prefix[:-1]}: {stored!r} -> {current!r}"]
+
+
+def _check_or_write_settings(out: Path, settings: dict[str, Any]) -> None:
+    path = out / SETTINGS_NAME
+    settings = json.loads(json.dumps(settings))  # the form it takes on disk (tuples -> lists)
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if differences := _diff(stored, settings):
+            raise ValueError(f"{out} holds a sweep made with different settings ({'; '.join(differences)}); "
+                             "rerun with the same settings to resume it, or use another --out")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and has no {SETTINGS_NAME}: not a sweep directory; use another --out")
+    _write_json(path, settings)
+
+
+# -------------------------------------------------------------------------------------- measuring
+
+class _PeakMemory:
+    """Peak memory over a block: torch.cuda.max_memory_allocated on CUDA; on CPU the process RSS sampled
+    every 20 ms from /proc/self/statm (ru_maxrss where /proc is missing, which is the process's lifetime
+    high-water mark rather than the block's)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mib = 0.0
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "rss_peak"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _rss_mib() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):
+            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_mib = max(self.peak_mib, self._rss_mib())
+
+    def __enter__(self) -> "_PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak_mib = self._rss_mib()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mib = max(self.peak_mib, self._rss_mib())
+
+
+def _training_cost(run_dir: Path, max_steps: int) -> tuple[float, int, int]:
+    """(seconds, tokens, steps) from log.jsonl; a step logged twice (killed before its checkpoint, then
+    redone after resume) counts once, with its last record."""
+    log = run_dir / "log.jsonl"
+    records: dict[int, dict] = {}
+    if log.is_file():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if record.get("step", 0) <= max_steps:
+                    records[record["step"]] = record
+    seconds = sum(r["step_time"] for r in records.values())
+    tokens = sum(round(r["tokens_per_second"] * r["step_time"]) for r in records.values())
+    return seconds, tokens, len(records)
+
+
+# ------------------------------------------------------------------------------------------- runs
+
+@dataclass(frozen=True)
+class _Run:
+    name: str
+    mode: str
+    layer: int | None
+
+
+def _runs(layers: list[int], num_layers: int) -> list[_Run]:
+    width = len(str(num_layers - 1))
+    return [_Run("base", "base", None), _Run("full", "full", None),
+            *[_Run(f"layer-{i:0{width}d}", "single", i) for i in layers]]
+
+
+class _Sweep:
+    def __init__(self, config: SweepConfig):
+        config.validate()
+        self.config = config
+        self.grpo = run_config(config)
+        self.out = Path(config.out)
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.task = get_task(config.task, config.task_path)
+        self.max_new_tokens = config.eval_max_new_tokens or self.grpo.max_completion_length
+
+    def fresh_model(self):
+        """A new copy of the base model (never an edited one): the same seed as `onelayer-fast train` uses."""
+        model, tokenizer = load_model(self.config.model, seed=self.grpo.seed, dtype=DTYPES[self.config.dtype])
+        return model.to(self.device), tokenizer
+
+    def settings(self, layers: list[int], num_layers: int, eval_n: int) -> dict[str, Any]:
+        grpo = {k: v for k, v in dataclasses.asdict(self.grpo).items() if k not in _RUN_LOCAL_FIELDS}
+        c = self.config
+        return {"format_version": FORMAT_VERSION, "model": c.model, "task": c.task, "task_path": c.task_path,
+                "algo": algo_of(self.grpo), "layer_spec": c.layers, "layers": layers, "num_layers": num_layers,
+                "eval_size": c.eval_size, "eval_seed": c.eval_seed, "eval_examples": eval_n,
+                "eval_max_new_tokens": self.max_new_tokens, "dtype": c.dtype, "grpo": grpo}
+
+    def execute(self, run: _Run, examples, model=None, tokenizer=None) -> RunResult:
+        run_dir = self.out / "runs" / run.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if model is None:
+            model, tokenizer = self.fresh_model()
+        with _PeakMemory(self.device) as memory:
+            if run.mode != "base":
+                grpo = dataclasses.replace(self.grpo, output_dir=str(run_dir), mode=run.mode, layer=run.layer)
+                trainer = GRPOTrainer(model, tokenizer, self.task, grpo, base_model=self.config.model, resume=True)
+                trainer.train()
+                del trainer  # the trainer holds the policy (and in full mode a reference copy)
+            scores = evaluate(model, tokenizer, self.task, examples, batch_size=self.config.eval_batch_size,
+                              max_new_tokens=self.max_new_tokens, progress=self.config.progress)
+        seconds, tokens, steps = _training_cost(run_dir, self.grpo.max_steps)
+        return RunResult(name=run.name, mode=run.mode, layer=run.layer, accuracy=scores.accuracy,
+                         mean_reward=scores.mean_reward, n=scores.n, eval_seconds=scores.seconds,
+                         train_seconds=seconds, steps=steps, tokens=tokens, peak_memory_mib=memory.peak_mib,
+                         memory_kind=memory.kind)
+
+
+def _load_result(path: Path, run: _Run) -> RunResult:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    result = RunResult(**data)
+    if (result.name, result.mode, result.layer) != (run.name, run.mode, run.layer):
+        raise ValueError(f"{path} holds run {result.name!r} ({result.mode}, layer {result.layer}), "
+                         f"expected {run.name!r} ({run.mode}, layer {run.layer})")
+    return result
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_sweep(config: SweepConfig) -> SweepResult:
+    """Run (or resume) the sweep in config.out; write results.csv, results.json and contribution.png."""
+    sweep = _Sweep(config)
+    model, tokenizer = sweep.fresh_model()
+    num_layers = len(decoder_of(model).layers)
+    layers = parse_layers(config.layers, num_layers)
+    examples = eval_examples(sweep.task, config.eval_size, seed=config.eval_seed)
+    if not examples:
+        raise ValueError(f"task {sweep.task.name!r} has no eval examples")
+    _check_or_write_settings(sweep.out, sweep.settings(layers, num_layers, len(examples)))
+
+    runs = _runs(layers, num_layers)
+    results: dict[str, RunResult] = {}
+    pending = []
+    for run in runs:
+        path = sweep.out / "runs" / run.name / RESULT_NAME
+        if path.is_file():
+            results[run.name] = _load_result(path, run)
+        else:
+            pending.append(run)
+    bar = tqdm(total=len(runs), initial=len(results), desc="sweep", unit="run", disable=not config.progress)
+    try:
+        for run in pending:
+            bar.set_postfix_str(run.name)
+            if run.mode == "base":  # the model loaded above is untouched: evaluate it as Base
+                result = sweep.execute(run, examples, model, tokenizer)
+            else:
+                model = tokenizer = None
+                _release(sweep.device)
+                result = sweep.execute(run, examples)
+            _write_json(sweep.out / "runs" / run.name / RESULT_NAME, dataclasses.asdict(result))
+            results[run.name] = result
+            bar.update(1)
+    finally:
+        bar.close()
+    del model, tokenizer
+    _release(sweep.device)
+
+    settings = json.loads((sweep.out / SETTINGS_NAME).read_text(encoding="utf-8"))
+    result = SweepResult(settings=settings, metric=config.metric, base=results["base"], full=results["full"],
+                         singles=[results[r.name] for r in runs if r.mode == "single"], out=sweep.out)
+    write_results(result)
+    result.plot = plot_contribution(result, sweep.out / "contribution.png")
+    return result
+
+
+# --------------------------------------------------------------------------------------- reporting
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""  # undefined contribution (full == base)
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def write_results(result: SweepResult) -> tuple[Path, Path]:
+    """DIR/results.csv (contribution empty when full == base) and DIR/results.json (null), atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in result.rows():
+        writer.writerow({k: _csv_value(row[k]) for k in CSV_COLUMNS})
+    csv_path, json_path = result.out / "results.csv", result.out / "results.json"
+    _write_atomic(csv_path, buffer.getvalue())
+    _write_json(json_path, result.to_json())
+    return csv_path, json_path
+
+
+def _title(result: SweepResult) -> str:
+    s = result.settings
+    return f"{s['task']} / {s['algo']} / {Path(s['model']).name or s['model']}"
+
+
+def format_table(result: SweepResult) -> str:
+    m = result.metric
+    base, full = result.base, result.full
+    lines = [f"sweep {_title(result)}: {m} on {base.n} eval examples, {result.settings['grpo']['max_steps']} steps per run",
+             f"  Base      {base.metric(m):8.4f}   reward {base.mean_reward:.4f}",
+             f"  Full      {full.metric(m):8.4f}   reward {full.mean_reward:.4f}   {full.train_seconds:8.1f} s  "
+             f"{full.tokens:10d} tok  {full.peak_memory_mib:8.0f} MiB"]
+    if result.full_equals_base:
+        lines.append(f"  Full == Base ({full.metric(m):.4f}): contribution is undefined "
+                     "(n/a here, empty in results.csv, null in results.json)")
+    lines.append(f"  {'layer':>5}  {'Single(i)':>9}  {'contrib':>8}  {'reward':>7}  {'seconds':>8}  {'tokens':>10}  {'peak MiB':>8}")
+    best = result.best_layer
+    contributions = result.contributions
+    for r in result.singles:
+        c = contributions[r.layer]
+        mark = "  <- best" if r.layer == best else ""
+        lines.append(f"  {r.layer:>5}  {r.metric(m):9.4f}  {'n/a' if c is None else f'{c:8.3f}':>8}  {r.mean_reward:7.4f}  "
+                     f"{r.train_seconds:8.1f}  {r.tokens:10d}  {r.peak_memory_mib:8.0f}{mark}")
+    return "\n".join(lines)
+
+
+def print_table(result: SweepResult, file=None) -> None:
+    """Base, Full, and per layer Single(i) with its contribution and cost."""
+    print(format_table(result), file=file or sys.stdout)
+
+
+def plot_contribution(result: SweepResult, path: str | os.PathLike) -> Path | None:
+    """Bars of contribution per layer, best layer marked; Single(i) - Base when Full == Base.
+    Returns None (with a printed note) when matplotlib is not installed or there are no layers."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed (pip install 'onelayer_fast[plot]'): contribution.png skipped")
+        return None
+    if not result.singles:
+        return None
+    path = Path(path)
+    layers = [r.layer for r in result.singles]
+    base = result.base.metric(result.metric)
+    if result.full_equals_base:
+        values = [r.metric(result.metric) - base for r in result.singles]
+        ylabel = f"Single(i) - Base ({result.metric})"
+        subtitle = "Full == Base: contribution undefined, showing Single(i) - Base"
+    else:
+        values = [result.contributions[i] for i in layers]
+        ylabel = "contribution = (Single(i) - Base) / (Full - Base)"
+        subtitle = f"{result.metric}: Base {base:.3f}, Full {result.full.metric(result.metric):.3f}"
+    best = result.best_layer
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(layers) + 2.0), 3.5))
+    try:
+        colors = ["tab:orange" if i == best else "tab:blue" for i in layers]
+        ax.bar(layers, values, color=colors)
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        if not result.full_equals_base:
+            ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8, label="Full")
+        top = values[layers.index(best)]
+        ax.annotate(f"best: {best}", xy=(best, top), xytext=(0, 3 if top >= 0 else -3), textcoords="offset points",
+                    ha="center", va="bottom" if top >= 0 else "top", fontsize=8)
+        ax.set_xticks(layers)
+        ax.margins(y=0.15)  # room for the "best" label above (or below) its bar
+        ax.set_xlabel("layer")
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(f"{_title(result)}\n{subtitle}", fontsize=9)
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp")
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+    return path
