@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"nothing to do: {config.output_dir} already holds step {trainer.step} of {config.max_steps}")
         elif args.command == "merge":
-            model, tokenizer = load_model(args.model)
+            # A preset is rebuilt from the seed it was trained with, or the layer lands on other weights.
+            trained_seed = checkpoint.read_meta(args.checkpoint).get("config", {}).get("seed", GRPOConfig.seed)
+            model, tokenizer = load_model(args.model, seed=trained_seed)
             out = checkpoint.merge_checkpoint(model, args.checkpoint, args.out, tokenizer=tokenizer)
             print(f"merged model written to {out}")
         elif args.command == "sweep":

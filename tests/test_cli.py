@@ -8,6 +8,7 @@ import sys
 import torch
 
 from onelayer_fast.cli import main
+from onelayer_fast.trainer import GRPOConfig
 from onelayer_fast.presets import load_model
 
 TRAIN = ["train", "--model", "tiny", "--task", "arithmetic", "--layer", "2", "--steps", "3", "--batch-size", "8",
@@ -22,7 +23,7 @@ def test_train_then_merge(tmp_path):
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
     assert main(["merge", "--model", "tiny", "--checkpoint", str(run), "--out", str(tmp_path / "merged")]) == 0
     merged, _ = load_model(str(tmp_path / "merged"))
-    base, _ = load_model("tiny")
+    base, _ = load_model("tiny", seed=GRPOConfig.seed)  # the seed the run was trained with
     changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert changed and all(k.startswith("model.layers.2.") for k in changed)
 
