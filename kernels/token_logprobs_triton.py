@@ -5,7 +5,14 @@ target y and temperature tau:
     z    = W @ h / tau            computed one (BLOCK_T, BLOCK_V) tile at a time, never stored
     lse  = log(sum_v exp(z_v))    online max / sum-exp over the vocab tiles, fp32
     logp = z_y - lse
-    dL/dh = sum_v g * (onehot(y)_v - exp(z_v - lse)) / tau * W_v     (weight gradient: not here)
+    dL/dh = sum_v g * (onehot(y)_v - exp(z_v - lse)) / tau * W_v
+    dL/dW_v = sum_n g_n * (onehot(y_n)_v - exp(z_nv - lse_n)) / tau * h_n     (only when W requires grad)
+
+Entry point: `token_logprobs_triton` calls the custom op `torch.ops.onelayer_fast.token_logprobs`
+(registered below with a fake implementation and an autograd formula), so `torch.compile` traces it
+as one opaque node instead of breaking the graph on the Triton launches. The backward is the custom op
+`onelayer_fast::token_logprobs_backward`, which runs the hidden-gradient kernel and, only when the
+weight requires grad, the separate weight-gradient accumulation kernel.
 
 Precision: the softmax statistics and every elementwise op are fp32. The matmul operands are fp32
 (with IEEE fp32 `tl.dot`, not TF32) for fp32 inputs and under the interpreter, and the input dtype
@@ -185,11 +192,81 @@ def _token_logprobs_bwd_kernel(
     )
 
 
+@triton.jit
+def _token_logprobs_bwd_weight_kernel(
+    grad_logp_ptr,  # (N,) upstream gradient, any float dtype
+    hidden_ptr,  # (N, H)
+    weight_ptr,  # (V, H)
+    token_ids_ptr,  # (N,)
+    lse_ptr,  # (N,) fp32 from the forward
+    grad_weight_ptr,  # (V, H) out, the weight's dtype, row stride stride_gwv
+    N,
+    V,
+    H,
+    stride_hn,
+    stride_wv,
+    stride_gwv,
+    temperature,
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HO: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """Weight gradient. Program (v, j) owns vocab rows [v*BLOCK_V, ...) and columns [j*BLOCK_HO, ...)
+    of grad_weight and loops over all N token rows, so each output tile is written once: no atomics,
+    deterministic, fp32 accumulation over tokens.
+
+    For each token tile [t0, t0+BLOCK_T):
+        z    = (hidden[t0:t0+BLOCK_T] @ W[v-tile].T) / tau        recomputed over all of H
+        gz   = g * (onehot(y) - exp(z - lse)) / tau               (BLOCK_T, BLOCK_V)
+        out += gz^T @ hidden[t0:t0+BLOCK_T, j-tile]                (BLOCK_V, BLOCK_HO)
+    Same recompute cost as the hidden-gradient kernel (the logits are rebuilt cdiv(H, BLOCK_HO) times).
+    """
+    pid_v = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)  # int64: cols * stride_wv can pass 2^31
+    col_mask = cols < V
+    out_cols = pid_h * BLOCK_HO + tl.arange(0, BLOCK_HO)
+    out_mask = out_cols < H
+
+    out = tl.zeros((BLOCK_V, BLOCK_HO), tl.float32)
+    for t0 in range(0, N, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        row_mask = rows < N
+        targets = tl.load(token_ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        # Rows beyond N get g = 0: their gz is 0 whatever their (zero-input) logits are.
+        scale = tl.load(grad_logp_ptr + rows, mask=row_mask, other=0.0).to(tl.float32) / temperature
+        z = _logits_tile(hidden_ptr, weight_ptr, rows, row_mask, cols, col_mask, H, stride_hn, stride_wv,
+                         temperature, BLOCK_T, BLOCK_V, BLOCK_H, DOT_FP32)
+        probs = tl.exp(z - lse[:, None])
+        onehot = (cols[None, :] == targets[:, None]).to(tl.float32)
+        grad_z = scale[:, None] * (onehot - probs)  # padded columns are never stored
+        h = tl.load(  # (BLOCK_T, BLOCK_HO)
+            hidden_ptr + rows[:, None] * stride_hn + out_cols[None, :],
+            mask=row_mask[:, None] & out_mask[None, :],
+            other=0.0,
+        )
+        if DOT_FP32:
+            out = tl.dot(tl.trans(grad_z), h.to(tl.float32), out, input_precision="ieee")
+        else:
+            out = tl.dot(tl.trans(grad_z.to(h.dtype)), h, out)
+
+    tl.store(
+        grad_weight_ptr + cols[:, None] * stride_gwv + out_cols[None, :],
+        out.to(grad_weight_ptr.dtype.element_ty),
+        mask=col_mask[:, None] & out_mask[None, :],
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Launch settings: the one place that picks block sizes and warps.
 # ---------------------------------------------------------------------------------------------
 
-_LAUNCH_KEYS = ("BLOCK_T", "BLOCK_V", "BLOCK_H", "BLOCK_HO", "num_warps", "num_stages")
+# Autotune key: (input dtype, interpreted). No @triton.autotune: the interpreter rejects more than one
+# config, and the GPU values below are first guesses that have not been timed on hardware yet.
+_LAUNCH_KEYS = ("BLOCK_T", "BLOCK_V", "BLOCK_H", "BLOCK_HO", "num_warps", "num_stages", "LOSS_BLOCK", "loss_warps")
 
 
 def is_interpreted() -> bool:
@@ -200,8 +277,12 @@ def is_interpreted() -> bool:
 
 
 def launch_config(dtype: torch.dtype, interpreted: bool | None = None, **overrides) -> dict:
-    """Block sizes and warps for both kernels; `overrides` replace single entries (tests use small blocks).
+    """Launch settings of every lm_head and GRPO-loss kernel; `overrides` replace single entries (tests use
+    small blocks).
 
+    BLOCK_T / BLOCK_V / BLOCK_H / BLOCK_HO, num_warps, num_stages: the three lm_head kernels (forward,
+    hidden gradient, weight gradient). LOSS_BLOCK, loss_warps: the per-row GRPO loss kernel
+    (`kernels/grpo_loss_triton.py`), which walks one completion row LOSS_BLOCK tokens at a time.
     GPU defaults are a first guess, not tuned on hardware yet. Under the interpreter every program is
     run in numpy, so small tiles keep the padded work (and test time) down.
     """
@@ -211,14 +292,17 @@ def launch_config(dtype: torch.dtype, interpreted: bool | None = None, **overrid
     if interpreted is None:
         interpreted = is_interpreted()
     if interpreted:
-        config = dict(BLOCK_T=16, BLOCK_V=32, BLOCK_H=16, BLOCK_HO=16, num_warps=1, num_stages=1)
+        config = dict(BLOCK_T=16, BLOCK_V=32, BLOCK_H=16, BLOCK_HO=16, num_warps=1, num_stages=1,
+                      LOSS_BLOCK=16, loss_warps=1)
     elif dtype == torch.float32:
         # IEEE fp32 dot runs on FMA units, not tensor cores: smaller tiles.
-        config = dict(BLOCK_T=32, BLOCK_V=64, BLOCK_H=32, BLOCK_HO=64, num_warps=4, num_stages=2)
+        config = dict(BLOCK_T=32, BLOCK_V=64, BLOCK_H=32, BLOCK_HO=64, num_warps=4, num_stages=2,
+                      LOSS_BLOCK=1024, loss_warps=4)
     else:
-        config = dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=64, BLOCK_HO=128, num_warps=8, num_stages=3)
+        config = dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=64, BLOCK_HO=128, num_warps=8, num_stages=3,
+                      LOSS_BLOCK=1024, loss_warps=4)
     config.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("BLOCK_T", "BLOCK_V", "BLOCK_H", "BLOCK_HO"):
+    for key in ("BLOCK_T", "BLOCK_V", "BLOCK_H", "BLOCK_HO", "LOSS_BLOCK"):
         value = config[key]
         if not isinstance(value, int) or value < 16 or value & (value - 1):
             raise ValueError(f"{key} must be a power of two >= 16 (tl.dot tile), got {value!r}")
@@ -295,6 +379,16 @@ def token_logprobs_triton_forward(
     return logp.view(out_shape), lse.view(out_shape)
 
 
+def _check_backward_inputs(n: int, device: torch.device, grad_logp: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    for name, t in (("grad_logp", grad_logp), ("lse", lse)):
+        if t.numel() != n or t.device != device:
+            raise ValueError(
+                f"{name} must have one entry per token ({n}) on {device}, got shape {tuple(t.shape)} on {t.device}"
+            )
+    # contiguous(): an upstream gradient of a sum() is an expanded, stride-0 tensor.
+    return grad_logp.reshape(-1).contiguous(), lse.reshape(-1).to(torch.float32).contiguous()
+
+
 def token_logprobs_triton_backward(
     grad_logp: Tensor,
     hidden: Tensor,
@@ -308,15 +402,7 @@ def token_logprobs_triton_backward(
     hidden2, weight2, ids = _check_inputs(hidden, weight, token_ids, temperature)
     n, h = hidden2.shape
     v = weight2.shape[0]
-    for name, t in (("grad_logp", grad_logp), ("lse", lse)):
-        if t.numel() != n or t.device != hidden2.device:
-            raise ValueError(
-                f"{name} must have one entry per token ({n}) on {hidden2.device}, "
-                f"got shape {tuple(t.shape)} on {t.device}"
-            )
-    # contiguous(): an upstream gradient of a sum() is an expanded, stride-0 tensor.
-    g = grad_logp.reshape(-1).contiguous()
-    lse_flat = lse.reshape(-1).to(torch.float32).contiguous()
+    g, lse_flat = _check_backward_inputs(n, hidden2.device, grad_logp, lse)
     grad_hidden = torch.empty_like(hidden2)
     if n > 0:
         interpreted = is_interpreted()
@@ -332,36 +418,123 @@ def token_logprobs_triton_backward(
     return grad_hidden.view(hidden.shape)
 
 
-class TritonTokenLogprobs(torch.autograd.Function):
-    """Autograd wrapper: gradient for hidden only. apply(hidden, weight, token_ids, temperature, launch_overrides)."""
+def token_logprobs_triton_backward_weight(
+    grad_logp: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    lse: Tensor,
+    temperature: float = 1.0,
+    **launch_overrides,
+) -> Tensor:
+    """grad_logp (...), hidden (..., H), weight (V, H), token_ids (...), lse (...) -> grad_weight (V, H), weight's dtype.
 
-    @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float, launch_overrides: dict | None):
-        if ctx.needs_input_grad[1]:
-            raise NotImplementedError(
-                "TritonTokenLogprobs computes the gradient of hidden only; the lm_head weight requires grad. "
-                "Detach / freeze the weight, or use kernels.token_logprobs.chunked_token_logprobs for dL/dW."
-            )
-        overrides = dict(launch_overrides or {})
-        logp, lse = token_logprobs_triton_forward(hidden, weight, token_ids, temperature, **overrides)
-        ctx.save_for_backward(hidden, weight, token_ids, lse)
-        ctx.temperature = float(temperature)
-        ctx.launch_overrides = overrides
-        return logp
+    Run only when the lm_head weight requires grad: it streams every token row once per output tile.
+    """
+    hidden2, weight2, ids = _check_inputs(hidden, weight, token_ids, temperature)
+    n, h = hidden2.shape
+    v = weight2.shape[0]
+    g, lse_flat = _check_backward_inputs(n, hidden2.device, grad_logp, lse)
+    if n == 0:
+        return torch.zeros_like(weight2)
+    grad_weight = torch.empty_like(weight2)
+    interpreted = is_interpreted()
+    cfg = launch_config(hidden2.dtype, interpreted, **launch_overrides)
+    grid = (triton.cdiv(v, cfg["BLOCK_V"]), triton.cdiv(h, cfg["BLOCK_HO"]))
+    _token_logprobs_bwd_weight_kernel[grid](
+        g, hidden2, weight2, ids, lse_flat, grad_weight,
+        n, v, h, hidden2.stride(0), weight2.stride(0), grad_weight.stride(0), float(temperature),
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], BLOCK_HO=cfg["BLOCK_HO"],
+        DOT_FP32=_dot_fp32(hidden2.dtype, interpreted),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return grad_weight
 
-    @staticmethod
-    def backward(ctx, grad_logp: Tensor):
-        hidden, weight, token_ids, lse = ctx.saved_tensors
-        grad_hidden = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = token_logprobs_triton_backward(
-                grad_logp, hidden, weight, token_ids, lse, ctx.temperature, **ctx.launch_overrides
-            )
-        return grad_hidden, None, None, None, None
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops: what `token_logprobs_triton` calls, so torch.compile sees one opaque node.
+# Launch overrides travel as a list of ints in _LAUNCH_KEYS order (0 = default): an op schema has no dict.
+# ---------------------------------------------------------------------------------------------
+
+
+def _launch_list(overrides: dict) -> list[int]:
+    unknown = set(overrides) - set(_LAUNCH_KEYS)
+    if unknown:
+        raise TypeError(f"unknown launch settings {sorted(unknown)}; expected a subset of {_LAUNCH_KEYS}")
+    return [int(overrides.get(key) or 0) for key in _LAUNCH_KEYS]
+
+
+def _launch_dict(launch: list[int]) -> dict:
+    return {key: value for key, value in zip(_LAUNCH_KEYS, launch) if value}
+
+
+@torch.library.custom_op("onelayer_fast::token_logprobs", mutates_args=())
+def _token_logprobs_op(
+    hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float, launch: list[int]
+) -> tuple[Tensor, Tensor]:
+    """(logp, lse), both token_ids' shape, fp32. lse is saved for the backward and is not differentiable."""
+    return token_logprobs_triton_forward(hidden, weight, token_ids, temperature, **_launch_dict(launch))
+
+
+@_token_logprobs_op.register_fake
+def _token_logprobs_fake(hidden, weight, token_ids, temperature, launch):
+    return (hidden.new_empty(token_ids.shape, dtype=torch.float32),
+            hidden.new_empty(token_ids.shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("onelayer_fast::token_logprobs_backward", mutates_args=())
+def _token_logprobs_backward_op(
+    grad_logp: Tensor, hidden: Tensor, weight: Tensor, token_ids: Tensor, lse: Tensor, temperature: float,
+    launch: list[int], need_hidden: bool, need_weight: bool,
+) -> tuple[Tensor, Tensor]:
+    """(grad_hidden, grad_weight); a gradient that is not needed comes back as an empty tensor."""
+    launch_overrides = _launch_dict(launch)
+    grad_hidden = (
+        token_logprobs_triton_backward(grad_logp, hidden, weight, token_ids, lse, temperature, **launch_overrides)
+        if need_hidden else hidden.new_empty(0)
+    )
+    grad_weight = (
+        token_logprobs_triton_backward_weight(grad_logp, hidden, weight, token_ids, lse, temperature, **launch_overrides)
+        if need_weight else weight.new_empty(0)
+    )
+    return grad_hidden, grad_weight
+
+
+@_token_logprobs_backward_op.register_fake
+def _token_logprobs_backward_fake(grad_logp, hidden, weight, token_ids, lse, temperature, launch, need_hidden, need_weight):
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)))
+
+
+def _token_logprobs_setup_context(ctx, inputs, output):
+    hidden, weight, token_ids, temperature, launch = inputs
+    _, lse = output
+    ctx.save_for_backward(hidden, weight, token_ids, lse)
+    ctx.temperature = temperature
+    ctx.launch = launch
+    ctx.mark_non_differentiable(lse)
+
+
+def _token_logprobs_backward(ctx, grad_logp, _grad_lse):
+    need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_logp is None or not (need_hidden or need_weight):
+        return None, None, None, None, None
+    hidden, weight, token_ids, lse = ctx.saved_tensors
+    grad_hidden, grad_weight = torch.ops.onelayer_fast.token_logprobs_backward(
+        grad_logp, hidden, weight, token_ids, lse, ctx.temperature, ctx.launch, need_hidden, need_weight
+    )
+    return (grad_hidden if need_hidden else None), (grad_weight if need_weight else None), None, None, None
+
+
+torch.library.register_autograd(
+    "onelayer_fast::token_logprobs", _token_logprobs_backward, setup_context=_token_logprobs_setup_context
+)
 
 
 def token_logprobs_triton(
     hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float = 1.0, **launch_overrides
 ) -> Tensor:
-    """hidden (..., H), weight (V, H), token_ids (...) -> logp (...) fp32, differentiable w.r.t. hidden."""
-    return TritonTokenLogprobs.apply(hidden, weight, token_ids, float(temperature), launch_overrides or None)
+    """hidden (..., H), weight (V, H), token_ids (...) -> logp (...) fp32, differentiable w.r.t. hidden and,
+    when it requires grad, the weight (separate accumulation kernel)."""
+    logp, _ = torch.ops.onelayer_fast.token_logprobs(hidden, weight, token_ids, float(temperature), _launch_list(launch_overrides))
+    return logp

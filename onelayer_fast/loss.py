@@ -1,9 +1,15 @@
 """Public loss functions: argument checks, then dispatch to `onelayer_fast.kernels`.
 
-`backend="auto"` takes the chunked PyTorch path (never a (tokens, vocab) tensor) on every device;
-`backend="triton"` runs the Triton log-prob kernels (CUDA tensors, or CPU tensors under
-TRITON_INTERPRET=1; opt-in until they are validated on a GPU); `backend="reference"` materializes
-the logits, for debugging and tests.
+Backends (`backend=`):
+- `"auto"`: `"chunked"` on every device for now. The Triton path has passed every interpreter test and
+  compiles for sm_90, but it has not yet run or been timed on a GPU, and its backward recomputes the
+  logits once per hidden slice; it becomes the CUDA default once a GPU run validates and measures it.
+- `"triton"`: the Triton kernels. `grpo_loss` runs the fused path of `kernels/grpo_loss_triton.py`
+  (lm_head log-prob kernel -> loss kernel with in-kernel group advantages -> recompute backward kernels);
+  `token_logprobs` the custom op `torch.ops.onelayer_fast.token_logprobs` (`kernels/token_logprobs_triton.py`).
+  Needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported (tests).
+- `"chunked"`: plain PyTorch, a chunk of token rows at a time (never a (tokens, vocab) tensor); the CPU path.
+- `"reference"`: materializes the logits; for debugging (the trainer's `loss_backend`) and tests.
 """
 from __future__ import annotations
 
@@ -58,12 +64,18 @@ def token_logprobs(
     """
     _check_choice("backend", backend, BACKENDS)
     _check_lm_head(hidden, lm_head_weight, token_ids, temperature)
+    backend = _resolve_backend(backend)
     if backend == "reference":
         return token_logprobs_ref(hidden, lm_head_weight, token_ids.long(), temperature)
     if backend == "triton":
         return _triton_token_logprobs(hidden, lm_head_weight, token_ids, temperature)
     flat = chunked_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), lm_head_weight, token_ids.reshape(-1).long(), temperature)
     return flat.view(token_ids.shape)
+
+
+def _resolve_backend(backend: str) -> str:
+    # One place decides what "auto" means (see the module docstring for why it is not Triton on CUDA yet).
+    return "chunked" if backend == "auto" else backend
 
 
 def _triton_token_logprobs(hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float) -> Tensor:
@@ -78,9 +90,9 @@ def _check_per_token(name: str, value: Tensor | None, shape: torch.Size) -> None
         raise ValueError(f"{name} must have shape {tuple(shape)} (batch, completion tokens), got {tuple(value.shape)}")
 
 
-def _resolve_advantages(
-    rewards: Tensor | None, group_size: int | None, advantages: Tensor | None, batch: int, scale_rewards: str
-) -> tuple[Tensor, Tensor | None]:
+def _check_advantage_inputs(
+    rewards: Tensor | None, group_size: int | None, advantages: Tensor | None, batch: int
+) -> None:
     if (rewards is None) == (advantages is None):
         raise ValueError("pass exactly one of `rewards` (with `group_size`) or `advantages`")
     if advantages is not None:
@@ -88,7 +100,7 @@ def _resolve_advantages(
             raise ValueError(f"advantages must have shape ({batch},), got {tuple(advantages.shape)}")
         if not torch.isfinite(advantages).all():
             raise ValueError("advantages contain NaN or inf")
-        return advantages.float(), None
+        return
     if rewards.shape != (batch,):
         raise ValueError(f"rewards must have shape ({batch},), one per completion row, got {tuple(rewards.shape)}")
     if group_size is None or group_size < 2:
@@ -98,6 +110,14 @@ def _resolve_advantages(
     if not torch.isfinite(rewards).all():
         bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
         raise ValueError(f"rewards contain NaN or inf at rows {bad}")
+
+
+def _resolve_advantages(
+    rewards: Tensor | None, group_size: int | None, advantages: Tensor | None, batch: int, scale_rewards: str
+) -> tuple[Tensor, Tensor | None]:
+    _check_advantage_inputs(rewards, group_size, advantages, batch)
+    if advantages is not None:
+        return advantages.float(), None
     return group_advantages(rewards.float(), group_size, scale_rewards)
 
 
@@ -152,6 +172,19 @@ def grpo_loss(
         raise ValueError(f"delta (upper clamp of the ratio) must be > 1, got {delta}")
     if max_completion_length is not None and max_completion_length < 1:
         raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
+    backend = _resolve_backend(backend)
+    if backend == "triton":  # advantages, loss, gradient and metrics all in the Triton kernels
+        _check_advantage_inputs(rewards, group_size, advantages, batch)
+        from .kernels.grpo_loss_triton import grpo_loss_triton
+
+        return grpo_loss_triton(
+            hidden, lm_head_weight, completion_ids, completion_mask,
+            rewards=None if rewards is None else rewards.float(), group_size=group_size,
+            advantages=None if advantages is None else advantages.float(), old_logps=old_logps, ref_logps=ref_logps,
+            beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
+            scale_rewards=scale_rewards, temperature=temperature, max_completion_length=max_completion_length,
+            importance_sampling_level=importance_sampling_level,
+        )
     advantages, constant_group = _resolve_advantages(rewards, group_size, advantages, batch, scale_rewards)
 
     mask = completion_mask.to(torch.float32)
@@ -167,9 +200,7 @@ def grpo_loss(
     else:
         flat_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, valid)
         flat_ids = ids.reshape(-1).index_select(0, valid)
-        if backend == "triton":
-            valid_logps = _triton_token_logprobs(flat_hidden, lm_head_weight, flat_ids, temperature)
-        elif importance_sampling_level == "token":
+        if importance_sampling_level == "token":
             def at_valid(per_token: Tensor | None) -> Tensor | None:
                 return None if per_token is None else per_token.reshape(-1).float().index_select(0, valid)
 
