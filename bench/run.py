@@ -8,6 +8,20 @@ Usage:
     python bench/run.py step --profile onelayer_fast   # torch.profiler tables of one warm step
     python bench/run.py grpo_loss                 # GRPO loss fwd+bwd alone, writes bench/results/grpo_loss-cpu.json
     python bench/run.py grpo_loss --quick         # tiny shapes (256 tokens, hidden 64, vocab 4096), prints only
+    python bench/run.py iteration                 # generate + reward + update cycle, writes bench/results/iteration-cpu.json
+    python bench/run.py iteration --quick --only onelayer_fast naive_trl --out /tmp/it.json
+
+Workloads: `step` (one update cycle on fixed rollouts), `iteration` (a whole GRPO iteration: rollouts
+sampled with the same HF `generate` for every contender, rewards on the arithmetic task, then the update
+cycle), `grpo_loss` (the loss forward + backward alone). Contenders: onelayer_fast, full-parameter, the
+naive TRL-style single layer in plain PyTorch; with the `[compare]` extra also TRL's GRPOTrainer with one
+layer trainable (`trl_frozen`) and all (`trl`), and Liger-Kernel's LigerFusedLinearGRPOLoss (`grpo_loss`).
+A contender whose package does not import is skipped with the reason printed and recorded in the JSON.
+
+Output (without --out only for full runs; --quick prints only): bench/results/<workload>-<device>.json
+(the full record: device, versions, shapes, date, git commit, every measurement), .csv (one row per
+contender: median and spread of the step time, tokens/s, memory, GFLOP/s where a FLOP count is defined,
+ratios to onelayer_fast) and .png (bar chart of those ratios; needs the `[plot]` extra, else a note).
 
 Every contender runs in a fresh subprocess (`python bench/run.py _worker <workload> <contender> ...`,
 one JSON line on stdout), so that allocator state, thread pools and caches of one contender never
@@ -409,6 +423,101 @@ def git_info() -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+def device_tag() -> str:
+    """The <device> of bench/results/<workload>-<device>.{json,csv,png}; every workload here runs on the CPU."""
+    return "cpu"
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of everything a contender or the report may use (None: not installed)."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in ("onelayer_fast", "torch", "transformers", "triton", "numpy", "psutil", "trl", "liger-kernel",
+                 "accelerate", "datasets", "matplotlib"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+CSV_COLUMNS = ("workload", "contender", "median_s", "q25_s", "q75_s", "min_s", "max_s", "iqr_s", "n_steps",
+               "tokens_per_s", "gflop_per_s", "working_mib", "working_mib_min", "working_mib_max", "tensor_peak_mib",
+               "time_ratio_vs_onelayer_fast", "memory_ratio_vs_onelayer_fast", "valid", "quick", "device", "torch",
+               "date", "git_commit")
+
+
+def contender_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per contender (CSV_COLUMNS). Ratios are contender / onelayer_fast of the median step time and of
+    the working memory: above 1 means slower / more memory than onelayer_fast; empty without onelayer_fast."""
+    per = record["contenders"]
+    base = per.get("onelayer_fast")
+    rows = []
+    for name, c in per.items():
+        rows.append({
+            "workload": record["workload"], "contender": name,
+            "median_s": c["median_s"], "q25_s": c["q25_s"], "q75_s": c["q75_s"], "min_s": c["min_s"], "max_s": c["max_s"],
+            "iqr_s": c["q75_s"] - c["q25_s"], "n_steps": sum(len(t) for t in c["raw_times_s"]),
+            "tokens_per_s": c["tokens_per_s"], "gflop_per_s": c["gflop_per_s"],
+            "working_mib": c["working_mib"], "working_mib_min": c["working_mib_min"],
+            "working_mib_max": c["working_mib_max"], "tensor_peak_mib": c["tensor_peak_mib"],
+            "time_ratio_vs_onelayer_fast": c["median_s"] / base["median_s"] if base else None,
+            "memory_ratio_vs_onelayer_fast": (c["working_mib"] / base["working_mib"]
+                                              if base and base["working_mib"] > 0 else None),
+            "valid": c["valid"], "quick": record["quick"], "device": record["device"], "torch": record["torch"],
+            "date": record["date"], "git_commit": (record.get("git") or {}).get("commit"),
+        })
+    return rows
+
+
+def write_csv(path: Path, record: dict[str, Any]) -> None:
+    import csv
+
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in contender_rows(record):
+            writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def write_ratio_chart(path: Path, record: dict[str, Any]) -> str | None:
+    """Bar chart of every contender's time and memory ratio to onelayer_fast; returns a note if it was skipped."""
+    try:
+        import matplotlib
+    except ImportError:
+        return f"no chart: matplotlib is not installed (the [plot] extra: pip install -e '.[plot]'); skipped {path.name}"
+    rows = [r for r in contender_rows(record) if r["time_ratio_vs_onelayer_fast"] is not None]
+    if not rows:
+        return f"no chart: onelayer_fast did not run, so there are no ratios to it; skipped {path.name}"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["contender"] for r in rows]
+    panels = [("median step time / onelayer_fast", "time_ratio_vs_onelayer_fast"),
+              ("working memory (peak RSS growth) / onelayer_fast", "memory_ratio_vs_onelayer_fast")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
+    for ax, (title, key) in zip(axes, panels):
+        values = [r[key] if r[key] is not None else 0.0 for r in rows]
+        colors = ["#4c72b0" if n == "onelayer_fast" else "#c44e52" if v >= 1 else "#55a868"
+                  for n, v in zip(names, values)]
+        bars = ax.bar(names, values, color=colors)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.bar_label(bars, labels=[f"{v:.2f}x" for v in values], fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("ratio (> 1: worse than onelayer_fast)", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8, labelrotation=20)
+        ax.margins(y=0.15)
+    commit = ((record.get("git") or {}).get("commit") or "unknown")[:10]
+    fig.suptitle(f"{record['workload']}{' (quick)' if record['quick'] else ''}: {record['device']}, "
+                 f"torch {record['torch']}, {record['date'][:10]}, {commit}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})  # no matplotlib version stamp: reruns differ only in content
+    plt.close(fig)
+    return None
+
+
 def print_report(workload: Workload, shapes: dict[str, Any], agg: dict[str, Any]) -> None:
     per = agg["contenders"]
     print()
@@ -499,7 +608,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             r.pop("artifact", None)  # temporary paths, gone now
     print(f"\ntotal wall time {time.perf_counter() - started:.1f} s")
 
-    out = args.out if args.out else (None if args.quick else str(RESULTS / f"{workload.name}-cpu.json"))
+    out = args.out if args.out else (None if args.quick else str(RESULTS / f"{workload.name}-{device_tag()}.json"))
     if out:
         import torch
         import transformers
@@ -512,9 +621,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
             **device_info(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            "versions": package_versions(),
             "torch_threads": runs[0]["torch_threads"] if runs else None,
             "git": git_info(),
-            "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+            "command": " ".join(["bench/run.py"] + list(getattr(args, "argv", sys.argv[1:]))),
             "shapes": shapes,
             "repeats": repeats,
             "rounds": plan,
@@ -530,6 +640,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {path}")
+        # Next to the JSON, same stem: <workload>-<device>.csv and .png (bench/results/step-cpu.{json,csv,png}).
+        write_csv(path.with_suffix(".csv"), record)
+        print(f"wrote {path.with_suffix('.csv')}")
+        note = write_ratio_chart(path.with_suffix(".png"), record)
+        print(note if note else f"wrote {path.with_suffix('.png')}")
     valid = all(c["valid"] for c in agg["contenders"].values())
     return 0 if valid and not crosscheck_failed(cross) else 1
 
@@ -549,6 +664,22 @@ def workload_crosscheck(name: str, agg: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 STEP_LR = 1e-5
+# How the TRL contenders are configured (step and iteration). TRL's GRPOConfig defaults are
+# gradient_checkpointing=True and bf16=True: switched off so that every contender runs the same fp32 model
+# without recomputation.
+TRL_SETTINGS = {"gradient_checkpointing": False, "bf16": False, "use_cpu": True, "shuffle_dataset": False,
+                "steps_per_generation": 1, "driven_by": "Trainer.training_step per optimizer step (see TRLDriver)"}
+
+
+def trl_skip_reason(contender: str) -> str | None:
+    if not contender.startswith("trl"):
+        return None
+    try:  # a real import: an installed but incompatible TRL must be skipped, not crash the run
+        from trl import GRPOConfig, GRPOTrainer  # noqa: F401
+    except Exception as exc:
+        return (f"TRL's GRPOTrainer is not importable ({type(exc).__name__}: {exc}); "
+                "install the [compare] extra: pip install -e '.[compare]'")
+    return None
 
 
 def step_shapes(quick: bool) -> dict[str, Any]:
@@ -574,7 +705,8 @@ def step_shapes(quick: bool) -> dict[str, Any]:
         "epsilon": 0.2,
         "max_grad_norm": 1.0,
         "loss_type": "dapo",
-        "optimizer": f"AdamW(lr={STEP_LR}), torch defaults otherwise",
+        "optimizer": f"AdamW(lr={STEP_LR}), torch defaults otherwise (also for the TRL contenders)",
+        "trl_settings": TRL_SETTINGS,
     }
 
 
@@ -635,15 +767,20 @@ class NaiveTRLStep:
     def __init__(self, model, batch, shapes: dict[str, Any]):
         import torch
 
-        import onelayer_fast as olf
-
         self.model = model
         model.requires_grad_(False)
         model.model.layers[shapes["layer"]].requires_grad_(True)
         self.ref_model = copy.deepcopy(model).requires_grad_(False).eval()
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=STEP_LR)
+        self.optimizer = torch.optim.AdamW(self.params, lr=shapes.get("learning_rate", STEP_LR))
         self.shapes = shapes
+        if batch is not None:  # the `iteration` workload passes None and samples a batch per step
+            self.set_batch(batch)
+
+    def set_batch(self, batch) -> None:
+        """Train on `batch` (a RolloutBatch) from the next step on (the `iteration` workload samples one per step)."""
+        import onelayer_fast as olf
+
         self.input_ids = batch.input_ids
         self.attention_mask = batch.attention_mask
         self.position_ids = olf.position_ids_from_mask(self.attention_mask)
@@ -729,23 +866,55 @@ def step_setup(contender: str, shapes: dict[str, Any], seed: int) -> Runner:
         ids = {id(p) for p in naive.params}
         frozen = [p for p in model.parameters() if id(p) not in ids] + list(naive.ref_model.parameters())
         return Runner(naive.step, naive.params, frozen, {"trainable_params": sum(p.numel() for p in naive.params)})
+    if contender in ("trl", "trl_frozen"):
+        return trl_step_runner(contender, model, batch, shapes, seed)
     raise ValueError(f"unknown contender {contender!r}")
+
+
+def trl_step_runner(contender: str, model, batch, shapes: dict[str, Any], seed: int) -> Runner:
+    """TRL's GRPOTrainer on the fixed rollouts: its `rollout_func` hook returns them instead of generating, and
+    the reward function looks each completion's fixed reward up, so TRL runs exactly its update cycle (old and
+    reference log-probs by full forwards, advantages, loss, backward) on the same batch as the other contenders."""
+    rows = shapes["num_prompts"] * shapes["num_generations"]
+    prompt_lists = [ids[m.bool()].tolist() for ids, m in zip(batch.prompt_ids, batch.prompt_mask)]
+    completion_lists = [ids[m.bool()].tolist() for ids, m in zip(batch.completion_ids, batch.completion_mask)]
+    reward_of = {tuple(c): float(r) for c, r in zip(completion_lists, batch.rewards)}
+    assert len(reward_of) == rows, "fixed completions must be distinct to look their rewards up"
+
+    def fixed_rollouts(prompts: list, trainer) -> dict[str, Any]:
+        assert len(prompts) == rows, f"TRL asked for {len(prompts)} rollouts, the fixed batch has {rows}"
+        return {"prompt_ids": prompt_lists, "completion_ids": completion_lists, "logprobs": None}
+
+    def fixed_reward(prompts, completions, completion_ids, **_) -> list[float]:
+        return [reward_of[tuple(ids)] for ids in completion_ids]
+
+    tokenizer = bench_tokenizer(shapes["model"]["vocab_size"])  # TRL decodes the completions for its log
+    dataset = [{"prompt": f"prompt {i}"} for _ in range(64) for i in range(shapes["num_prompts"])]
+    driver = TRLDriver(contender, model, tokenizer, shapes, seed, dataset, fixed_reward, rollout_func=fixed_rollouts)
+    return Runner(driver.cycle, driver.params, driver.frozen, {"trainable_params": sum(p.numel() for p in driver.params)})
 
 
 def step_crosscheck(agg: dict[str, Any]) -> list[str]:
     """onelayer_fast and naive_trl train the same layer with the same loss from the same weights: their
     warm-up metrics must agree (iteration 0 grad norm, iteration 1 loss and KL)."""
     per = agg["contenders"]
-    if "onelayer_fast" not in per or "naive_trl" not in per:
+    if "naive_trl" not in per:
         return []
-    a = per["onelayer_fast"]["runs"][0]["warmup_history"]
     b = per["naive_trl"]["runs"][0]["warmup_history"]
-    lines = ["cross-check onelayer_fast vs naive_trl (warm-up step, same weights and rollouts):"]
-    for it, (x, y) in enumerate(zip(a, b)):
-        for k in ("loss", "grad_norm", "kl"):
-            if k in x and k in y:
-                rel = abs(x[k] - y[k]) / max(abs(y[k]), 1e-12)
-                lines.append(f"  iter {it} {k:<9} onelayer_fast {x[k]: .6e}  naive_trl {y[k]: .6e}  rel diff {rel:.1e}")
+    lines = []
+    # trl_frozen: TRL's own single-layer GRPO on the same rollouts (its rollout_func hook), reported, not asserted:
+    # TRL's code is not ours to hold to a tolerance, but a large difference would mean the setups differ.
+    for name in ("onelayer_fast", "trl_frozen"):
+        if name not in per:
+            continue
+        a = per[name]["runs"][0]["warmup_history"]
+        note = "" if name == "onelayer_fast" else " (informative)"
+        lines.append(f"cross-check {name} vs naive_trl (warm-up step, same weights and rollouts){note}:")
+        for it, (x, y) in enumerate(zip(a, b)):
+            for k in ("loss", "grad_norm", "kl"):
+                if k in x and k in y:
+                    rel = abs(x[k] - y[k]) / max(abs(y[k]), 1e-12)
+                    lines.append(f"  iter {it} {k:<9} {name} {x[k]: .6e}  naive_trl {y[k]: .6e}  rel diff {rel:.1e}")
     return lines
 
 
@@ -762,7 +931,7 @@ def step_description(s: dict[str, Any]) -> str:
 STEP = Workload(
     name="step",
     description=step_description,
-    contenders=("onelayer_fast", "full", "naive_trl"),
+    contenders=("onelayer_fast", "full", "naive_trl", "trl_frozen", "trl"),
     shapes=step_shapes,
     setup=step_setup,
     tokens_per_step=step_tokens,
@@ -774,7 +943,10 @@ STEP = Workload(
         Target("memory onelayer_fast / naive_trl", "memory", "onelayer_fast", "naive_trl", "<=", 0.60),
     ),
     ratios=(("time", "naive_trl", "onelayer_fast"), ("time", "full", "onelayer_fast"),
-            ("memory", "onelayer_fast", "naive_trl"), ("memory", "full", "onelayer_fast")),
+            ("time", "trl_frozen", "onelayer_fast"), ("time", "trl", "onelayer_fast"),
+            ("memory", "onelayer_fast", "naive_trl"), ("memory", "full", "onelayer_fast"),
+            ("memory", "onelayer_fast", "trl_frozen")),
+    skip_reason=trl_skip_reason,
 )
 
 
@@ -845,7 +1017,12 @@ def liger_skip_reason(contender: str) -> str | None:
     import importlib.util
 
     if importlib.util.find_spec("liger_kernel") is None:
-        return "liger_kernel is not importable in this environment (not installed; this benchmark does not install it)"
+        return ("liger_kernel is not installed (the [compare] extra: pip install -e '.[compare]'; "
+                "this benchmark does not install it)")
+    try:  # a real import: an installed but incompatible Liger must be skipped, not crash the run
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss  # noqa: F401
+    except Exception as exc:
+        return f"liger_kernel is installed but LigerFusedLinearGRPOLoss does not import ({type(exc).__name__}: {exc})"
     return None
 
 
@@ -866,7 +1043,7 @@ def grpo_loss_setup(contender: str, shapes: dict[str, Any], seed: int) -> Runner
         def loss_fn() -> "torch.Tensor":
             loss, _ = olf.grpo_loss(hidden, weight, x["ids"], x["mask"], backend=backend, **kwargs)
             return loss
-    elif contender == "liger":  # NOT YET RUN: liger_kernel is not installed where this was written
+    elif contender == "liger":  # liger_kernel.chunked_loss is plain PyTorch (compiled=False): it runs on CPU too
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
         from onelayer_fast.kernels.grpo_loss import group_advantages
@@ -975,9 +1152,539 @@ GRPO_LOSS = Workload(
     skip_reason=liger_skip_reason,
 )
 
-WORKLOADS: dict[str, Workload] = {"step": STEP, "grpo_loss": GRPO_LOSS}
+
+# --------------------------------------------------------------------------------------------------
+# Workload `iteration`: one full GRPO iteration: sample rollouts with `generate`, score them, update
+# --------------------------------------------------------------------------------------------------
+
+ITERATION_DATASET_STEPS = 256  # prompts of this many iterations are laid out for TRL's dataloader (cycled after)
+
+
+def iteration_shapes(quick: bool) -> dict[str, Any]:
+    step = step_shapes(quick)  # the same model and trained layer as `step`, so the update parts compare
+    return {
+        "quick": quick,
+        "model": step["model"],
+        "layer": step["layer"],
+        "task": "arithmetic",
+        "tokenizer": "char-level HF tokenizer (the built-in char tokenizer's ids 0-97), extended to the model "
+                     "vocabulary: ids past the 95 printable characters decode to them again, cyclically",
+        "num_prompts": 4,
+        "num_generations": 4,
+        "prompt_length": 6,  # the longest arithmetic prompt ("99+99="); shorter ones are left-padded
+        "completion_length": 16 if quick else 64,  # max_completion_length
+        "num_iterations": 2,
+        "beta": 0.04,
+        "epsilon": 0.2,
+        "max_grad_norm": 1.0,
+        "loss_type": "dapo",
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "optimizer": f"AdamW(lr={STEP_LR}), torch defaults otherwise (also for the TRL contenders)",
+        "trl_settings": TRL_SETTINGS,
+    }
+
+
+def iteration_tokens(shapes: dict[str, Any]) -> int:
+    return shapes["num_prompts"] * shapes["num_generations"] * (shapes["prompt_length"] + shapes["completion_length"])
+
+
+def bench_tokenizer(vocab_size: int):
+    """A real HF tokenizer (TRL requires a PreTrainedTokenizerBase) that every contender uses.
+
+    Characters map to the ids of onelayer_fast's built-in CharTokenizer (pad 0, eos 1, unk 2, then the 95
+    printable characters). The benchmark model has a larger vocabulary, and a random-init model samples
+    mostly ids past the characters: those decode to the characters again, cyclically, so every sampled
+    completion is text with a realistic share of digits and the arithmetic rewards vary within a group.
+    """
+    import string
+
+    from transformers import PreTrainedTokenizer
+
+    class CyclicCharTokenizer(PreTrainedTokenizer):
+        model_input_names = ["input_ids", "attention_mask"]
+
+        def __init__(self, total: int, **kwargs):
+            self.specials = ["<pad>", "<eos>", "<unk>"]
+            self.characters = string.printable[:95]
+            self.total = total
+            self.char_vocab = {tok: i for i, tok in enumerate(self.specials + list(self.characters))}
+            super().__init__(pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", **kwargs)
+
+        @property
+        def vocab_size(self) -> int:
+            return self.total
+
+        def get_vocab(self) -> dict[str, int]:
+            return dict(self.char_vocab)
+
+        def _tokenize(self, text: str, **kwargs) -> list[str]:
+            return list(text)
+
+        def _convert_token_to_id(self, token: str) -> int:
+            return self.char_vocab.get(token, 2)
+
+        def _convert_id_to_token(self, index: int) -> str:
+            if index < len(self.specials):
+                return self.specials[index]
+            return self.characters[(index - len(self.specials)) % len(self.characters)]
+
+        def convert_tokens_to_string(self, tokens: list[str]) -> str:
+            return "".join(tokens)
+
+        def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple:
+            return ()
+
+    return CyclicCharTokenizer(vocab_size)
+
+
+def iteration_prompts(task, shapes: dict[str, Any], seed: int, step: int) -> list:
+    """The examples of iteration `step`: exactly onelayer_fast's GRPOTrainer.prompts_for_step(step) for seed
+    `seed` (the cross-check catches a drift), so that every contender trains on the same prompts."""
+    import random
+
+    return task.sample(random.Random(seed * 1_000_003 + step), shapes["num_prompts"])
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary directory removed when the worker exits (checkpoints / the model copy TRL reloads)."""
+    import atexit
+    import shutil
+
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def iteration_record(history: list[dict[str, float]], rewards, completion_mask, generate_s: float,
+                     update_s: float) -> dict[str, float]:
+    """One record per iteration: the update metrics averaged over its inner iterations (as onelayer_fast's
+    train_step logs them), plus the rollouts' reward / length and the generate / update time split."""
+    record = {k: sum(h[k] for h in history) / len(history) for k in ("loss", "grad_norm", "kl") if k in history[0]}
+    record.update(reward_mean=float(rewards.float().mean()),
+                  completion_length=float(completion_mask.sum(1).float().mean()),
+                  generate_s=generate_s, update_s=update_s)
+    return record
+
+
+def iteration_setup(contender: str, shapes: dict[str, Any], seed: int) -> Runner:
+    import torch
+
+    import onelayer_fast as olf
+    from onelayer_fast.tasks import get_task
+
+    model = build_model(shapes, seed)
+    tokenizer = bench_tokenizer(shapes["model"]["vocab_size"])
+    task = get_task(shapes["task"])
+    rows = shapes["num_prompts"] * shapes["num_generations"]
+    layer = shapes["layer"]
+
+    if contender in ("onelayer_fast", "full"):
+        config = olf.GRPOConfig(
+            output_dir=str(scratch_dir("bench-iteration-")), layer=layer,
+            mode="single" if contender == "onelayer_fast" else "full", max_steps=10**9, save_steps=10**9,
+            per_device_train_batch_size=rows, num_generations=shapes["num_generations"],
+            max_completion_length=shapes["completion_length"], num_iterations=shapes["num_iterations"],
+            beta=shapes["beta"], epsilon=shapes["epsilon"], max_grad_norm=shapes["max_grad_norm"],
+            loss_type=shapes["loss_type"], temperature=shapes["temperature"], top_p=shapes["top_p"],
+            learning_rate=STEP_LR, seed=seed,
+        )
+        trainer = olf.GRPOTrainer(model, tokenizer, task, config, resume=False)
+        policy = trainer.policy
+        trainable = policy.trainable_parameters()
+        if contender == "onelayer_fast":
+            ids = {id(p) for p in trainable}
+            frozen = [p for p in model.parameters() if id(p) not in ids] + list(policy.reference_layer.parameters())
+        else:
+            frozen = list(policy.reference_model.parameters())
+
+        def step() -> list[dict[str, float]]:
+            rec = trainer.train_step()  # prompts -> generate -> decode -> rewards -> grpo_update
+            return [{"loss": rec["loss"], "grad_norm": rec["grad_norm"], "kl": rec.get("kl", 0.0),
+                     "reward_mean": rec["reward_mean"], "completion_length": rec["completion_length"],
+                     "generate_s": rec["generate_time"], "update_s": rec["update_time"]}]
+
+        return Runner(step, trainable, frozen, {"trainable_params": sum(p.numel() for p in trainable)})
+
+    if contender == "naive_trl":
+        from onelayer_fast.rollout import encode_prompts, sample_completions
+        from onelayer_fast.trainer import score
+        from onelayer_fast.update import RolloutBatch
+
+        naive = NaiveTRLStep(model, None, shapes)
+        ids = {id(p) for p in naive.params}
+        frozen = [p for p in model.parameters() if id(p) not in ids] + list(naive.ref_model.parameters())
+        torch.manual_seed(seed)  # as onelayer_fast's GRPOTrainer does: the first rollouts then match its own
+        state = {"step": 0}
+
+        def step() -> list[dict[str, float]]:
+            started = time.perf_counter()
+            examples = iteration_prompts(task, shapes, seed, state["step"])
+            grouped = [e for e in examples for _ in range(shapes["num_generations"])]
+            prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in grouped], torch.device("cpu"))
+            completion_ids, completion_mask = sample_completions(
+                model, prompt_ids, prompt_mask, shapes["completion_length"], eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, temperature=shapes["temperature"], top_p=shapes["top_p"])
+            rewards = score(task, tokenizer.batch_decode(completion_ids, skip_special_tokens=True), grouped)
+            batch = RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards)
+            generated = time.perf_counter()
+            naive.set_batch(batch)
+            history = naive.step()
+            state["step"] += 1
+            return [iteration_record(history, rewards, completion_mask, generated - started,
+                                     time.perf_counter() - generated)]
+
+        return Runner(step, naive.params, frozen, {"trainable_params": sum(p.numel() for p in naive.params)})
+
+    if contender in ("trl", "trl_frozen"):
+        return trl_iteration_runner(contender, model, tokenizer, task, shapes, seed)
+    raise ValueError(f"unknown contender {contender!r}")
+
+
+class TRLDriver:
+    """TRL's GRPOTrainer on a given model, tokenizer, dataset and reward function, driven one optimizer step at
+    a time the way Trainer.train's inner loop does: training_step (TRL's generation or `rollout_func`, rewards,
+    old + reference log-probs, loss, backward), then grad clipping, an AdamW step and zero_grad. Driving it by
+    hand (not trainer.train()) lets a worker time and check one update cycle at a time.
+
+    `trl_frozen`: only layer `layer` requires grad before the trainer is built (how TRL users freeze layers);
+    `trl`: every parameter trains. TRL builds its reference model by reloading the policy from disk, so the
+    random-init policy is saved first. TRL's defaults gradient_checkpointing=True and bf16=True are switched
+    off (shapes["trl_settings"]) so that it runs the same fp32 model as every other contender."""
+
+    def __init__(self, contender: str, model, tokenizer, shapes: dict[str, Any], seed: int, rows: list[dict[str, Any]],
+                 reward_func: Callable[..., list[float]], rollout_func: Callable | None = None):
+        import torch
+        from datasets import Dataset
+        from trl import GRPOConfig as TRLConfig
+        from trl import GRPOTrainer as TRLTrainer
+
+        if rollout_func is not None:
+            os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is marked experimental
+        self.shapes = shapes
+        out = scratch_dir("bench-trl-")
+        model.save_pretrained(out / "model")  # TRL reloads the reference model from config._name_or_path
+        model.config._name_or_path = str(out / "model")
+        if contender == "trl_frozen":
+            model.requires_grad_(False)
+            model.model.layers[shapes["layer"]].requires_grad_(True)
+        t = shapes["trl_settings"]
+        args = TRLConfig(
+            output_dir=str(out / "trl"), per_device_train_batch_size=shapes["num_prompts"] * shapes["num_generations"],
+            num_generations=shapes["num_generations"], max_completion_length=shapes["completion_length"],
+            num_iterations=shapes["num_iterations"], beta=shapes["beta"], epsilon=shapes["epsilon"],
+            loss_type=shapes["loss_type"], learning_rate=STEP_LR, max_grad_norm=shapes["max_grad_norm"],
+            temperature=shapes.get("temperature", 1.0), top_p=shapes.get("top_p", 1.0), top_k=shapes.get("top_k", 0),
+            gradient_checkpointing=t["gradient_checkpointing"], bf16=t["bf16"], use_cpu=t["use_cpu"],
+            shuffle_dataset=t["shuffle_dataset"], steps_per_generation=t["steps_per_generation"],
+            report_to="none", save_strategy="no", logging_steps=10**9, disable_tqdm=True, seed=seed,
+        )
+        self.trainer = TRLTrainer(model=model, reward_funcs=[reward_func], args=args, train_dataset=Dataset.from_list(rows),
+                                  processing_class=tokenizer, rollout_func=rollout_func)
+        self.params = [p for p in self.trainer.model.parameters() if p.requires_grad]
+        self.trainer.optimizer = torch.optim.AdamW(self.params, lr=STEP_LR)  # the same optimizer as every contender
+        self.trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train, which this loop replaces
+        self.loader = self.trainer.get_train_dataloader()
+        self.batches = iter(self.loader)
+        ids = {id(p) for p in self.params}
+        self.frozen = ([p for p in self.trainer.model.parameters() if id(p) not in ids]
+                       + list(self.trainer.ref_model.parameters()))
+        self.last_metrics: dict[str, list[float]] = {}
+
+    def next_batch(self):
+        try:
+            return next(self.batches)
+        except StopIteration:  # the dataset is cycled
+            self.batches = iter(self.loader)
+            return next(self.batches)
+
+    def cycle(self) -> list[dict[str, float]]:
+        """One update cycle: num_iterations optimizer steps; the first generates (or calls rollout_func), the next
+        reuse TRL's buffer. Returns loss, grad norm and KL per optimizer step; TRL's other metrics in last_metrics."""
+        import torch
+
+        trainer = self.trainer
+        history = []
+        for _ in range(self.shapes["num_iterations"]):
+            loss = trainer.training_step(trainer.model, self.next_batch(), None)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.shapes["max_grad_norm"])
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.state.global_step += 1
+            history.append({"loss": float(loss), "grad_norm": float(grad_norm)})
+        metrics = trainer._metrics["train"]
+        for rec, kl in zip(history, metrics.get("kl", [])):  # TRL logs the KL once per training_step
+            rec["kl"] = kl
+        self.last_metrics = {k: list(v) for k, v in metrics.items()}
+        metrics.clear()  # TRL's log would otherwise grow with every step
+        return history
+
+
+def trl_iteration_runner(contender: str, model, tokenizer, task, shapes: dict[str, Any], seed: int) -> Runner:
+    """TRL on the arithmetic task: the same prompts (in order: shuffle_dataset=False), the same weighted rewards."""
+    from onelayer_fast.tasks import Example
+
+    examples = [e for s in range(ITERATION_DATASET_STEPS) for e in iteration_prompts(task, shapes, seed, s)]
+
+    def arithmetic_reward(prompts, completions, answer, **_) -> list[float]:
+        return [sum(w * f(c, Example(p, a)) for f, w in zip(task.reward_funcs, task.reward_weights))
+                for p, c, a in zip(prompts, completions, answer)]
+
+    driver = TRLDriver(contender, model, tokenizer, shapes, seed,
+                       [{"prompt": e.prompt, "answer": e.answer} for e in examples], arithmetic_reward)
+
+    def step() -> list[dict[str, float]]:
+        history = driver.cycle()
+        m = driver.last_metrics
+        record = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+        record.update(reward_mean=m["reward"][-1] if m.get("reward") else float("nan"),
+                      completion_length=m["completions/mean_length"][-1] if m.get("completions/mean_length")
+                      else float("nan"))
+        return [record]  # generation happens inside TRL's training_step: no generate / update split
+
+    return Runner(step, driver.params, driver.frozen, {"trainable_params": sum(p.numel() for p in driver.params)})
+
+
+def iteration_skip_reason(contender: str) -> str | None:
+    return trl_skip_reason(contender)
+
+
+def iteration_crosscheck(agg: dict[str, Any]) -> list[str]:
+    """onelayer_fast and naive_trl start from the same weights, RNG state and prompts, so their warm-up
+    iterations sample the same rollouts (same rewards) and must then agree on loss, grad norm and KL.
+    Also: each contender's median split of an iteration into generation and update time."""
+    per = agg["contenders"]
+    lines = []
+    for name, c in per.items():
+        hist = [r["last_history"][0] for r in c["runs"] if r.get("last_history")]
+        if hist and "generate_s" in hist[0]:
+            gen = statistics.median(h["generate_s"] for h in hist)
+            upd = statistics.median(h["update_s"] for h in hist)
+            lines.append(f"{name}: last measured iteration split (median over runs): generate + score {gen:.3f} s, "
+                         f"update {upd:.3f} s")
+        elif hist:
+            lines.append(f"{name}: generation is inside TRL's training_step; no split measured")
+    if "onelayer_fast" in per and "naive_trl" in per:
+        a = per["onelayer_fast"]["runs"][0]["warmup_history"][0]
+        b = per["naive_trl"]["runs"][0]["warmup_history"][0]
+        if a["reward_mean"] != b["reward_mean"] or a["completion_length"] != b["completion_length"]:
+            lines.append(f"cross-check onelayer_fast vs naive_trl: the warm-up rollouts differ (reward mean "
+                         f"{a['reward_mean']:.6f} vs {b['reward_mean']:.6f}) [MISMATCH]")
+        else:
+            lines.append("cross-check onelayer_fast vs naive_trl (warm-up iteration: same rollouts, reward mean "
+                         f"{a['reward_mean']:.6f}; metrics averaged over the inner iterations; rel diff must be < 1e-3):")
+            for k in ("loss", "grad_norm", "kl"):
+                rel = abs(a[k] - b[k]) / max(abs(b[k]), 1e-12)
+                lines.append(f"  {k:<9} onelayer_fast {a[k]: .6e}  naive_trl {b[k]: .6e}  rel diff {rel:.1e}  "
+                             f"[{'MATCH' if rel < 1e-3 else 'MISMATCH'}]")
+    return lines
+
+
+def iteration_description(s: dict[str, Any]) -> str:
+    m = s["model"]
+    return (f"one full GRPO iteration on the {s['task']} task: {s['num_prompts']} prompts x {s['num_generations']} "
+            f"generations sampled with HF generate (KV cache, temperature {s['temperature']}, up to "
+            f"{s['completion_length']} new tokens; the SAME generate call for every contender, so generation time is "
+            f"common to all and only the update differs), decoded and rewarded, then one update cycle "
+            f"(num_iterations={s['num_iterations']}, beta={s['beta']}, {s['loss_type']}); Qwen2-shaped random-init fp32 "
+            f"model ({m['num_hidden_layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}, tied, sdpa), "
+            f"layer {s['layer']} trains{' [quick shapes]' if s.get('quick') else ''}")
+
+
+ITERATION = Workload(
+    name="iteration",
+    description=iteration_description,
+    contenders=("onelayer_fast", "full", "naive_trl", "trl_frozen", "trl"),
+    shapes=iteration_shapes,
+    setup=iteration_setup,
+    tokens_per_step=iteration_tokens,
+    tokens_definition="rows x (longest prompt + max completion) positions per iteration (16 x (6 + 64) = 1120; "
+                      "the random-init model rarely samples EOS, so completions nearly always run to the limit: "
+                      "see completion_length in the histories) / median iteration time",
+    targets=(),  # the issue sets no target for a whole iteration; generation is common to all contenders
+    ratios=(("time", "naive_trl", "onelayer_fast"), ("time", "full", "onelayer_fast"),
+            ("time", "trl_frozen", "onelayer_fast"), ("time", "trl", "onelayer_fast"),
+            ("memory", "onelayer_fast", "naive_trl"), ("memory", "onelayer_fast", "trl_frozen")),
+    memory_definition="working_mib: peak RSS during the measured iterations minus RSS after building the model, "
+                      "tokenizer, trainer (reference copy, optimizer) and, for TRL, its dataset; sampled every 5 ms. "
+                      "tensor_peak_mib: peak live tensor bytes during one extra iteration under torch.profiler "
+                      "(round 0 only), over its start",
+    skip_reason=iteration_skip_reason,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Workload `sweep` (skeleton): a whole layer sweep against one independent naive run per layer
+# --------------------------------------------------------------------------------------------------
+
+
+def sweep_shapes(quick: bool) -> dict[str, Any]:
+    # The `bench-cpu` preset (the `step` shape, 24 layers) cannot be swept yet: its vocabulary (32000) is larger
+    # than the built-in char tokenizer's, which cannot decode what a random-init model samples. Until a preset
+    # pairs that shape with a tokenizer, the sweep runs on `tiny` (4 layers), every layer.
+    return {
+        "quick": quick,
+        "model": "tiny",
+        "layers": "all",
+        "task": "arithmetic",
+        "max_steps": 1 if quick else 4,  # training steps of every run (full and each layer)
+        "num_prompts": 2 if quick else 4,
+        "num_generations": 4,
+        "completion_length": 8,
+        "num_iterations": 2,
+        "beta": 0.04,
+        "epsilon": 0.2,
+        "max_grad_norm": 1.0,
+        "loss_type": "dapo",
+        "learning_rate": 3e-3,
+        "eval_size": 8 if quick else 32,
+        "seed": 0,
+    }
+
+
+def sweep_grpo_config(shapes: dict[str, Any], output_dir: str, mode: str = "single", layer: int | None = None):
+    import onelayer_fast as olf
+
+    return olf.GRPOConfig(
+        output_dir=output_dir, layer=layer, mode=mode, max_steps=shapes["max_steps"], save_steps=10**9,
+        per_device_train_batch_size=shapes["num_prompts"] * shapes["num_generations"],
+        num_generations=shapes["num_generations"], max_completion_length=shapes["completion_length"],
+        num_iterations=shapes["num_iterations"], beta=shapes["beta"], epsilon=shapes["epsilon"],
+        max_grad_norm=shapes["max_grad_norm"], loss_type=shapes["loss_type"], learning_rate=shapes["learning_rate"],
+        seed=shapes["seed"],
+    )
+
+
+def layer_checksums(model) -> list[float]:
+    from onelayer_fast.policy import decoder_of
+
+    return [checksum(list(layer.parameters())) for layer in decoder_of(model).layers]
+
+
+def sweep_setup(contender: str, shapes: dict[str, Any], seed: int) -> Runner:
+    """One step = one whole sweep: Base (evaluation only), Full, and every layer, each from a fresh base model,
+    evaluated greedily on the same held-out examples. Both contenders run Base and Full the same way (the
+    onelayer_fast trainer in full mode, as the sweep does); only the per-layer runs differ:
+    `onelayer_fast` calls onelayer_fast.sweep.run_sweep; `naive_per_layer` trains each layer independently the
+    naive TRL way (NaiveTRLStep on rollouts from the same `generate`), as one would without a sweep engine.
+    The weight checks of the other workloads do not apply (every run builds its own model): instead each step
+    verifies that every trained layer differs from the base model and raises otherwise; `probe` counts them."""
+    import torch
+
+    import onelayer_fast as olf
+    from onelayer_fast.evaluate import evaluate
+    from onelayer_fast.policy import decoder_of
+    from onelayer_fast.tasks import eval_examples, get_task
+
+    base_model, _ = olf.load_model(shapes["model"], seed=shapes["seed"])
+    base_sums = layer_checksums(base_model)
+    num_layers = len(base_sums)
+    probe = torch.zeros(1, dtype=torch.float64)  # += number of verified trained layers per step
+
+    def verify(sums_by_layer: dict[int, float]) -> None:
+        unchanged = [i for i, v in sums_by_layer.items() if v == base_sums[i]]
+        if unchanged or len(sums_by_layer) != num_layers:
+            raise RuntimeError(f"sweep {contender}: layers {unchanged} did not change "
+                               f"({len(sums_by_layer)} of {num_layers} layers trained)")
+        probe.add_(len(sums_by_layer))
+
+    if contender == "onelayer_fast":
+        from onelayer_fast import checkpoint
+        from onelayer_fast.sweep import SweepConfig, run_sweep
+
+        def step() -> list[dict[str, float]]:
+            out = scratch_dir("bench-sweep-")
+            config = SweepConfig(model=shapes["model"], out=str(out), task=shapes["task"], layers=shapes["layers"],
+                                 grpo=sweep_grpo_config(shapes, str(out)), eval_size=shapes["eval_size"],
+                                 progress=False)
+            result = run_sweep(config)
+            sums = {}
+            for single in result.singles:  # inside the timed step, as for naive_per_layer: a few ms per layer
+                checkpoint.load_layer(base_model, checkpoint.latest_checkpoint(out / "runs" / single.name))
+                sums[single.layer] = checksum(list(decoder_of(base_model).layers[single.layer].parameters()))
+            verify(sums)
+            return [{"full_accuracy": result.full.accuracy, "base_accuracy": result.base.accuracy,
+                     "mean_single_accuracy": sum(r.accuracy for r in result.singles) / len(result.singles)}]
+
+        return Runner(step, [probe], [], {"num_layers": num_layers})
+
+    if contender == "naive_per_layer":
+        from onelayer_fast.rollout import encode_prompts, sample_completions
+        from onelayer_fast.trainer import score
+        from onelayer_fast.update import RolloutBatch
+
+        task = get_task(shapes["task"])
+        examples = eval_examples(task, shapes["eval_size"], seed=0)
+
+        def evaluate_model(model, tokenizer) -> float:
+            return evaluate(model, tokenizer, task, examples, max_new_tokens=shapes["completion_length"],
+                            progress=False).accuracy
+
+        def naive_layer_run(layer: int) -> tuple[float, float]:
+            model, tokenizer = olf.load_model(shapes["model"], seed=shapes["seed"])
+            naive = NaiveTRLStep(model, None, {**shapes, "layer": layer})
+            torch.manual_seed(shapes["seed"])
+            for s in range(shapes["max_steps"]):
+                batch_examples = iteration_prompts(task, shapes, shapes["seed"], s)
+                grouped = [e for e in batch_examples for _ in range(shapes["num_generations"])]
+                prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in grouped], torch.device("cpu"))
+                completion_ids, completion_mask = sample_completions(
+                    model, prompt_ids, prompt_mask, shapes["completion_length"], eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+                rewards = score(task, tokenizer.batch_decode(completion_ids, skip_special_tokens=True), grouped)
+                naive.set_batch(RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards))
+                naive.step()
+            return evaluate_model(model, tokenizer), checksum(list(decoder_of(model).layers[layer].parameters()))
+
+        def step() -> list[dict[str, float]]:
+            model, tokenizer = olf.load_model(shapes["model"], seed=shapes["seed"])
+            base_accuracy = evaluate_model(model, tokenizer)
+            out = scratch_dir("bench-sweep-naive-")
+            model, tokenizer = olf.load_model(shapes["model"], seed=shapes["seed"])
+            olf.GRPOTrainer(model, tokenizer, task, sweep_grpo_config(shapes, str(out), mode="full"),
+                            resume=False).train()
+            full_accuracy = evaluate_model(model, tokenizer)
+            accuracies, sums = [], {}
+            for layer in range(num_layers):
+                accuracy, sums[layer] = naive_layer_run(layer)
+                accuracies.append(accuracy)
+            verify(sums)
+            return [{"full_accuracy": full_accuracy, "base_accuracy": base_accuracy,
+                     "mean_single_accuracy": sum(accuracies) / len(accuracies)}]
+
+        return Runner(step, [probe], [], {"num_layers": num_layers})
+    raise ValueError(f"unknown contender {contender!r}")
+
+
+def sweep_description(s: dict[str, Any]) -> str:
+    return (f"a whole layer sweep (skeleton): preset {s['model']!r}, layers {s['layers']}, Base eval + Full + one "
+            f"run per layer, {s['max_steps']} GRPO steps each ({s['num_prompts']} prompts x {s['num_generations']} "
+            f"generations, {s['completion_length']} new tokens, num_iterations={s['num_iterations']}), greedy "
+            f"evaluation on {s['eval_size']} held-out {s['task']} examples after each run; onelayer_fast's run_sweep "
+            f"also writes what a real sweep keeps (per-run checkpoints with fsync, results.csv/json, contribution.png), "
+            f"the naive runs write nothing{' [quick shapes]' if s.get('quick') else ''}")
+
+
+SWEEP = Workload(
+    name="sweep",
+    description=sweep_description,
+    contenders=("onelayer_fast", "naive_per_layer"),
+    shapes=sweep_shapes,
+    setup=sweep_setup,
+    tokens_per_step=lambda s: 0,  # a sweep's token count depends on EOS; time per sweep is the measure
+    tokens_definition="not defined for a sweep (tokens/s shows 0); compare the sweep times",
+    targets=(Target("time naive_per_layer / onelayer_fast", "time", "naive_per_layer", "onelayer_fast", ">=", 1.5),),
+    ratios=(("time", "naive_per_layer", "onelayer_fast"), ("memory", "onelayer_fast", "naive_per_layer")),
+    memory_definition="working_mib: peak RSS during the measured sweeps minus RSS after loading the base model; "
+                      "sampled every 5 ms",
+)
+
+WORKLOADS: dict[str, Workload] = {"step": STEP, "grpo_loss": GRPO_LOSS, "iteration": ITERATION,
+                                   "sweep": SWEEP}
 CROSSCHECKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {"step": step_crosscheck,
-                                                                  "grpo_loss": grpo_loss_crosscheck}
+                                                                  "grpo_loss": grpo_loss_crosscheck,
+                                                                  "iteration": iteration_crosscheck}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1018,6 +1725,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sort", default="self_cpu_time_total", help="profiler table sort key")
     p.add_argument("--rows", type=int, default=25, help="profiler table rows")
     args = p.parse_args(argv)
+    args.argv = argv  # recorded in the JSON (main() may be called with arguments other than sys.argv)
     if args.profile:
         run_profile(WORKLOADS[args.workload], args.profile, args.quick, args.seed, args.sort, args.rows)
         return 0

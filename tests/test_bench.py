@@ -1,38 +1,151 @@
-"""bench/run.py stays runnable: quick step and grpo_loss benchmarks of every contender, validated by their own checks."""
+"""bench/run.py stays runnable: quick step, iteration and grpo_loss benchmarks, validated by their own checks;
+the CSV / PNG next to the JSON; contenders of the `[compare]` extra skipped with a reason when missing."""
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+HAS_TRL = importlib.util.find_spec("trl") is not None
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
-def run_quick(workload: str, tmp_path: Path) -> dict:
-    """Run `bench/run.py <workload> --quick`, require exit 0 (its own checks passed), return its JSON."""
-    out = tmp_path / f"{workload}.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), workload, "--quick", "--wait-idle", "0", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def bench_run():
+    """bench/run.py as a module (it imports torch and the rest lazily, so this is cheap)."""
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_run"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("bench_run", None)
+
+
+@pytest.fixture
+def run_quick(bench_run, tmp_path, monkeypatch, capsys):
+    """run_quick(workload, *extra): `bench/run.py <workload> --quick --out tmp_path/... [extra]`; requires exit
+    0 (its own checks passed) and returns its JSON. The parent runs in this process (saves a torch import);
+    every contender still runs in its own worker subprocess."""
+    # One thread per worker: these runs check correctness, not speed, and on a busy 2-core machine a second
+    # OpenMP thread spin-waits and makes every op several times slower.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("BENCH_ARTIFACTS", "")  # the parent sets it for its workers; restored afterwards
+
+    def run(workload: str, *extra: str) -> dict:
+        out = tmp_path / f"{workload}-cpu.json"
+        code = bench_run.main([workload, "--quick", "--wait-idle", "0", "--out", str(out), *extra])
+        printed = capsys.readouterr()
+        assert code == 0, printed.out[-3000:] + printed.err[-3000:]
+        return json.loads(out.read_text())
+
+    return run
+
+
+def rel_diffs(lines: list[str], contender: str) -> list[float]:
+    """Relative differences of loss and grad norm in the step cross-check lines of `contender` (the warm-up
+    KL is ~1e-7, where a relative difference says nothing)."""
+    return [float(line.rsplit("rel diff", 1)[1].split()[0]) for line in lines
+            if line.strip().startswith("iter") and f" {contender} " in line and " kl " not in line]
 
 
 @pytest.mark.slow
-def test_quick_step_benchmark_runs_and_checks_itself(tmp_path):
-    assert {"onelayer_fast", "full", "naive_trl"} <= set(run_quick("step", tmp_path)["contenders"])
+def test_quick_step_benchmark_runs_and_checks_itself(run_quick):
+    # `full` runs in the iteration test (the same FullModelPolicy + grpo_update, behind the trainer)
+    only = ["onelayer_fast", "naive_trl"] + (["trl_frozen"] if HAS_TRL else [])
+    record = run_quick("step", "--only", *only, "--repeats", "1")
+    assert set(only) <= set(record["contenders"])
+    assert all(c["valid"] for c in record["contenders"].values())
+    assert rel_diffs(record["crosscheck"], "onelayer_fast") and max(rel_diffs(record["crosscheck"], "onelayer_fast")) < 1e-4
+    if HAS_TRL:  # TRL's own GRPOTrainer on the same fixed rollouts computes the same loss and gradient norm
+        assert rel_diffs(record["crosscheck"], "trl_frozen") and max(rel_diffs(record["crosscheck"], "trl_frozen")) < 1e-3
 
 
 @pytest.mark.slow
-def test_quick_grpo_loss_benchmark_runs_and_cross_checks(tmp_path):
-    record = run_quick("grpo_loss", tmp_path)
+def test_quick_grpo_loss_benchmark_runs_and_cross_checks(run_quick):
+    record = run_quick("grpo_loss")
     contenders = record["contenders"]
     assert {"onelayer_fast", "materialized"} <= set(contenders)
     assert all(c["valid"] and c["gflop_per_s"] > 0 for c in contenders.values())
     assert any("onelayer_fast:" in line and "[MATCH]" in line for line in record["crosscheck"])
     if "liger" not in contenders:
         assert "liger" in record["skipped"]
+    else:
+        assert any("liger:" in line and "[MATCH]" in line for line in record["crosscheck"])
+
+
+@pytest.mark.slow
+def test_quick_iteration_benchmark_writes_json_csv_png(run_quick, tmp_path):
+    record = run_quick("iteration", "--only", "onelayer_fast", "full", "naive_trl", "--repeats", "1")
+    contenders = record["contenders"]
+    assert set(contenders) == {"onelayer_fast", "full", "naive_trl"}
+    assert all(c["valid"] for c in contenders.values())
+    # same weights, RNG state and prompts: the same rollouts, then the same loss
+    assert any("same rollouts" in line for line in record["crosscheck"])
+    assert sum("[MATCH]" in line for line in record["crosscheck"]) == 3
+    for run in (r for c in contenders.values() for r in c["runs"]):
+        assert run["warmup_history"][0]["generate_s"] > 0 and run["warmup_history"][0]["update_s"] > 0
+    assert record["git"]["commit"] and record["date"] and record["device"] and record["shapes"]["quick"]
+    assert record["versions"]["torch"] and "trl" in record["versions"]
+
+    with (tmp_path / "iteration-cpu.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["contender"] for r in rows] == ["onelayer_fast", "full", "naive_trl"]
+    assert {"workload", "median_s", "iqr_s", "tokens_per_s", "working_mib", "gflop_per_s",
+            "time_ratio_vs_onelayer_fast", "memory_ratio_vs_onelayer_fast", "git_commit"} <= set(rows[0])
+    assert float(rows[0]["time_ratio_vs_onelayer_fast"]) == 1.0
+    assert float(rows[2]["median_s"]) == pytest.approx(contenders["naive_trl"]["median_s"], rel=1e-5)
+    png = tmp_path / "iteration-cpu.png"
+    if HAS_MATPLOTLIB:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not png.exists()
+
+
+def fake_record() -> dict:
+    def contender(median: float, working: float) -> dict:
+        return {"median_s": median, "q25_s": median * 0.9, "q75_s": median * 1.2, "min_s": median * 0.8,
+                "max_s": median * 1.5, "raw_times_s": [[median] * 3], "tokens_per_s": 1000 / median,
+                "gflop_per_s": None, "working_mib": working, "working_mib_min": working, "working_mib_max": working,
+                "tensor_peak_mib": None, "valid": True}
+
+    return {"workload": "step", "quick": True, "device": "test cpu", "torch": "0", "date": "2026-01-01T00:00:00+00:00",
+            "git": {"commit": "abc"}, "contenders": {"onelayer_fast": contender(2.0, 100.0),
+                                                     "naive_trl": contender(3.0, 250.0)}}
+
+
+def test_csv_rows_and_ratios(bench_run, tmp_path):
+    path = tmp_path / "step-cpu.csv"
+    bench_run.write_csv(path, fake_record())
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == bench_run.CSV_COLUMNS
+    assert [r["contender"] for r in rows] == ["onelayer_fast", "naive_trl"]
+    assert float(rows[1]["time_ratio_vs_onelayer_fast"]) == pytest.approx(1.5)
+    assert float(rows[1]["memory_ratio_vs_onelayer_fast"]) == pytest.approx(2.5)
+    assert float(rows[1]["iqr_s"]) == pytest.approx(0.9)
+    assert rows[0]["gflop_per_s"] == ""  # no FLOP count defined: empty, not 0
+
+
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (the [plot] extra)")
+def test_ratio_chart_is_a_png(bench_run, tmp_path):
+    path = tmp_path / "step-cpu.png"
+    assert bench_run.write_ratio_chart(path, fake_record()) is None
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_optional_packages_skip_with_a_reason(bench_run, tmp_path, monkeypatch):
+    for name in ("matplotlib", "trl", "liger_kernel"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
+    path = tmp_path / "step-cpu.png"
+    note = bench_run.write_ratio_chart(path, fake_record())
+    assert "matplotlib" in note and not path.exists()
+    assert "[compare]" in bench_run.trl_skip_reason("trl") and "[compare]" in bench_run.trl_skip_reason("trl_frozen")
+    assert "[compare]" in bench_run.liger_skip_reason("liger")
+    assert bench_run.trl_skip_reason("naive_trl") is None and bench_run.liger_skip_reason("materialized") is None
