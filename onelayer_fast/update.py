@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .loss import grpo_loss, token_logprobs
+from .packing import PackedCache, build_layout, check_layout, packed_completion_states, packed_prefix
 
 
 @dataclass
@@ -51,10 +52,27 @@ class UpdateSettings:
     importance_sampling_level: str = "token"
     max_grad_norm: float | None = 1.0
     loss_backend: str = "auto"
+    # How the batch runs through the layers (packing.py): "padded" (rows as given), "packed" (padding-free:
+    # real tokens only, block-diagonal causal attention) or "shared_prompt" (each group's prompt once, its
+    # num_generations completions attending to it). Same loss and gradients; less work per token.
+    layout: str = "padded"
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
+
+
+def prefix_cache(policy, batch: RolloutBatch, settings: UpdateSettings):
+    """The policy's prefix over `batch` in `settings.layout`: a PrefixCache (padded) or a PackedCache."""
+    check_layout(settings.layout)
+    if settings.layout == "padded":
+        return policy.prefix(batch.input_ids, batch.attention_mask)
+    return packed_prefix(policy, build_layout(batch, settings.layout, group_size=settings.num_generations))
 
 
 def completion_states(policy, cache, prompt_length: int, reference: bool = False) -> Tensor:
     """(B, C, H) states that predict the completion tokens (position p predicts token p + 1)."""
+    if isinstance(cache, PackedCache):
+        return packed_completion_states(policy, cache, reference=reference)
     return policy.suffix(cache, reference=reference)[:, prompt_length - 1 : -1]
 
 
@@ -66,7 +84,7 @@ def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, s
     following iterations.
     """
     prompt_length = batch.prompt_ids.shape[1]
-    cache = policy.prefix(batch.input_ids, batch.attention_mask)
+    cache = prefix_cache(policy, batch, settings)
     weight = policy.lm_head_weight
     ref_logps = None
     if settings.beta != 0.0:

@@ -1,0 +1,273 @@
+"""Packed layouts (shared-prompt groups, padding-free packing) give the padded layout's loss and gradients.
+
+The expected side is `grpo_update` with layout="padded" (itself checked against a plain HF model in
+test_policy.py); the actual side the same update, same weights and rollouts, with a packed layout.
+Every iteration's loss, KL, clip ratios and trained-layer gradients must agree to rel. error < 1e-5.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import onelayer_fast as olf
+from onelayer_fast import packing
+from onelayer_fast.update import RolloutBatch, UpdateSettings, completion_states, grpo_update, prefix_cache
+
+# tiny tensors: one intra-op thread is faster and immune to a busy machine (see conftest)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+GROUP_SIZE = 3
+PROMPT_LEN, COMPLETION_LEN = 7, 6
+PROMPT_LENGTHS = [7, 2, 5]  # per group, left-padded; only the first fills the width
+COMPLETION_LENGTHS = [6, 3, 0, 1, 6, 4, 2, 5, 6]  # row 2 fully masked, most rows cut short
+REWARDS = [1.0, 0.0, 0.25, 0.5, 0.5, 0.5, 0.1, 0.9, 0.3]  # group 1 constant: zero advantages
+LAYOUTS = ("packed", "shared_prompt")
+
+
+def make_batch(vocab: int, prompt_lengths=PROMPT_LENGTHS, completion_lengths=COMPLETION_LENGTHS) -> RolloutBatch:
+    groups = len(prompt_lengths)
+    prompt_mask = (torch.arange(PROMPT_LEN) >= PROMPT_LEN - torch.tensor(prompt_lengths).unsqueeze(1)).long()
+    prompt_ids = torch.randint(1, vocab, (groups, PROMPT_LEN)) * prompt_mask  # pad id 0 on the left
+    rows = groups * GROUP_SIZE
+    completion_mask = (torch.arange(COMPLETION_LEN) < torch.tensor(completion_lengths).unsqueeze(1)).long()
+    completion_ids = torch.randint(1, vocab, (rows, COMPLETION_LEN)) * completion_mask
+    return RolloutBatch(prompt_ids.repeat_interleave(GROUP_SIZE, 0), prompt_mask.repeat_interleave(GROUP_SIZE, 0),
+                        completion_ids, completion_mask, torch.tensor(REWARDS[:rows]))
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps each step's gradients (after clipping): plain SGD moves the weights linearly in the
+    gradient, so tiny float differences stay tiny in the next iteration (Adam's first step would not)."""
+
+    def __init__(self, params, lr: float):
+        self.params = list(params)
+        self.grads: list[list[torch.Tensor]] = []
+        super().__init__(self.params, lr=lr)
+
+    def step(self, closure=None):
+        self.grads.append([p.grad.detach().clone() for p in self.params])
+        return super().step(closure)
+
+
+def run_update(model, layout: str, layer: int, mode: str = "single", **settings):
+    policy = olf.OneLayerPolicy(model, layer=layer) if mode == "single" else olf.FullModelPolicy(model)
+    names = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+    optimizer = RecordingSGD(policy.trainable_parameters(), lr=settings.pop("lr", 0.5))
+    batch = settings.pop("batch")
+    values = dict(num_generations=GROUP_SIZE, num_iterations=2, beta=0.04, epsilon=0.1, max_grad_norm=None,
+                  loss_type="dapo", layout=layout)
+    values.update(settings)
+    history = grpo_update(policy, optimizer, batch, UpdateSettings(**values))
+    return history, names, optimizer.grads
+
+
+def assert_updates_match(actual, expected, relative_error):
+    (a_hist, a_names, a_grads), (e_hist, e_names, e_grads) = actual, expected
+    assert a_names == e_names and len(a_hist) == len(e_hist) == len(a_grads) == len(e_grads)
+    for it, (a, e) in enumerate(zip(a_hist, e_hist)):
+        assert sorted(a) == sorted(e)
+        for key in [k for k in ("loss", "kl", "grad_norm") if k in e]:
+            err = relative_error(torch.tensor(a[key]), torch.tensor(e[key]))
+            assert err < 1e-5, f"iteration {it} {key}: {a[key]!r} vs padded {e[key]!r} (rel err {err:.2e})"
+        for key in e:  # clip ratios and advantage metrics: counts of tokens, equal up to float noise
+            assert abs(a[key] - e[key]) <= 1e-5 * max(1.0, abs(e[key])), (it, key, a[key], e[key])
+        errors = {n: relative_error(ga, ge) for n, ga, ge in zip(e_names, a_grads[it], e_grads[it])}
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < 1e-5, f"iteration {it}: worst gradient {worst} rel err {errors[worst]:.2e}"
+        assert max(g.abs().max().item() for g in e_grads[it]) > 1e-4  # not trivially zero
+    # the second iteration is off-policy: the ratios really moved (old log-probs are used)
+    assert any(e_hist[1][k] > 0 for k in ("clip_ratio/low_mean", "clip_ratio/high_mean"))
+
+
+# --------------------------------------------------------------------------------------------------
+# equivalence with the padded layout
+# --------------------------------------------------------------------------------------------------
+CASES = [
+    ("qwen2", 1, "dapo", 0.04), ("qwen2", 0, "grpo", 0.0), ("qwen2", -1, "dr_grpo", 0.04),
+    ("qwen3", 2, "dapo", 0.04), ("qwen3", 0, "bnpo", 0.04),
+    ("llama", 1, "grpo", 0.04), ("llama", -1, "dapo", 0.0),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("arch, layer, loss_type, beta", CASES, ids=[f"{a}-l{l}-{t}-b{b}" for a, l, t, b in CASES])
+def test_update_matches_padded(arch, layer, loss_type, beta, layout, tiny_model, relative_error):
+    model = tiny_model(arch)
+    batch = make_batch(model.config.vocab_size)
+    settings = dict(batch=batch, loss_type=loss_type, beta=beta)
+    expected = run_update(copy.deepcopy(model), "padded", layer, **settings)
+    actual = run_update(copy.deepcopy(model), layout, layer, **settings)
+    assert_updates_match(actual, expected, relative_error)
+    if beta:
+        assert expected[0][0]["kl"] == 0.0 and expected[0][1]["kl"] > 0  # the reference path really ran
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_full_model_matches_padded(layout, tiny_model, relative_error):
+    model = tiny_model("qwen3")
+    batch = make_batch(model.config.vocab_size)
+    expected = run_update(copy.deepcopy(model), "padded", 0, mode="full", batch=batch, lr=0.05)
+    actual = run_update(copy.deepcopy(model), layout, 0, mode="full", batch=batch, lr=0.05)
+    assert_updates_match(actual, expected, relative_error)  # every parameter, embeddings and lm_head included
+
+
+def test_sliding_window_layers_match_padded(tiny_model, relative_error):
+    # Qwen2 with a sliding window shorter than the sequences: layers 1 and 2 mask by position distance
+    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert "sliding_attention" in model.config.layer_types
+    batch = make_batch(model.config.vocab_size)
+    expected = run_update(copy.deepcopy(model), "padded", 1, batch=batch)
+    for layout in LAYOUTS:
+        assert_updates_match(run_update(copy.deepcopy(model), layout, 1, batch=batch), expected, relative_error)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_states_match_padded_and_masked_states_are_zero(layout, tiny_model, assert_close):
+    model = tiny_model("llama")
+    batch = make_batch(model.config.vocab_size)
+    policy = olf.OneLayerPolicy(model, layer=1)
+    padded = completion_states(policy, policy.prefix(batch.input_ids, batch.attention_mask), PROMPT_LEN)
+    cache = prefix_cache(policy, batch, UpdateSettings(num_generations=GROUP_SIZE, layout=layout))
+    for reference in (False, True):
+        packed = completion_states(policy, cache, PROMPT_LEN, reference=reference)
+        keep = batch.completion_mask.bool()
+        expected = completion_states(policy, policy.prefix(batch.input_ids, batch.attention_mask), PROMPT_LEN,
+                                     reference=reference) if reference else padded
+        assert packed.shape == expected.shape
+        assert_close(packed[keep].detach(), expected[keep].detach(), rtol=1e-5, atol=1e-5, name=f"{layout} states")
+        assert torch.equal(packed[~keep], torch.zeros_like(packed[~keep]))
+
+
+# --------------------------------------------------------------------------------------------------
+# the layout itself
+# --------------------------------------------------------------------------------------------------
+def test_shared_prompt_layout_structure():
+    batch = make_batch(50)
+    layout = packing.build_layout(batch, "shared_prompt", group_size=GROUP_SIZE)
+    # one row per group (each fits alone in the budget of the longest group)
+    group_lengths = [PROMPT_LENGTHS[g] + sum(COMPLETION_LENGTHS[g * GROUP_SIZE:(g + 1) * GROUP_SIZE])
+                     for g in range(len(PROMPT_LENGTHS))]
+    assert layout.real_tokens == sum(group_lengths)
+    assert layout.computed_tokens <= layout.input_ids.shape[0] * max(group_lengths)
+    # group 0, row 0: prompt 0..6 then each completion continues at 7
+    row = 0
+    seg = layout.segment_ids[row]
+    assert layout.position_ids[row, :7].tolist() == list(range(7))
+    assert layout.position_ids[row, 7:13].tolist() == list(range(7, 13))  # completion 1 (6 tokens)
+    assert layout.position_ids[row, 13:16].tolist() == [7, 8, 9]  # completion 2 (3 tokens); completion 3 is empty
+    assert layout.branch_ids[row, :16].tolist() == [0] * 7 + [1] * 6 + [2] * 3
+    assert (seg[:16] == seg[0]).all()
+    allowed = packing.allowed_pairs(layout)[row, 0]
+    assert allowed[13, :7].all() and not allowed[13, 7:13].any() and allowed[13, 13]  # sees prompt, not sibling
+    assert not allowed[:7, 7:].any()  # the prompt sees no completion
+    stats = packing.layout_stats(layout)
+    assert stats["token_share"] == layout.computed_tokens / (9 * (PROMPT_LEN + COMPLETION_LEN))
+    assert 0 < stats["allowed_pair_share"] < stats["attention_share"]
+
+
+def test_packed_layout_structure():
+    batch = make_batch(50)
+    layout = packing.build_layout(batch, "packed")
+    lengths = [PROMPT_LENGTHS[r // GROUP_SIZE] + COMPLETION_LENGTHS[r] for r in range(9)]
+    assert layout.real_tokens == sum(lengths)
+    assert layout.input_ids.shape[1] <= PROMPT_LEN + COMPLETION_LEN
+    assert int((layout.branch_ids != 0).sum()) == 0
+    # positions restart at 0 in every segment
+    starts = int((layout.position_ids[layout.token_mask.bool()] == 0).sum())
+    assert starts == 9
+    # every predicting state of a real completion token is a real token of the same segment
+    flat_seg = layout.segment_ids.reshape(-1)
+    assert (flat_seg[layout.state_index] >= 0).all()
+    assert layout.state_index.numel() == sum(COMPLETION_LENGTHS)
+    assert packing.token_share(batch, "padded") == 1.0
+    assert packing.token_share(batch, "packed") == layout.computed_tokens / (9 * (PROMPT_LEN + COMPLETION_LEN))
+
+
+def test_plan_rows():
+    assert packing.plan_rows([5, 3, 4, 2], 7) == [[0, 3], [1, 2]]
+    assert packing.plan_rows([7], 7) == [[0]]
+    with pytest.raises(ValueError, match="smaller than the longest"):
+        packing.plan_rows([8, 1], 7)
+
+
+# --------------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------------
+def test_layout_choice_is_validated():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        UpdateSettings(layout="ragged")
+    settings = UpdateSettings()
+    settings.layout = "ragged"
+    with pytest.raises(ValueError, match="layout must be one of"):
+        prefix_cache(None, make_batch(50), settings)
+    from onelayer_fast.trainer import GRPOConfig
+    assert GRPOConfig(layout="shared_prompt").layout == "shared_prompt"
+    with pytest.raises(ValueError, match="layout must be one of"):
+        GRPOConfig(layout="bogus")
+
+
+def test_shared_prompt_needs_identical_prompts_per_group(tiny_model):
+    batch = make_batch(50)
+    batch.prompt_ids[4, -1] += 1  # row 4 (group 1) differs from its siblings
+    with pytest.raises(ValueError, match=r"group 1 \(rows 3..5\) holds different prompts"):
+        packing.build_layout(batch, "shared_prompt", group_size=GROUP_SIZE)
+    with pytest.raises(ValueError, match="whole groups"):
+        packing.build_layout(make_batch(50), "shared_prompt", group_size=2)
+    packing.build_layout(batch, "packed")  # no sharing needed
+
+
+def test_unsupported_inputs_are_clear_errors(tiny_model):
+    batch = make_batch(50)
+    right_padded = copy.copy(batch)
+    right_padded.prompt_mask = batch.prompt_mask.flip(1)
+    with pytest.raises(ValueError, match="left-padded prompts"):
+        packing.build_layout(right_padded, "packed")
+    holes = copy.copy(batch)
+    holes.completion_mask = batch.completion_mask.clone()
+    holes.completion_mask[0, 2] = 0
+    with pytest.raises(ValueError, match="1 up to and including EOS"):
+        packing.build_layout(holes, "packed")
+    model = tiny_model("qwen2")
+    policy = olf.OneLayerPolicy(model, layer=1)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(NotImplementedError, match="sdpa"):
+        prefix_cache(policy, batch, UpdateSettings(num_generations=3, layout="packed"))
+
+
+def test_eager_attention_matches_padded(tiny_model, relative_error):
+    model = tiny_model("qwen2")
+    model.set_attn_implementation("eager")  # eager adds the mask to the scores: an additive float mask
+    assert model.config._attn_implementation == "eager"
+    batch = make_batch(model.config.vocab_size)
+    expected = run_update(copy.deepcopy(model), "padded", 1, batch=batch)
+    for layout in LAYOUTS:
+        assert_updates_match(run_update(copy.deepcopy(model), layout, 1, batch=batch), expected, relative_error)
+    policy = olf.OneLayerPolicy(model, layer=1)
+    cache = prefix_cache(policy, batch, UpdateSettings(num_generations=GROUP_SIZE, layout="shared_prompt"))
+    assert cache.prefix.masks["full_attention"].dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# the trainer
+# --------------------------------------------------------------------------------------------------
+def test_trainer_shared_prompt_matches_padded(tmp_path):
+    from onelayer_fast.presets import load_model
+    from onelayer_fast.tasks.arithmetic import ArithmeticTask
+    from onelayer_fast.trainer import GRPOConfig, GRPOTrainer
+
+    def losses(layout: str) -> list[dict[str, float]]:
+        torch.manual_seed(0)
+        model, tokenizer = load_model("tiny")
+        config = GRPOConfig(output_dir=str(tmp_path / layout), layer=1, max_steps=2, per_device_train_batch_size=8,
+                            num_generations=4, max_completion_length=6, learning_rate=1e-2, num_iterations=2,
+                            beta=0.04, save_steps=100, layout=layout)
+        return GRPOTrainer(model, tokenizer, ArithmeticTask(), config).train()
+
+    padded, shared = losses("padded"), losses("shared_prompt")
+    assert len(padded) == len(shared) == 2
+    for step, (a, e) in enumerate(zip(shared, padded)):
+        assert a["completion_length"] == e["completion_length"] and a["reward_mean"] == e["reward_mean"], step
+        for key in ("loss", "kl"):
+            assert abs(a[key] - e[key]) <= 1e-5 * max(abs(e[key]), 1e-8), (step, key, a[key], e[key])
