@@ -33,9 +33,15 @@ class CharTokenizer:
         return [self.vocab.get(ch, self.unk_token_id) for ch in text]
 
     def decode(self, ids: list[int] | Tensor, skip_special_tokens: bool = True) -> str:
+        """Ids -> text. Ids outside the tokenizer (negative, or >= len(self)) decode to U+FFFD, the Unicode
+        replacement character: a model whose vocabulary is larger than this tokenizer's (the `bench-cpu`
+        preset, vocab 32000) samples such ids, and they must not crash decoding. `<unk>` (id 2) is a special
+        token and is skipped with `skip_special_tokens`, as before."""
         ids = ids.tolist() if isinstance(ids, Tensor) else ids
         inverse = self.specials + list(self.characters)
-        return "".join(inverse[i] for i in ids if not (skip_special_tokens and i < len(self.specials)))
+        size = len(inverse)
+        return "".join(inverse[i] if 0 <= i < size else "\ufffd" for i in ids
+                       if not (skip_special_tokens and 0 <= i < len(self.specials)))
 
     def batch_decode(self, rows: Tensor | list, skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(row, skip_special_tokens) for row in rows]

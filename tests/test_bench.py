@@ -149,3 +149,66 @@ def test_missing_optional_packages_skip_with_a_reason(bench_run, tmp_path, monke
     assert "[compare]" in bench_run.trl_skip_reason("trl") and "[compare]" in bench_run.trl_skip_reason("trl_frozen")
     assert "[compare]" in bench_run.liger_skip_reason("liger")
     assert bench_run.trl_skip_reason("naive_trl") is None and bench_run.liger_skip_reason("materialized") is None
+
+
+def test_char_tokenizer_decodes_ids_past_its_vocabulary():
+    # the bench-cpu preset (vocab 32000) samples ids the 98-token char tokenizer does not have
+    from onelayer_fast.presets import CharTokenizer, PRESETS
+
+    tokenizer = CharTokenizer()
+    assert PRESETS["bench-cpu"].vocab_size > len(tokenizer)
+    a = tokenizer.encode("a")[0]
+    assert tokenizer.decode([a, 98, 31999, tokenizer.eos_token_id]) == "a\ufffd\ufffd"
+    assert tokenizer.decode([a, 98, tokenizer.eos_token_id], skip_special_tokens=False) == "a\ufffd<eos>"
+    assert tokenizer.batch_decode([[a, 4000]]) == ["a\ufffd"]
+    assert tokenizer.decode([-1]) == "\ufffd"
+
+
+def test_step_varlen_rollouts_are_eos_terminated_and_seeded(bench_run):
+    shapes = bench_run.step_varlen_shapes(quick=True)
+    assert shapes == bench_run.step_varlen_shapes(quick=True)  # the same lengths for every contender and run
+    lengths = [shapes["completion_lengths"][str(r)] for r in range(shapes["num_prompts"] * shapes["num_generations"])]
+    assert all(16 <= n <= 64 for n in lengths) and len(set(lengths)) > 4
+    batch = bench_run.make_rollouts(shapes, seed=0)
+    assert batch.completion_mask.sum(dim=1).tolist() == lengths
+    eos = shapes["eos_token_id"]
+    for row, n in enumerate(lengths):
+        ids = batch.completion_ids[row]
+        assert ids[n - 1] == eos and (ids[: n - 1] != eos).all() and (ids[n:] == 0).all()
+    # the step workload's rollouts are unchanged by the variant's code path (no EOS key)
+    assert "eos_token_id" not in bench_run.step_shapes(quick=True)
+
+
+def test_step_varlen_layout_contenders_match_padded_and_report_token_shares(bench_run):
+    # in-process workers (one warm-up + one measured step each): the subprocess path is covered by the tests above
+    workload = bench_run.WORKLOADS["step-varlen"]
+    only = ("onelayer_fast", "onelayer_fast_shared", "onelayer_fast_packed")
+    runs = [bench_run.run_worker(workload, name, steps=1, quick=True, seed=0) for name in only]
+    agg = bench_run.aggregate(bench_run.dataclasses.replace(workload, contenders=only), workload.shapes(True), runs)
+    assert all(c["valid"] for c in agg["contenders"].values())
+    lines = bench_run.step_crosscheck(agg)
+    checked = [line for line in lines if line.strip().startswith("layout iter") and " kl " not in line]
+    assert len(checked) == 8 and all("[MATCH]" in line for line in checked)  # 2 layouts x 2 iterations x 2 metrics
+    assert not bench_run.crosscheck_failed(lines) and any("token share" in line for line in lines)
+    stats = {r["contender"]: r["layout_stats"] for r in runs}
+    assert stats["onelayer_fast"]["token_share"] == 1.0
+    assert 0 < stats["onelayer_fast_shared"]["token_share"] < stats["onelayer_fast_packed"]["token_share"] < 1
+    assert stats["onelayer_fast_packed"]["real_tokens"] == stats["onelayer_fast"]["real_tokens"]
+    # a layout contender that drifts is reported, and fails the run
+    agg["contenders"]["onelayer_fast_packed"]["runs"][0]["warmup_history"][1]["loss"] *= 1.001
+    assert bench_run.crosscheck_failed(bench_run.step_crosscheck(agg))
+
+
+def test_quick_sweep_workload_runs_and_verifies_every_layer(bench_run, capsys):
+    # in-process workers, one measured sweep each (quick: `tiny`, 4 layers, 1 GRPO step per run)
+    workload = bench_run.WORKLOADS["sweep"]
+    runs = [bench_run.run_worker(workload, name, steps=1, quick=True, seed=0) for name in workload.contenders]
+    for run in runs:
+        assert run["num_layers"] == 4 and run["weights_updated_every_step"]  # the probe: every layer trained
+        assert run["metrics_finite"] and run["times_s"][0] > 0
+        assert set(run["warmup_history"][0]) == {"full_accuracy", "base_accuracy", "mean_single_accuracy"}
+    agg = bench_run.aggregate(workload, workload.shapes(True), runs)
+    assert all(c["valid"] for c in agg["contenders"].values())
+    assert "time:naive_per_layer/onelayer_fast" in agg["ratios"] and agg["targets"]
+    bench_run.print_report(workload, workload.shapes(True), agg)
+    assert "workload sweep" in capsys.readouterr().out
