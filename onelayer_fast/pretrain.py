@@ -17,13 +17,9 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import model_cache
+from .model_cache import cache_root  # noqa: F401  (re-exported: tests and real_models use it)
 from .presets import PRESETS, CharTokenizer, build_preset
 from .tasks import Example, eval_examples
 from .tasks.arithmetic import ArithmeticTask
@@ -83,14 +81,6 @@ DEFAULT_RECIPE = ToyArithRecipe()
 # Cache location and atomic build
 # ----------------------------------------------------------------------------------------------
 
-def cache_root() -> Path:
-    """$ONELAYER_FAST_CACHE, else $XDG_CACHE_HOME/onelayer_fast, else ~/.cache/onelayer_fast."""
-    if os.environ.get("ONELAYER_FAST_CACHE"):
-        return Path(os.environ["ONELAYER_FAST_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "onelayer_fast"
-
-
 def toy_arith_path(recipe: ToyArithRecipe | None = None) -> Path:
     """Where the model of `recipe` (default DEFAULT_RECIPE) lives, or will: <cache_root>/models/toy-arith-<hash>."""
     recipe = recipe or DEFAULT_RECIPE
@@ -98,71 +88,27 @@ def toy_arith_path(recipe: ToyArithRecipe | None = None) -> Path:
 
 
 def is_complete(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in MODEL_FILES)
-
-
-@contextmanager
-def _build_lock(path: Path):
-    """An exclusive lock on `path` (POSIX flock), so concurrent first users build once, not N times.
-
-    Correctness does not depend on it: every build goes to its own temp dir and is renamed into
-    place atomically. Where flock is unavailable the lock is a no-op and builders may race harmlessly.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _remove_stale_temp_dirs(parent: Path, max_age_s: float = 24 * 3600) -> None:
-    """Temp dirs of builders that were killed; a live build never takes a day."""
-    now = time.time()
-    for stale in parent.glob(f".{NAME}-*.tmp*"):
-        try:
-            if now - stale.stat().st_mtime > max_age_s:
-                shutil.rmtree(stale, ignore_errors=True)
-        except OSError:
-            pass
+    return model_cache.is_complete(directory, MODEL_FILES)
 
 
 def ensure_toy_arith(recipe: ToyArithRecipe | None = None, progress: bool = True) -> Path:
     """The cached toy-arith model directory of `recipe` (default DEFAULT_RECIPE), built first if missing.
 
-    The build writes into a temp dir beside the target and renames it into place, so a reader never
-    sees a half-written model, and a killed build leaves no directory under the final name.
+    The build writes into a temp dir beside the target and renames it into place (model_cache.py), so
+    a reader never sees a half-written model, and a killed build leaves no directory under the final name.
     """
     recipe = recipe or DEFAULT_RECIPE
     target = toy_arith_path(recipe)
-    if is_complete(target):
-        return target
-    with _build_lock(target.parent / f".{target.name}.lock"):
-        if is_complete(target):  # another process built it while we waited for the lock
-            return target
-        _remove_stale_temp_dirs(target.parent)
+
+    def announce() -> None:
         print(f"onelayer_fast: building the {NAME} base model once (about 2 minutes on CPU), cached "
               f"in {target}", file=sys.stderr, flush=True)
-        temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
-        temp.chmod(0o755)  # mkdtemp makes it owner-only; the final dir should look like any other
-        try:
-            summary = build_toy_arith(temp, recipe=recipe, progress=progress)
-            if target.exists() and not is_complete(target):  # a leftover, e.g. an interrupted hand copy
-                shutil.rmtree(target)
-            try:
-                os.replace(temp, target)
-            except OSError:
-                if not is_complete(target):
-                    raise
-                # Without flock, another builder may have renamed its (identical) build first: keep it.
-        finally:
-            shutil.rmtree(temp, ignore_errors=True)  # gone already after a successful rename
+
+    def build(temp: Path) -> dict:
+        return build_toy_arith(temp, recipe=recipe, progress=progress)
+
+    summary = model_cache.build_once(target, build, MODEL_FILES, announce)
+    if summary is not None:
         print(f"onelayer_fast: {NAME} built in {summary['seconds']:.0f} s, held-out accuracy "
               f"{summary['eval_accuracy']:.2f}", file=sys.stderr, flush=True)
     return target

