@@ -1640,35 +1640,31 @@ ITERATION = Workload(
 
 
 # --------------------------------------------------------------------------------------------------
-# Workload `sweep` (skeleton): a whole layer sweep against one independent naive run per layer
+# Workload `sweep`: a whole layer sweep against one independent naive run per layer
 # --------------------------------------------------------------------------------------------------
 
 
 def sweep_shapes(quick: bool) -> dict[str, Any]:
-    # `tiny` (4 layers), every layer, also for full runs. The `bench-cpu` preset (the `step` shape, 24 layers, vocab
-    # 32000) now decodes (CharTokenizer maps ids past its 98 tokens to U+FFFD), but it does not fit here:
-    # - it never learns: its random init (std 0.02) samples one of the 95 characters with probability ~0.3% per
-    #   token, so every arithmetic reward is 0, every advantage 0, the loss and gradients 0, and no layer changes
-    #   (the sweep's own check raises "layers [...] did not change"; observed with max_steps=1);
-    # - it costs too much: a single-layer GRPO step there takes ~0.7 s (half of it `generate`), so one sweep
-    #   (Base + Full + 24 runs x 4 steps, evaluations, checkpoints) takes ~2 min, a naive one longer, and a
-    #   default run (warm-up + 5 sweeps per contender) about half an hour on 2 cores.
+    # Quick: `tiny` (4 layers), one step per run, a smoke test. Full: the embedded base model `toy-arith` (8
+    # layers, the README's main job, built once and cached), every layer, 10 steps per run: a model that earns
+    # rewards, so every layer really trains. The `bench-cpu` shape does not fit: its random init almost never
+    # samples a character, so every arithmetic reward, advantage and gradient is 0 and no layer changes.
     return {
         "quick": quick,
-        "model": "tiny",
+        "model": "tiny" if quick else "toy-arith",
         "layers": "all",
         "task": "arithmetic",
-        "max_steps": 1 if quick else 4,  # training steps of every run (full and each layer)
-        "num_prompts": 2 if quick else 4,
-        "num_generations": 4,
-        "completion_length": 8,
+        "max_steps": 1 if quick else 10,  # training steps of every run (full and each layer)
+        "num_prompts": 2 if quick else 8,
+        "num_generations": 4 if quick else 8,
+        "completion_length": 8 if quick else 6,
         "num_iterations": 2,
         "beta": 0.04,
         "epsilon": 0.2,
         "max_grad_norm": 1.0,
         "loss_type": "dapo",
-        "learning_rate": 3e-3,
-        "eval_size": 8 if quick else 32,
+        "learning_rate": 3e-3 if quick else 1e-5,
+        "eval_size": 8 if quick else 100,
         "seed": 0,
     }
 
@@ -1788,7 +1784,7 @@ def sweep_setup(contender: str, shapes: dict[str, Any], seed: int) -> Runner:
 
 
 def sweep_description(s: dict[str, Any]) -> str:
-    return (f"a whole layer sweep (skeleton): preset {s['model']!r}, layers {s['layers']}, Base eval + Full + one "
+    return (f"a whole layer sweep: preset {s['model']!r}, layers {s['layers']}, Base eval + Full + one "
             f"run per layer, {s['max_steps']} GRPO steps each ({s['num_prompts']} prompts x {s['num_generations']} "
             f"generations, {s['completion_length']} new tokens, num_iterations={s['num_iterations']}), greedy "
             f"evaluation on {s['eval_size']} held-out {s['task']} examples after each run; onelayer_fast's run_sweep "
