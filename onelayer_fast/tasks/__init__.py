@@ -61,6 +61,24 @@ def eval_examples(task: Task, n: int, seed: int = 0) -> list[Example]:
     return list(seen.values())[:n]
 
 
+def read_jsonl_examples(path, parse_line: Callable[[object, int, str], Example], what: str = "example") -> list[Example]:
+    """Examples from a local JSONL file, one `parse_line(path, line_number, line)` per non-empty line.
+
+    Needs at least 2, so that both the train and the eval split get one.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} does not exist")
+    with path.open(encoding="utf-8") as file:
+        examples = [parse_line(path, number, line) for number, line in enumerate(file, start=1) if line.strip()]
+    if len(examples) < 2:
+        raise ValueError(f"task file {path} holds {len(examples)} {what}(s); it needs at least 2 so that "
+                         f"both the train and the eval split get one")
+    return examples
+
+
 def get_task(name: str, path: str | None = None) -> Task:
     from .arithmetic import ArithmeticTask
     from .code import CodeTask

@@ -33,7 +33,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..sandbox import run_python
-from . import SPLITS, Example, check_split, split_of
+from . import SPLITS, Example, check_split, read_jsonl_examples, split_of
 
 # ```python ... ``` (or ```py, ```python3, bare ```); the closing fence may be missing in a truncated
 # completion, in which case everything after the opening fence is the code.
@@ -58,20 +58,8 @@ class CodeTask:
     name = "code"
 
     def __init__(self, path: str | Path, timeout_s: float = 5.0, memory_mb: int = 512, cache_size: int = 4096):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"task file {path} does not exist")
-        self.path, self.timeout_s, self.memory_mb, self.cache_size = path, timeout_s, memory_mb, cache_size
-        self.examples: list[Example] = []
-        with path.open(encoding="utf-8") as file:
-            for number, line in enumerate(file, start=1):
-                if line.strip():
-                    self.examples.append(self._parse_line(path, number, line))
-        if len(self.examples) < 2:
-            raise ValueError(
-                f"task file {path} holds {len(self.examples)} problem(s); it needs at least 2 so that "
-                f"both the train and the eval split get one"
-            )
+        self.path, self.timeout_s, self.memory_mb, self.cache_size = Path(path), timeout_s, memory_mb, cache_size
+        self.examples: list[Example] = read_jsonl_examples(path, self._parse_line, what="problem")
         self.splits = self._split(self.examples)
         self.reward_funcs = [self.tests_reward]
         self.reward_weights = [1.0]

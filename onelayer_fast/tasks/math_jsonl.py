@@ -21,7 +21,7 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
-from . import SPLITS, Example, check_split, split_of
+from . import SPLITS, Example, check_split, read_jsonl_examples, split_of
 
 # A number as written in text: optional sign, digits with optional thousands commas, optional
 # decimals, optionally a fraction "a/b". Thousands groups are tried first so "1,234" is one number.
@@ -116,22 +116,10 @@ class MathJsonlTask:
     name = "jsonl-math"
 
     def __init__(self, path: str | Path, prompt_template: str = "{question}", rel_tol: float = 1e-6):
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"task file {path} does not exist")
         if "{question}" not in prompt_template:
             raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
-        self.path, self.prompt_template, self.rel_tol = path, prompt_template, rel_tol
-        self.examples: list[Example] = []
-        with path.open(encoding="utf-8") as file:
-            for number, line in enumerate(file, start=1):
-                if line.strip():
-                    self.examples.append(self._parse_line(path, number, line))
-        if len(self.examples) < 2:
-            raise ValueError(
-                f"task file {path} holds {len(self.examples)} example(s); it needs at least 2 so that "
-                f"both the train and the eval split get one"
-            )
+        self.path, self.prompt_template, self.rel_tol = Path(path), prompt_template, rel_tol
+        self.examples: list[Example] = read_jsonl_examples(path, self._parse_line)
         self.splits = self._split(self.examples)
         self.reward_funcs = [self.answer_reward]
         self.reward_weights = [1.0]
