@@ -60,7 +60,7 @@ def contribution(single: float, base: float, full: float) -> float | None:
     gain = full - base
     if abs(gain) < 1e-12:
         return None
-    return (single - base) / gain
+    return (single - base) / gain + 0.0  # + 0.0: no "-0.000" in tables when single == base and full < base
 
 
 def middle_layers(num_layers: int) -> list[int]:

@@ -251,3 +251,10 @@ def test_plot_is_skipped_without_matplotlib(cli_sweep, tmp_path, monkeypatch, ca
     result = run_sweep(sweep_config(out))
     assert result.plot is None and not (out / "contribution.png").exists()
     assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_contribution_is_never_negative_zero():
+    import math
+
+    value = contribution(0.5, 0.5, 0.25)  # single == base while full fell below base
+    assert value == 0.0 and math.copysign(1.0, value) == 1.0
