@@ -79,6 +79,23 @@ def read_jsonl_examples(path, parse_line: Callable[[object, int, str], Example],
     return examples
 
 
+def parse_jsonl_object(path, number: int, line: str, required: tuple[str, ...]) -> dict:
+    """One JSONL line as a dict holding every `required` key; errors name the file and line."""
+    import json
+
+    where = f"{path}:{number}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [key for key in required if key not in row]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {missing}; each line needs " + " and ".join(f"'{k}'" for k in required))
+    return row
+
+
 def get_task(name: str, path: str | None = None) -> Task:
     from .arithmetic import ArithmeticTask
     from .code import CodeTask

@@ -25,7 +25,6 @@ rewarded costs nothing: results are cached by program text.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 import secrets
@@ -33,7 +32,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..sandbox import run_python
-from . import SPLITS, Example, check_split, read_jsonl_examples, split_of
+from . import SPLITS, Example, check_split, parse_jsonl_object, read_jsonl_examples, split_of
 
 # ```python ... ``` (or ```py, ```python3, bare ```); the closing fence may be missing in a truncated
 # completion, in which case everything after the opening fence is the code.
@@ -68,15 +67,7 @@ class CodeTask:
     @staticmethod
     def _parse_line(path: Path, number: int, line: str) -> Example:
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        missing = [key for key in ("prompt", "tests") if key not in row]
-        if missing:
-            raise ValueError(f"{where}: missing field(s) {missing}; each line needs 'prompt' and 'tests'")
+        row = parse_jsonl_object(path, number, line, ("prompt", "tests"))
         prompt, tests = str(row["prompt"]), str(row["tests"])
         if not prompt.strip() or not tests.strip():
             raise ValueError(f"{where}: 'prompt' and 'tests' must not be empty")

@@ -15,13 +15,12 @@ text exactly after whitespace is removed.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from fractions import Fraction
 from pathlib import Path
 
-from . import SPLITS, Example, check_split, read_jsonl_examples, split_of
+from . import SPLITS, Example, check_split, parse_jsonl_object, read_jsonl_examples, split_of
 
 # A number as written in text: optional sign, digits with optional thousands commas, optional
 # decimals, optionally a fraction "a/b". Thousands groups are tried first so "1,234" is one number.
@@ -126,15 +125,7 @@ class MathJsonlTask:
 
     def _parse_line(self, path: Path, number: int, line: str) -> Example:
         where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg} at column {error.colno})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        missing = [key for key in ("question", "answer") if key not in row]
-        if missing:
-            raise ValueError(f"{where}: missing field(s) {missing}; each line needs 'question' and 'answer'")
+        row = parse_jsonl_object(path, number, line, ("question", "answer"))
         question, solution = str(row["question"]).strip(), str(row["answer"])
         if not question:
             raise ValueError(f"{where}: empty 'question'")
