@@ -29,6 +29,7 @@ from torch import Tensor
 
 from . import model_cache
 from .model_cache import cache_root  # noqa: F401  (re-exported: tests and real_models use it)
+from .evaluate import evaluate
 from .presets import PRESETS, CharTokenizer, build_preset
 from .tasks import Example, eval_examples
 from .tasks.arithmetic import ArithmeticTask
@@ -158,24 +159,6 @@ def _lr_factor(step: int, recipe: ToyArithRecipe, steps: int) -> float:
     return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@torch.no_grad()
-def _greedy_accuracy(model, tokenizer: CharTokenizer, task: ArithmeticTask, examples: list[Example],
-                     batch_size: int = 256, max_new_tokens: int = 6) -> float:
-    """Share of `examples` whose greedy completion (cut at EOS) the task counts correct."""
-    from .rollout import encode_prompts, sample_completions
-
-    correct = 0
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        ids, mask = encode_prompts(tokenizer, [e.prompt for e in chunk], torch.device("cpu"))
-        completions, _ = sample_completions(model, ids, mask, max_new_tokens, tokenizer.eos_token_id,
-                                            tokenizer.pad_token_id, do_sample=False)
-        # sample_completions pads everything after the first EOS; decoding drops the specials
-        texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        correct += sum(task.correct(text, example) for text, example in zip(texts, chunk))
-    return correct / max(len(examples), 1)
-
-
 def _train(recipe: ToyArithRecipe, progress: bool = True, eval_size: int = 200):
     """SFT of the toy-arith init on `recipe`'s task, then its greedy held-out accuracy.
     -> (model in eval mode, tokenizer, summary as build_toy_arith returns it)."""
@@ -189,7 +172,7 @@ def _train(recipe: ToyArithRecipe, progress: bool = True, eval_size: int = 200):
         model.eval()
         train_seconds = time.perf_counter() - start
         examples = eval_examples(task, eval_size, seed=0)
-        accuracy = _greedy_accuracy(model, tokenizer, task, examples)
+        accuracy = evaluate(model, tokenizer, task, examples, batch_size=256, max_new_tokens=6, progress=False).accuracy
     finally:
         torch.set_num_threads(threads_before)
     tail = losses[-max(len(losses) // 20, 1):]
