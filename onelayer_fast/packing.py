@@ -54,13 +54,39 @@ from torch import Tensor, nn
 
 from .policy import FullModelPolicy, OneLayerPolicy, PrefixCache, decoder_of, layer_types, run_layer
 
-LAYOUTS = ("padded", "packed", "shared_prompt")
+LAYOUTS = ("auto", "padded", "packed", "shared_prompt")
 PACKED_LAYOUTS = ("packed", "shared_prompt")
 
 
 def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def resolve_layout(layout: str, batch: Any, config: Any, device: torch.device, group_size: int | None) -> str:
+    """The layout to run: `layout` itself, or for "auto" "shared_prompt" where it is measured faster and
+    applies, else "padded".
+
+    "auto" picks "shared_prompt" on CPU (bench `step`, `step-varlen` and `sweep`: faster in each, same loss and
+    gradients) for batches of whole groups with one prompt per group (the trainer's single-turn rollouts) on an
+    sdpa / eager model. Elsewhere it runs "padded": on CUDA, because the dense masked path has not been timed
+    against flash-attn's padded kernels on a GPU yet; for multi-turn episode rows, whose prompts differ.
+    """
+    check_layout(layout)
+    if layout != "auto":
+        return layout
+    if device.type != "cpu" or group_size is None or group_size < 2:
+        return "padded"
+    if (getattr(config, "_attn_implementation", None) or "eager") not in ("sdpa", "eager"):
+        return "padded"
+    if getattr(batch, "advantages", None) is not None:  # episode rows, not prompt groups
+        return "padded"
+    try:
+        _check_batch(batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask)
+        check_shared_prompts(batch.prompt_ids, batch.prompt_mask, group_size)
+    except ValueError:
+        return "padded"
+    return "shared_prompt"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -385,7 +385,8 @@ class _Sweep:
         with _PeakMemory(self.device) as memory:
             if run.mode != "base":
                 grpo = dataclasses.replace(self.grpo, output_dir=str(run_dir), mode=run.mode, layer=run.layer)
-                trainer = GRPOTrainer(model, tokenizer, self.task, grpo, base_model=self.config.model, resume=True)
+                trainer = GRPOTrainer(model, tokenizer, self.task, grpo, base_model=self.config.model, resume=True,
+                                      progress=self.config.progress)
                 trainer.train()
                 del trainer  # the trainer holds the policy (and in full mode a reference copy)
             scores = evaluate(model, tokenizer, self.task, examples, batch_size=self.config.eval_batch_size,
@@ -407,6 +408,7 @@ def _load_result(path: Path, run: _Run) -> RunResult:
 
 
 def _release(device: torch.device) -> None:
+    """Free the previous run's model before the next one loads (a full collection catches reference cycles)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -433,6 +435,9 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         else:
             pending.append(run)
     bar = tqdm(total=len(runs), initial=len(results), desc="sweep", unit="run", disable=not config.progress)
+    # Everything alive now (imported modules, the base model) outlives the sweep; freezing it keeps the
+    # full collections between runs from rescanning ~400k objects (0.2 s per collection, 13% of a toy sweep).
+    gc.freeze()
     try:
         for run in pending:
             bar.set_postfix_str(run.name)
@@ -447,6 +452,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             bar.update(1)
     finally:
         bar.close()
+        gc.unfreeze()
     del model, tokenizer
     _release(sweep.device)
 

@@ -91,7 +91,8 @@ class GRPOTrainer:
     trainer.train()
     """
 
-    def __init__(self, model, tokenizer, task: Task, config: GRPOConfig, base_model: str = "", resume: bool = True):
+    def __init__(self, model, tokenizer, task: Task, config: GRPOConfig, base_model: str = "", resume: bool = True,
+                 progress: bool = True):
         config.validate()
         config = apply_algorithm(config)  # a copy: dr_grpo / gigpo fix some loss knobs
         self.multi_turn = is_environment_task(task)
@@ -100,6 +101,7 @@ class GRPOTrainer:
                              f"and task {task.name!r} is single-turn; use grpo or dr_grpo")
         self.model, self.tokenizer, self.task, self.config = model, tokenizer, task, config
         self.base_model = base_model
+        self.progress = progress  # the per-step bar; a sweep turns it off with its own
         num_layers = len(decoder_of(model).layers)
         if config.mode == "single":
             layer = num_layers // 2 if config.layer is None else config.layer
@@ -162,7 +164,7 @@ class GRPOTrainer:
         completion_ids, completion_mask = sample_completions(
             self.model, prompt_ids, prompt_mask, self.config.max_completion_length,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-            temperature=self.config.temperature, top_p=self.config.top_p,
+            temperature=self.config.temperature, top_p=self.config.top_p, group_size=self.config.num_generations,
         )
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         rewards = score(self.task, texts, grouped).to(self.device)
@@ -201,7 +203,8 @@ class GRPOTrainer:
         """Run until max_steps; a KeyboardInterrupt saves a checkpoint before it propagates."""
         log_path = self.output_dir / "log.jsonl"
         records = []
-        bar = tqdm(total=self.config.max_steps, initial=self.step, desc=f"{self.config.algo} {self.config.mode}", unit="step")
+        bar = tqdm(total=self.config.max_steps, initial=self.step, desc=f"{self.config.algo} {self.config.mode}", unit="step",
+                   disable=not self.progress)
         try:
             while self.step < self.config.max_steps:
                 record = self.train_step()

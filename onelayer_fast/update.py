@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .loss import grpo_loss, token_logprobs
-from .packing import PackedCache, build_layout, check_layout, packed_completion_states, packed_prefix
+from .packing import PackedCache, build_layout, check_layout, packed_completion_states, packed_prefix, resolve_layout
 
 
 @dataclass
@@ -53,9 +53,10 @@ class UpdateSettings:
     max_grad_norm: float | None = 1.0
     loss_backend: str = "auto"
     # How the batch runs through the layers (packing.py): "padded" (rows as given), "packed" (padding-free:
-    # real tokens only, block-diagonal causal attention) or "shared_prompt" (each group's prompt once, its
-    # num_generations completions attending to it). Same loss and gradients; less work per token.
-    layout: str = "padded"
+    # real tokens only, block-diagonal causal attention), "shared_prompt" (each group's prompt once, its
+    # num_generations completions attending to it), or "auto" (packing.resolve_layout: shared_prompt on CPU
+    # for prompt groups, padded elsewhere). Same loss and gradients; less work per token.
+    layout: str = "auto"
 
     def __post_init__(self) -> None:
         check_layout(self.layout)
@@ -64,9 +65,11 @@ class UpdateSettings:
 def prefix_cache(policy, batch: RolloutBatch, settings: UpdateSettings):
     """The policy's prefix over `batch` in `settings.layout`: a PrefixCache (padded) or a PackedCache."""
     check_layout(settings.layout)
-    if settings.layout == "padded":
+    weight = policy.lm_head_weight
+    layout = resolve_layout(settings.layout, batch, policy.model.config, weight.device, settings.num_generations)
+    if layout == "padded":
         return policy.prefix(batch.input_ids, batch.attention_mask)
-    return packed_prefix(policy, build_layout(batch, settings.layout, group_size=settings.num_generations))
+    return packed_prefix(policy, build_layout(batch, layout, group_size=settings.num_generations))
 
 
 def completion_states(policy, cache, prompt_length: int, reference: bool = False) -> Tensor:

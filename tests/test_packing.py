@@ -271,3 +271,42 @@ def test_trainer_shared_prompt_matches_padded(tmp_path):
         assert a["completion_length"] == e["completion_length"] and a["reward_mean"] == e["reward_mean"], step
         for key in ("loss", "kl"):
             assert abs(a[key] - e[key]) <= 1e-5 * max(abs(e[key]), 1e-8), (step, key, a[key], e[key])
+
+
+# --------------------------------------------------------------------------------------------------
+# layout "auto"
+# --------------------------------------------------------------------------------------------------
+def test_auto_layout_picks_shared_prompt_only_where_it_applies(tiny_model):
+    config, cpu = tiny_model("qwen2").config, torch.device("cpu")
+    batch = make_batch(50)
+    assert packing.resolve_layout("auto", batch, config, cpu, GROUP_SIZE) == "shared_prompt"
+    assert packing.resolve_layout("packed", batch, config, cpu, GROUP_SIZE) == "packed"  # explicit wins
+    assert packing.resolve_layout("auto", batch, config, torch.device("cuda"), GROUP_SIZE) == "padded"
+    assert packing.resolve_layout("auto", batch, config, cpu, 1) == "padded"
+    episodes = copy.copy(batch)
+    episodes.advantages = torch.randn(batch.rewards.shape)  # multi-turn rows: not prompt groups
+    assert packing.resolve_layout("auto", episodes, config, cpu, GROUP_SIZE) == "padded"
+    mixed = make_batch(50)
+    mixed.prompt_ids[4, -1] += 1  # group 1's rows no longer share a prompt
+    assert packing.resolve_layout("auto", mixed, config, cpu, GROUP_SIZE) == "padded"
+    flash = copy.copy(config)
+    flash._attn_implementation = "flash_attention_2"
+    assert packing.resolve_layout("auto", batch, flash, cpu, GROUP_SIZE) == "padded"
+    with pytest.raises(ValueError, match="layout must be one of"):
+        packing.resolve_layout("ragged", batch, config, cpu, GROUP_SIZE)
+
+
+def test_default_update_runs_the_auto_layout_with_the_padded_result(tiny_model, monkeypatch, relative_error):
+    """UpdateSettings() defaults to "auto"; on CPU it plans a shared-prompt layout, and the update it runs
+    gives the padded layout's losses and gradients."""
+    assert UpdateSettings().layout == "auto"
+    model = tiny_model("qwen2")
+    batch = make_batch(model.config.vocab_size)
+    planned = []
+    build = packing.build_layout
+    monkeypatch.setattr("onelayer_fast.update.build_layout",
+                        lambda b, layout, **kw: planned.append(layout) or build(b, layout, **kw))
+    auto = run_update(copy.deepcopy(model), "auto", layer=1, batch=batch)
+    padded = run_update(copy.deepcopy(model), "padded", layer=1, batch=batch)
+    assert planned == ["shared_prompt"]
+    assert_updates_match(auto, padded, relative_error)
