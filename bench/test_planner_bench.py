@@ -9,6 +9,9 @@ batch after padding is dropped. Groups, each the extension against the `_ref` th
     plan_groups_<method> the same with shared-prompt groups of 8 kept whole, under 32,768 tokens
     pack                pack() of the first 64 micro-batches of the plan (~1.0M tokens: the reference builds
                         Python lists per token, so the whole batch would take it tens of seconds a round)
+    pack_layout_<layout> pack_layout() of the whole batch as packing.build_layout plans it: the 10,000 sequences as
+                        completions (C = 2048) behind left-padded prompts of 16..512 tokens (P = 512, one per group
+                        of 8), one segment per row ("packed") or per group ("shared_prompt"), default budget
     anchor_groups       10,000 GiGPO steps in 1,250 groups, 200-character observations from 6 per group
 Before timing, every contender is checked against its reference, so a fast wrong planner fails here.
 The references run few rounds (they take up to seconds); the medians are what to compare.
@@ -26,6 +29,7 @@ N_SEQUENCES = 10_000
 MIN_LEN, MAX_LEN = 64, 2048
 BUDGET, GROUP_BUDGET, GROUP_SIZE = 16_384, 32_768, 8
 PACKED_MICROBATCHES = 64
+PROMPT_MIN, PROMPT_WIDTH = 16, 512
 REF_ROUNDS = 3
 
 
@@ -85,6 +89,24 @@ def test_pack(benchmark, lengths, impl):
             assert all(np.array_equal(np.asarray(g), np.asarray(w)) for g, w in zip(got, want))
     run(benchmark, impl, pack_all, batches)
     benchmark.extra_info.update(tokens=int(sum(lengths[b].sum() for b in batches)))
+
+
+@pytest.mark.parametrize("impl", ["cpp", "ref"])
+@pytest.mark.parametrize("layout", ["packed", "shared_prompt"])
+def test_pack_layout(benchmark, lengths, layout, impl):
+    benchmark.group = f"pack_layout_{layout}"
+    prompt_lens = np.random.default_rng(1).integers(PROMPT_MIN, PROMPT_WIDTH + 1, size=N_SEQUENCES // GROUP_SIZE)
+    args = (np.repeat(prompt_lens, GROUP_SIZE), lengths, PROMPT_WIDTH, MAX_LEN,
+            GROUP_SIZE if layout == "shared_prompt" else None)
+    if impl == "cpp":
+        got, want = planner.pack_layout(*args), planner.pack_layout_ref(*args)
+        assert all(g.dtype == w.dtype and np.array_equal(g.numpy(), w.numpy()) for g, w in zip(got, want))
+        run(benchmark, impl, planner.pack_layout, *args)
+    else:
+        got = run(benchmark, impl, planner.pack_layout_ref, *args)
+    rows, width = got.token_index.shape
+    benchmark.extra_info.update(packed_rows=rows, row_length=width, tokens=rows * width,
+                                real_tokens=int((got.segment_ids >= 0).sum()))
 
 
 @pytest.mark.parametrize("impl", ["cpp", "ref"])

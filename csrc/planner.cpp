@@ -1,19 +1,24 @@
 // onelayer_fast._planner: the host-side planner for padding-free packing and GiGPO anchor grouping.
 //
-// Three ops, each mirrored by a pure-Python reference in onelayer_fast/planner.py (`<op>_ref`) that the
+// Four ops, each mirrored by a pure-Python reference in onelayer_fast/planner.py (`<op>_ref`) that the
 // tests compare against exactly:
 //   plan_microbatches(lengths, token_budget, method, group_ids) -> micro-batches (lists of sequence indices)
 //   pack(lengths, microbatch, padded_len, padding_side)         -> cu_seqlens, position_ids, gather/unpack indices
+//   pack_layout(prompt_lens, completion_lens, prompt_width,     -> packed rows of a [prompt | completion] batch:
+//               completion_width, group_size, token_budget)        token / position / segment / branch ids,
+//                                                                  state and target indices (packing.build_layout)
 //   anchor_groups(group_ids, observations)                      -> dense anchor id per step
 // Every input is checked here, at the boundary: a bad value raises ValueError, a wrong element type TypeError.
 // No torch dependency: inputs arrive as anything numpy.asarray accepts, outputs leave as numpy arrays (the
 // Python wrapper turns them into tensors without a copy).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // std::optional arguments: None <-> nullopt
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <queue>
 #include <string>
 #include <string_view>
@@ -385,6 +390,171 @@ py::tuple pack(py::object lengths_obj, py::object microbatch_obj, int64_t padded
 }
 
 // --------------------------------------------------------------------------------------------------
+// pack_layout
+// --------------------------------------------------------------------------------------------------
+
+// Every value of `values` lies in [low, high]; the error names the first one that does not.
+void check_each_in(const std::vector<int64_t>& values, int64_t low, int64_t high, const char* name,
+                   const std::string& range) {
+    for (size_t i = 0; i < values.size(); ++i) {
+        if (values[i] < low || values[i] > high) {
+            throw py::value_error(std::string(name) + "[" + std::to_string(i) + "] = " + std::to_string(values[i]) +
+                                  " is outside " + range);
+        }
+    }
+}
+
+// Packed rows of segments: the micro-batches of plan_microbatches(lengths, budget, "largest_first") (fewest
+// rows, loads balanced), each row's segments ascending, rows by their first segment so that the packed
+// batch keeps the batch's order as far as the plan allows.
+std::vector<std::vector<int64_t>> plan_packed_rows(const std::vector<int64_t>& lengths, int64_t total,
+                                                   int64_t budget) {
+    std::vector<std::vector<int64_t>> rows;
+    for (auto& row : fewest_bins(lengths, total, budget, largest_first)) {
+        if (row.empty()) continue;
+        std::sort(row.begin(), row.end());
+        rows.push_back(std::move(row));
+    }
+    std::sort(rows.begin(), rows.end(), [](const auto& x, const auto& y) { return x.front() < y.front(); });
+    return rows;
+}
+
+// The packed layout of a rollout batch of B rows [prompt left-padded to P | completion right-padded to C], as
+// onelayer_fast.packing.build_layout runs it. A segment is either one row's prompt + completion (group_size
+// None: layout "packed", branch 0 throughout) or a group of G consecutive rows sharing one prompt: the
+// prompt once, then each row's completion, all continuing the prompt's positions (layout "shared_prompt":
+// branch k + 1 marks the group's k-th completion). Segments are planned into rows of at most token_budget
+// tokens (default max(P + C, the longest segment)) by plan_packed_rows and laid out left to right.
+// Returns, for S packed rows of L tokens (L: the fullest row; the rest of a row is row padding):
+//   token_index  (S, L) int64  flat index b * (P + C) + t of each token in the [prompt | completion] layout, -1
+//                              on row padding (the segment's prompt is taken from the group's first row)
+//   position_ids (S, L) int64  rotary positions, 0 at each segment's first token (0 on row padding)
+//   segment_ids  (S, L) int64  segment index, -1 on row padding
+//   branch_ids   (S, L) int64  0: seen by the whole segment; k + 1: the k-th completion of a group
+//   state_index  (N,)   int64  flat index into S * L of the state that predicts each real completion token
+//   target_index (N,)   int64  that token's flat index b * C + t in the (B, C) completion layout
+// in the order the completions appear in the packed rows.
+py::tuple pack_layout(py::object prompt_lens_obj, py::object completion_lens_obj, int64_t prompt_width,
+                      int64_t completion_width, std::optional<int64_t> group_size,
+                      std::optional<int64_t> token_budget) {
+    const std::vector<int64_t> prompt_lens = to_int64(prompt_lens_obj, "prompt_lens");
+    const std::vector<int64_t> completion_lens = to_int64(completion_lens_obj, "completion_lens");
+    if (prompt_lens.empty()) throw py::value_error("prompt_lens must not be empty");
+    check_same_size(prompt_lens.size(), completion_lens.size(), "prompt_lens", "completion_lens");
+    if (prompt_width < 1) {
+        throw py::value_error("prompt_width must be at least 1 (every prompt has a real token), got " +
+                              std::to_string(prompt_width));
+    }
+    if (completion_width < 0) {
+        throw py::value_error("completion_width must not be negative, got " + std::to_string(completion_width));
+    }
+    const auto rows = static_cast<int64_t>(prompt_lens.size());
+    if (completion_width > kInt64Max - prompt_width || rows > kInt64Max / (prompt_width + completion_width)) {
+        throw py::value_error("rows * (prompt_width + completion_width) overflows int64");
+    }
+    const int64_t row_width = prompt_width + completion_width;
+    // A prompt's last real token predicts the first completion token, so a prompt cannot be empty.
+    check_each_in(prompt_lens, 1, prompt_width, "prompt_lens", "[1, prompt_width = " + std::to_string(prompt_width) +
+                  "] (left-padded prompts with at least one real token)");
+    check_each_in(completion_lens, 0, completion_width, "completion_lens",
+                  "[0, completion_width = " + std::to_string(completion_width) + "]");
+    const bool shared = group_size.has_value();
+    const int64_t group = group_size.value_or(1);
+    if (group < 1) throw py::value_error("group_size must be positive, got " + std::to_string(group));
+    if (rows % group != 0) {
+        throw py::value_error("the batch (" + std::to_string(rows) + " rows) is not whole groups of group_size = " +
+                              std::to_string(group) + " rows");
+    }
+    const int64_t n_segments = rows / group;
+    std::vector<int64_t> lengths(n_segments);
+    int64_t total = 0, longest = 0, n_targets = 0;  // every sum is at most rows * row_width: no overflow
+    for (int64_t s = 0; s < n_segments; ++s) {
+        const int64_t first = s * group;
+        lengths[s] = prompt_lens[first];
+        for (int64_t b = first; b < first + group; ++b) {
+            if (prompt_lens[b] != prompt_lens[first]) {
+                throw py::value_error("rows " + std::to_string(first) + " and " + std::to_string(b) + " of group " +
+                                      std::to_string(s) + " have prompts of " + std::to_string(prompt_lens[first]) +
+                                      " and " + std::to_string(prompt_lens[b]) +
+                                      " tokens: the rows of a group share one prompt");
+            }
+            lengths[s] += completion_lens[b];
+            n_targets += completion_lens[b];
+        }
+        total += lengths[s];
+        longest = std::max(longest, lengths[s]);
+    }
+    const int64_t budget = token_budget.value_or(std::max(row_width, longest));
+    if (budget <= 0) throw py::value_error("token_budget must be positive, got " + std::to_string(budget));
+    if (budget < longest) {
+        throw py::value_error("token_budget = " + std::to_string(budget) + " is smaller than the longest segment (" +
+                              std::to_string(longest) + " tokens)");
+    }
+
+    std::vector<std::vector<int64_t>> plan;
+    int64_t width = 0;
+    {
+        py::gil_scoped_release release;
+        plan = plan_packed_rows(lengths, total, budget);
+        for (const auto& row : plan) {
+            int64_t load = 0;
+            for (int64_t s : row) load += lengths[s];
+            width = std::max(width, load);
+        }
+    }
+    const auto n_rows = static_cast<int64_t>(plan.size());
+    if (width > 0 && n_rows > kInt64Max / width) throw py::value_error("packed rows * row length overflows int64");
+    const std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(n_rows), static_cast<py::ssize_t>(width)};
+    py::array_t<int64_t> token_index(shape), position_ids(shape), segment_ids(shape), branch_ids(shape);
+    py::array_t<int64_t> state_index(n_targets), target_index(n_targets);
+    int64_t* token = token_index.mutable_data();
+    int64_t* position = position_ids.mutable_data();
+    int64_t* segment = segment_ids.mutable_data();
+    int64_t* branch = branch_ids.mutable_data();
+    int64_t* state = state_index.mutable_data();
+    int64_t* target = target_index.mutable_data();
+    {
+        py::gil_scoped_release release;
+        int64_t n = 0;  // completion tokens placed so far
+        for (int64_t r = 0; r < n_rows; ++r) {
+            int64_t at = r * width;  // flat index of the next free place of row r
+            for (int64_t s : plan[r]) {
+                const int64_t first = s * group, p = prompt_lens[first];
+                const int64_t prompt_start = first * row_width + prompt_width - p;
+                for (int64_t t = 0; t < p; ++t, ++at) {
+                    token[at] = prompt_start + t;
+                    position[at] = t;
+                    segment[at] = s;
+                    branch[at] = 0;
+                }
+                const int64_t prompt_last = at - 1;
+                for (int64_t k = 0; k < group; ++k) {
+                    const int64_t b = first + k, c = completion_lens[b];
+                    const int64_t completion_branch = shared ? k + 1 : 0;
+                    for (int64_t t = 0; t < c; ++t, ++at, ++n) {
+                        token[at] = b * row_width + prompt_width + t;
+                        position[at] = p + t;
+                        segment[at] = s;
+                        branch[at] = completion_branch;
+                        // token t is predicted by token t - 1; the first by the prompt's last token
+                        state[n] = t == 0 ? prompt_last : at - 1;
+                        target[n] = b * completion_width + t;
+                    }
+                }
+            }
+            // Row padding only after the row's segments: every place is written once (these arrays are large,
+            // and their first write is what costs: it faults the fresh pages in).
+            const int64_t row_end = (r + 1) * width;
+            std::fill(token + at, token + row_end, int64_t{-1});
+            std::fill(position + at, position + row_end, int64_t{0});
+            std::fill(segment + at, segment + row_end, int64_t{-1});
+            std::fill(branch + at, branch + row_end, int64_t{0});
+        }
+    }
+    return py::make_tuple(token_index, position_ids, segment_ids, branch_ids, state_index, target_index);
+}
+
+// --------------------------------------------------------------------------------------------------
 // anchor_groups
 // --------------------------------------------------------------------------------------------------
 
@@ -474,10 +644,12 @@ py::array_t<int64_t> anchor_groups(py::object group_ids_obj, py::object observat
 }  // namespace
 
 PYBIND11_MODULE(_planner, m) {
-    m.doc() = "Host-side planner (C++): micro-batch plans, packing indices, GiGPO anchor groups";
+    m.doc() = "Host-side planner (C++): micro-batch plans, packing indices, packed layouts, GiGPO anchor groups";
     m.def("plan_microbatches", &plan_microbatches, py::arg("lengths"), py::arg("token_budget"),
           py::arg("method") = "karmarkar_karp", py::arg("group_ids") = py::none());
     m.def("pack", &pack, py::arg("lengths"), py::arg("microbatch"), py::arg("padded_len") = -1,
           py::arg("padding_side") = "right");
+    m.def("pack_layout", &pack_layout, py::arg("prompt_lens"), py::arg("completion_lens"), py::arg("prompt_width"),
+          py::arg("completion_width"), py::arg("group_size") = py::none(), py::arg("token_budget") = py::none());
     m.def("anchor_groups", &anchor_groups, py::arg("group_ids"), py::arg("observations"));
 }

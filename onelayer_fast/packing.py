@@ -31,13 +31,15 @@ Cost on CPU (bench `step` shape, 1 thread): the dense masked scores make a "shar
 attention about twice the padded layout's (`layout_stats` attention_share), but attention is a few % of
 the step and the matmuls shrink with the token share, so the step still gets faster.
 
-Host-side planning (`build_layout`) is plain Python over per-row lengths (well under 1 ms for 16 rows).
-It is the piece to swap for the C++ planner (`onelayer_fast.planner`): `plan_rows(lengths, budget)` <->
-`planner.plan_microbatches(lengths, budget, "largest_first")` (one packed row per micro-batch; row
-order does not matter here); the index loop of `build_layout` <-> a planner op returning the same
-`PackedLayout` fields (token gather index, position / segment / branch ids, state and target indices).
-`planner.pack` covers one contiguous run per padded row, so it needs a two-span variant (left-padded
-prompt + right-padded completion) and branch ids for shared groups; `PackedLayout` stays the contract.
+Host-side planning (`build_layout`) runs in the C++ planner (`onelayer_fast.planner`, csrc/planner.cpp): only
+the per-row prompt and completion lengths go to the host; one `planner.pack_layout` call plans the segments
+into packed rows (the micro-batches of `plan_microbatches(segment_lengths, token_budget, "largest_first")`:
+fewest rows, balanced loads; rows ordered by their first segment) and returns every index of the layout:
+token gather index into the [prompt | completion] batch, position / segment / branch ids, state and target
+indices. The token gather itself runs on the batch's device. `planner.pack_layout_ref` is the same in
+Python (the loop this module ran before) and defines the result; tests/test_planner.py holds the C++ op to
+it, tests/test_packing.py every `PackedLayout` field built through either. There is no Python fallback: without
+the built extension `build_layout` raises ImportError saying how to build it.
 
 Requirements (checked): prompts left-padded with at least one real token, completion masks a prefix
 of ones (1 up to and including EOS, 0 after), as rollout.py produces them. Completion tokens with mask
@@ -45,13 +47,13 @@ of ones (1 up to and including EOS, 0 after), as rollout.py produces them. Compl
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import planner
 from .policy import FullModelPolicy, OneLayerPolicy, PrefixCache, decoder_of, layer_types, run_layer
 
 LAYOUTS = ("auto", "padded", "packed", "shared_prompt")
@@ -158,29 +160,6 @@ def check_shared_prompts(prompt_ids: Tensor, prompt_mask: Tensor, group_size: in
                          "use layout 'packed' or 'padded' for such batches")
 
 
-def plan_rows(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """First-fit decreasing: segment indices per packed row, each row at most `token_budget` tokens.
-
-    Rows are ascending index lists, ordered by their first segment; deterministic (ties: lower index).
-    Swappable for `planner.plan_microbatches(lengths, token_budget, "largest_first")`.
-    """
-    if any(n > token_budget for n in lengths):
-        raise ValueError(f"token_budget {token_budget} is smaller than the longest segment ({max(lengths)} tokens)")
-    rows: list[list[int]] = []
-    loads: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        for r, load in enumerate(loads):
-            if load + lengths[i] <= token_budget:
-                rows[r].append(i)
-                loads[r] += lengths[i]
-                break
-        else:
-            rows.append([i])
-            loads.append(lengths[i])
-    rows = [sorted(r) for r in rows]
-    return sorted(rows, key=lambda r: r[0])
-
-
 def build_layout(batch: Any, layout: str, group_size: int | None = None, token_budget: int | None = None,
                  pad_token_id: int = 0) -> PackedLayout:
     """Plan a packed layout of `batch` (prompt_ids, prompt_mask, completion_ids, completion_mask: (B, P), (B, C)).
@@ -196,71 +175,31 @@ def build_layout(batch: Any, layout: str, group_size: int | None = None, token_b
     _check_batch(prompt_ids, prompt_mask, completion_ids, completion_mask)
     rows, prompt_width = prompt_ids.shape
     completion_width = completion_ids.shape[1]
+    shared_group = None  # "packed": one segment per row, no branches
     if layout == "shared_prompt":
         if group_size is None:
             raise ValueError("layout 'shared_prompt' needs group_size (completions per prompt)")
         check_shared_prompts(prompt_ids, prompt_mask, group_size)
-    else:
-        group_size = 1
-    prompt_lens = prompt_mask.bool().sum(1).tolist()
-    completion_lens = completion_mask.bool().sum(1).tolist()
-
-    # Built on the host (a few hundred small slice writes), moved to the batch's device once at the end.
+        shared_group = group_size
+    # Only the lengths go to the host, in one copy (one sync for a CUDA batch); the planner's indices come
+    # back to the batch's device once, and the tokens are gathered there.
+    prompt_lens, completion_lens = torch.stack([prompt_mask.bool().sum(1), completion_mask.bool().sum(1)]).cpu()
+    index = planner.pack_layout(prompt_lens, completion_lens, prompt_width, completion_width, shared_group,
+                                token_budget)
     device = prompt_ids.device
-    prompt_ids, completion_ids = prompt_ids.cpu(), completion_ids.cpu()
-    # Segments: per group, the prompt once, then each row's completion (one row per group in "packed").
-    # pieces: (token ids, first position, branch, row or -1 for the prompt)
-    segments: list[list[tuple[Tensor, int, int, int]]] = []
-    for g in range(rows // group_size):
-        first = g * group_size
-        p = prompt_lens[first]
-        pieces = [(prompt_ids[first, prompt_width - p:], 0, 0, -1)]
-        for k in range(group_size):
-            row = first + k
-            branch = k + 1 if layout == "shared_prompt" else 0
-            pieces.append((completion_ids[row, : completion_lens[row]], p, branch, row))
-        segments.append(pieces)
-    lengths = [sum(t.numel() for t, *_ in pieces) for pieces in segments]
-    budget = max(prompt_width + completion_width, max(lengths)) if token_budget is None else int(token_budget)
-    plan = plan_rows(lengths, budget)
-    width = max(sum(lengths[s] for s in row) for row in plan)
-
-    shape = (len(plan), width)
-    input_ids = torch.full(shape, pad_token_id, dtype=prompt_ids.dtype)
-    position_ids = torch.zeros(shape, dtype=torch.long)
-    segment_ids = torch.full(shape, -1, dtype=torch.long)
-    branch_ids = torch.zeros(shape, dtype=torch.long)
-    state_index: list[Tensor] = []
-    target_index: list[Tensor] = []
-    for r, row_segments in enumerate(plan):
-        offset = 0
-        for s in row_segments:
-            prompt_last = None  # flat index of the segment's last prompt token
-            for ids, start, branch, row in segments[s]:
-                n = ids.numel()
-                span = slice(offset, offset + n)
-                input_ids[r, span] = ids
-                position_ids[r, span] = torch.arange(start, start + n)
-                segment_ids[r, span] = s
-                branch_ids[r, span] = branch
-                flat = r * width + offset
-                if row < 0:
-                    prompt_last = flat + n - 1
-                elif n:
-                    # token j of the completion is predicted by token j - 1, its first by the last prompt token
-                    state_index.append(torch.cat([torch.tensor([prompt_last]), torch.arange(flat, flat + n - 1)]))
-                    target_index.append(torch.arange(row * completion_width, row * completion_width + n))
-                offset += n
-    empty = torch.zeros(0, dtype=torch.long)
+    index = planner.LayoutIndex(*(t.to(device) for t in index))
+    tokens = torch.cat([prompt_ids, completion_ids.to(prompt_ids.dtype)], dim=1).reshape(-1)
+    row_padding = index.token_index < 0
+    input_ids = tokens[index.token_index.clamp(min=0)].masked_fill_(row_padding, pad_token_id)
     return PackedLayout(
         kind=layout,
-        input_ids=input_ids.to(device),
-        position_ids=position_ids.to(device),
-        segment_ids=segment_ids.to(device),
-        branch_ids=branch_ids.to(device),
-        token_mask=(segment_ids >= 0).long().to(device),
-        state_index=(torch.cat(state_index) if state_index else empty).to(device),
-        target_index=(torch.cat(target_index) if target_index else empty).to(device),
+        input_ids=input_ids,
+        position_ids=index.position_ids,
+        segment_ids=index.segment_ids,
+        branch_ids=index.branch_ids,
+        token_mask=(~row_padding).long(),
+        state_index=index.state_index,
+        target_index=index.target_index,
         batch_size=rows,
         completion_length=completion_width,
         padded_tokens=rows * (prompt_width + completion_width),

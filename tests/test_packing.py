@@ -7,12 +7,15 @@ Every iteration's loss, KL, clip ratios and trained-layer gradients must agree t
 from __future__ import annotations
 
 import copy
+import dataclasses
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import onelayer_fast as olf
-from onelayer_fast import packing
+from onelayer_fast import packing, planner
 from onelayer_fast.update import RolloutBatch, UpdateSettings, completion_states, grpo_update, prefix_cache
 
 # tiny tensors: one intra-op thread is faster and immune to a busy machine (see conftest)
@@ -185,11 +188,74 @@ def test_packed_layout_structure():
     assert packing.token_share(batch, "packed") == layout.computed_tokens / (9 * (PROMPT_LEN + COMPLETION_LEN))
 
 
-def test_plan_rows():
-    assert packing.plan_rows([5, 3, 4, 2], 7) == [[0, 3], [1, 2]]
-    assert packing.plan_rows([7], 7) == [[0]]
-    with pytest.raises(ValueError, match="smaller than the longest"):
-        packing.plan_rows([8, 1], 7)
+def test_rows_are_the_planners_largest_first_plan():
+    """Segments go into the fewest rows largest_first finds, rows in batch order, each within the budget."""
+    batch = make_batch(50)
+    lengths = [PROMPT_LENGTHS[r // GROUP_SIZE] + COMPLETION_LENGTHS[r] for r in range(9)]  # 13 10 7 3 8 6 7 10 11
+    for budget in (None, 13, 20, 75):
+        layout = packing.build_layout(batch, "packed", token_budget=budget)
+        rows = [sorted(set(r[r >= 0].tolist())) for r in layout.segment_ids]
+        plan = planner.plan_microbatches(lengths, budget or PROMPT_LEN + COMPLETION_LEN, "largest_first")
+        assert rows == sorted(plan, key=lambda r: r[0])
+        assert layout.input_ids.shape[1] == max(sum(lengths[s] for s in r) for r in rows)
+    assert packing.build_layout(batch, "packed", token_budget=75).input_ids.shape == (1, sum(lengths))
+    with pytest.raises(ValueError, match="smaller than the longest segment"):
+        packing.build_layout(batch, "packed", token_budget=12)
+
+
+def random_batch(seed: int) -> tuple[SimpleNamespace, int]:
+    """A random batch (prompts left-padded, completions right-padded) of whole groups, one prompt per group; and
+    its group size."""
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda low, high: int(torch.randint(low, high + 1, (), generator=gen))  # noqa: E731
+    group_size, groups = draw(1, 4), draw(1, 5)
+    prompt_width, completion_width = draw(1, 9), draw(0, 9)
+    rows = groups * group_size
+    prompt_lens = torch.randint(1, prompt_width + 1, (groups,), generator=gen).repeat_interleave(group_size)
+    completion_lens = torch.randint(0, completion_width + 1, (rows,), generator=gen)
+    prompt_mask = (torch.arange(prompt_width) >= prompt_width - prompt_lens[:, None]).long()
+    completion_mask = (torch.arange(completion_width) < completion_lens[:, None]).long()
+    prompt_ids = torch.randint(1, 100, (groups, prompt_width), generator=gen).repeat_interleave(group_size, 0)
+    completion_ids = torch.randint(1, 100, (rows, completion_width), generator=gen)
+    return SimpleNamespace(prompt_ids=prompt_ids * prompt_mask, prompt_mask=prompt_mask,
+                           completion_ids=completion_ids * completion_mask, completion_mask=completion_mask), group_size
+
+
+def expected_real_tokens(batch, layout: str, group_size: int) -> list[int]:
+    """The sorted token ids a layout computes: every real prompt (once per group when shared) and completion token."""
+    prompts = batch.prompt_ids[batch.prompt_mask.bool()] if layout == "packed" else \
+        batch.prompt_ids[::group_size][batch.prompt_mask[::group_size].bool()]
+    return torch.cat([prompts, batch.completion_ids[batch.completion_mask.bool()]]).sort().values.tolist()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_build_layout_is_unchanged_by_the_cpp_planner(layout, monkeypatch):
+    """Every PackedLayout field is the same whether the indices come from the C++ op or its Python reference."""
+    cases = [(make_batch(50), GROUP_SIZE, None), (make_batch(50), GROUP_SIZE, 40)]
+    cases += [(*random_batch(seed), None) for seed in range(25)]
+    expected = []
+    with monkeypatch.context() as patch:
+        patch.setattr(planner, "pack_layout", planner.pack_layout_ref)
+        for batch, group_size, budget in cases:
+            expected.append(packing.build_layout(batch, layout, group_size, budget, pad_token_id=7))
+    for (batch, group_size, budget), want in zip(cases, expected):
+        got = packing.build_layout(batch, layout, group_size, budget, pad_token_id=7)
+        for field in dataclasses.fields(packing.PackedLayout):
+            a, e = getattr(got, field.name), getattr(want, field.name)
+            if isinstance(e, torch.Tensor):
+                assert a.dtype == e.dtype and a.shape == e.shape and torch.equal(a, e), field.name
+            else:
+                assert a == e, field.name
+        # The tokens are the batch's: real ones where the token mask is 1, the pad id elsewhere.
+        assert (got.input_ids[got.token_mask == 0] == 7).all()
+        real = got.input_ids[got.token_mask == 1].sort().values.tolist()
+        assert real == expected_real_tokens(batch, layout, group_size)
+
+
+def test_build_layout_without_the_extension_says_how_to_build(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onelayer_fast._planner", None)  # the import of the extension fails
+    with pytest.raises(ImportError, match=r"not built.*pip install -e \."):
+        packing.build_layout(make_batch(50), "packed")
 
 
 # --------------------------------------------------------------------------------------------------

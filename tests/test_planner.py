@@ -2,8 +2,9 @@
 
 Property-based (hypothesis, derandomized so CI sees the same cases): random lengths, budgets and groups ->
 the same plan as the reference, every index exactly once, every micro-batch within budget, groups unsplit;
-pack / unpack round-trips a random padded tensor exactly; anchor ids equal the reference and give GiGPO the
-same anchor groups as `advantages.gigpo_advantages`.
+pack / unpack round-trips a random padded tensor exactly; pack_layout equals its reference field for field,
+takes every token once and predicts each completion token from a state it may attend to; anchor ids equal the
+reference and give GiGPO the same anchor groups as `advantages.gigpo_advantages`.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from onelayer_fast.planner import (
     anchor_groups,
     anchor_groups_ref,
     pack,
+    pack_layout,
+    pack_layout_ref,
     pack_ref,
     pack_tokens,
     plan_microbatches,
@@ -193,6 +196,120 @@ def test_plan_then_pack_covers_every_token_once(inputs, method):
 
 
 # --------------------------------------------------------------------------------------------------
+# pack_layout
+# --------------------------------------------------------------------------------------------------
+
+
+def segment_lengths(prompt_lens: list[int], completion_lens: list[int], group_size: int | None) -> list[int]:
+    group = group_size or 1
+    return [prompt_lens[first] + sum(completion_lens[first:first + group])
+            for first in range(0, len(prompt_lens), group)]
+
+
+@st.composite
+def layout_inputs(draw):
+    """(prompt_lens, completion_lens, prompt_width, completion_width, group_size or None, token_budget or None)."""
+    group_size = draw(st.one_of(st.none(), st.integers(1, 4)))
+    groups = draw(st.integers(1, 8))
+    rows = groups * (group_size or 1)
+    prompt_width, completion_width = draw(st.integers(1, 8)), draw(st.integers(0, 8))
+    per_group = draw(st.lists(st.integers(1, prompt_width), min_size=groups, max_size=groups))
+    prompt_lens = [p for p in per_group for _ in range(group_size or 1)]  # one prompt per group
+    completion_lens = draw(st.lists(st.integers(0, completion_width), min_size=rows, max_size=rows))
+    longest = max(segment_lengths(prompt_lens, completion_lens, group_size))
+    budget = draw(st.one_of(st.none(), st.integers(longest, 3 * longest + 5)))
+    return prompt_lens, completion_lens, prompt_width, completion_width, group_size, budget
+
+
+def assert_layout_index_equal(actual: planner.LayoutIndex, expected: planner.LayoutIndex) -> None:
+    for name, a, e in zip(planner.LayoutIndex._fields, actual, expected):
+        assert a.dtype == e.dtype == torch.int64 and a.shape == e.shape and torch.equal(a, e), name
+
+
+def check_layout_index(index: planner.LayoutIndex, prompt_lens, completion_lens, prompt_width, completion_width,
+                       group_size, budget) -> None:
+    """What build_layout relies on, independently of the reference: tokens, positions, states, branches, plan."""
+    group = group_size or 1
+    row_width = prompt_width + completion_width
+    real = index.segment_ids >= 0
+    assert torch.equal(real, index.token_index >= 0)
+    # Every completion token once; every prompt once per segment, from the group's first row, left-padded.
+    expected_tokens = []
+    for first in range(0, len(prompt_lens), group):
+        p = prompt_lens[first]
+        expected_tokens += [first * row_width + t for t in range(prompt_width - p, prompt_width)]
+        for b in range(first, first + group):
+            expected_tokens += [b * row_width + prompt_width + t for t in range(completion_lens[b])]
+    assert sorted(index.token_index[real].tolist()) == sorted(expected_tokens)
+    # Positions: the prompt from 0, each completion continuing it.
+    prompt_len_of = {t: prompt_lens[t // row_width] for t in expected_tokens}
+    for token, position in zip(index.token_index[real].tolist(), index.position_ids[real].tolist()):
+        within = token % row_width
+        expected = within - (prompt_width - prompt_len_of[token]) if within < prompt_width \
+            else prompt_len_of[token] + within - prompt_width
+        assert position == expected
+    # Each real completion token b * C + t is predicted by a state of its own segment at position p_b + t - 1
+    # that it may attend to (branch 0, or its own completion's).
+    targets = index.target_index.tolist()
+    assert sorted(targets) == [b * completion_width + t for b, c in enumerate(completion_lens) for t in range(c)]
+    target_rows = [x // completion_width for x in targets]
+    target_steps = [x % completion_width for x in targets]
+
+    def at_states(values: torch.Tensor) -> list[int]:
+        return values.reshape(-1)[index.state_index].tolist()
+
+    assert at_states(index.segment_ids) == [b // group for b in target_rows]
+    assert at_states(index.position_ids) == [prompt_lens[b] + t - 1 for b, t in zip(target_rows, target_steps)]
+    own_branches = [b % group + 1 if group_size else 0 for b in target_rows]
+    assert all(branch in (0, own) for branch, own in zip(at_states(index.branch_ids), own_branches))
+    # Rows: largest_first's micro-batches, ordered by first segment, within the budget.
+    lengths = segment_lengths(prompt_lens, completion_lens, group_size)
+    budget = max(row_width, max(lengths)) if budget is None else budget
+    expected_rows = sorted(plan_microbatches(lengths, budget, "largest_first"), key=lambda r: r[0])
+    assert [sorted(set(r[r >= 0].tolist())) for r in index.segment_ids] == expected_rows
+    assert index.segment_ids.shape[1] == max(sum(lengths[s] for s in r) for r in expected_rows) <= budget
+
+
+def test_pack_layout_examples():
+    # Two rows sharing a 2-token prompt (P = 3, C = 2): one segment [prompt | completion 1 | completion 2].
+    shared = pack_layout([2, 2], [1, 2], 3, 2, group_size=2)
+    assert shared.token_index.tolist() == [[1, 2, 3, 8, 9]]
+    assert shared.position_ids.tolist() == [[0, 1, 2, 2, 3]]
+    assert shared.segment_ids.tolist() == [[0, 0, 0, 0, 0]]
+    assert shared.branch_ids.tolist() == [[0, 0, 1, 2, 2]]
+    assert shared.state_index.tolist() == [1, 1, 3]  # both first tokens come from the prompt's last token
+    assert shared.target_index.tolist() == [0, 2, 3]
+    # The same rows packed: one segment each, 3 and 4 tokens, one per row under the budget of 5.
+    packed = pack_layout([2, 2], [1, 2], 3, 2)
+    assert packed.token_index.tolist() == [[1, 2, 3, -1], [6, 7, 8, 9]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0], [0, 1, 2, 3]]
+    assert packed.segment_ids.tolist() == [[0, 0, 0, -1], [1, 1, 1, 1]]
+    assert packed.branch_ids.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]]
+    assert packed.state_index.tolist() == [1, 5, 6]
+    assert packed.target_index.tolist() == [0, 2, 3]
+    # A budget of 7 fits both segments in one row.
+    assert pack_layout([2, 2], [1, 2], 3, 2, token_budget=7).segment_ids.tolist() == [[0, 0, 0, 1, 1, 1, 1]]
+    assert_layout_index_equal(shared, pack_layout_ref([2, 2], [1, 2], 3, 2, group_size=2))
+    assert_layout_index_equal(packed, pack_layout_ref([2, 2], [1, 2], 3, 2))
+    # Lengths as tensors, numpy arrays, tuples: the same layout.
+    for lens in ((torch.tensor([2, 2]), torch.tensor([1, 2])), (np.array([2, 2], np.int32), np.array([1, 2], np.uint8)),
+                 ((2, 2), (1, 2))):
+        assert_layout_index_equal(pack_layout(*lens, 3, 2, group_size=2), shared)
+    # Nothing to predict: no completion tokens at all.
+    empty = pack_layout([1, 3], [0, 0], 3, 0)
+    assert empty.state_index.numel() == empty.target_index.numel() == 0
+    assert_layout_index_equal(empty, pack_layout_ref([1, 3], [0, 0], 3, 0))
+
+
+@PROPERTY
+@given(layout_inputs())
+def test_pack_layout_matches_reference(inputs):
+    index = pack_layout(*inputs)
+    assert_layout_index_equal(index, pack_layout_ref(*inputs))
+    check_layout_index(index, *inputs)
+
+
+# --------------------------------------------------------------------------------------------------
 # anchor_groups
 # --------------------------------------------------------------------------------------------------
 
@@ -266,6 +383,24 @@ def test_anchor_groups_examples():
     (lambda: pack([-3, 2], [0]), ValueError, "negative"),
     (lambda: pack([], [0]), ValueError, "must not be empty"),
     (lambda: pack([2**31, 1], [0]), ValueError, "cu_seqlens is int32"),
+    (lambda: pack_layout([], [], 3, 2), ValueError, "prompt_lens must not be empty"),
+    (lambda: pack_layout([2, 2], [1], 3, 2), ValueError, "same size"),
+    (lambda: pack_layout([2], [1], 0, 2), ValueError, "prompt_width must be at least 1"),
+    (lambda: pack_layout([2], [1], 3, -1), ValueError, "completion_width must not be negative"),
+    (lambda: pack_layout([2, 0], [1, 1], 3, 2), ValueError, r"prompt_lens\[1\] = 0 is outside \[1, prompt_width = 3\]"),
+    (lambda: pack_layout([4], [1], 3, 2), ValueError, r"prompt_lens\[0\] = 4 is outside"),
+    (lambda: pack_layout([2], [3], 3, 2), ValueError, r"completion_lens\[0\] = 3 is outside \[0, completion_width = 2"),
+    (lambda: pack_layout([2], [-1], 3, 2), ValueError, r"completion_lens\[0\] = -1 is outside"),
+    (lambda: pack_layout([2, 2], [1, 1], 3, 2, group_size=0), ValueError, "group_size must be positive"),
+    (lambda: pack_layout([2, 2, 2], [1, 1, 1], 3, 2, group_size=2), ValueError, r"\(3 rows\) is not whole groups"),
+    (lambda: pack_layout([2, 3], [1, 1], 3, 2, group_size=2), ValueError, "rows 0 and 1 of group 0 have prompts of"),
+    (lambda: pack_layout([2, 2], [2, 1], 3, 2, token_budget=3), ValueError,
+     r"token_budget = 3 is smaller than the longest segment \(4 tokens\)"),
+    (lambda: pack_layout([2], [1], 3, 2, token_budget=0), ValueError, "token_budget must be positive"),
+    (lambda: pack_layout([2], [1], 2**62, 2**62), ValueError, "overflows int64"),
+    (lambda: pack_layout([2.0], [1], 3, 2), TypeError, "prompt_lens must hold integers"),
+    (lambda: pack_layout([2], [[1]], 3, 2), ValueError, "completion_lens must be 1-D"),
+    (lambda: pack_layout([2], [1], 3.0, 2), TypeError, "incompatible function arguments"),
     (lambda: anchor_groups([0, 1], ["a"]), ValueError, "same size"),
     (lambda: anchor_groups([0], "a"), TypeError, "one string"),
     (lambda: anchor_groups([0, 1], ["a", 1]), TypeError, r"observations\[1\] is int"),
