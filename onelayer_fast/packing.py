@@ -143,17 +143,24 @@ def _check_batch(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor
         raise ValueError("packed layouts need completion masks of the form 1...10...0 (1 up to and including EOS)")
 
 
+def first_mixed_group(prompt_ids: Tensor, prompt_mask: Tensor, group_size: int) -> int | None:
+    """The first group of `group_size` consecutive rows whose prompts differ (real tokens or mask), or None when
+    every group shares one prompt. The rows must be whole groups (prompt_ids.shape[0] % group_size == 0)."""
+    rows = prompt_ids.shape[0]
+    ids = (prompt_ids * prompt_mask.to(prompt_ids.dtype)).view(rows // group_size, group_size, -1)
+    mask = prompt_mask.view(rows // group_size, group_size, -1)
+    same = (ids == ids[:, :1]).all(dim=2) & (mask == mask[:, :1]).all(dim=2)
+    return None if bool(same.all()) else int((~same).any(dim=1).nonzero()[0])
+
+
 def check_shared_prompts(prompt_ids: Tensor, prompt_mask: Tensor, group_size: int) -> None:
     """Rows come in groups of `group_size` consecutive rows with identical prompts (ids and mask)."""
     rows = prompt_ids.shape[0]
     if group_size < 1 or rows % group_size != 0:
         raise ValueError(f"layout 'shared_prompt' needs the batch ({rows} rows) to be whole groups of "
                          f"group_size={group_size} rows")
-    ids = (prompt_ids * prompt_mask.to(prompt_ids.dtype)).view(rows // group_size, group_size, -1)
-    mask = prompt_mask.view(rows // group_size, group_size, -1)
-    same = (ids == ids[:, :1]).all(dim=2) & (mask == mask[:, :1]).all(dim=2)
-    if not bool(same.all()):
-        bad = int((~same).any(dim=1).nonzero()[0])
+    bad = first_mixed_group(prompt_ids, prompt_mask, group_size)
+    if bad is not None:
         first, last = bad * group_size, (bad + 1) * group_size - 1
         raise ValueError(f"layout 'shared_prompt' needs the {group_size} rows of each group to share one prompt, but "
                          f"group {bad} (rows {first}..{last}) holds different prompts; "

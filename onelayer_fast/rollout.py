@@ -6,6 +6,8 @@ import inspect
 import torch
 from torch import Tensor
 
+from .packing import first_mixed_group
+
 
 def encode_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
     """Left-padded prompt ids and mask (B, P).
@@ -37,13 +39,11 @@ def cache_argument(model) -> str:
 
 
 def grouped_prompts(prompt_ids: Tensor, prompt_mask: Tensor, group_size: int) -> bool:
-    """True when the rows are whole groups of `group_size` consecutive copies of one prompt (ids and mask)."""
-    rows = prompt_ids.shape[0]
-    if group_size < 2 or rows % group_size != 0:
+    """True when the rows are whole groups of `group_size` (>= 2) consecutive copies of one prompt: the
+    grouping the update's shared-prompt layout needs too (packing.first_mixed_group)."""
+    if group_size < 2 or prompt_ids.shape[0] % group_size != 0:
         return False
-    ids = prompt_ids.view(rows // group_size, group_size, -1)
-    mask = prompt_mask.view(rows // group_size, group_size, -1)
-    return bool((ids == ids[:, :1]).all()) and bool((mask == mask[:, :1]).all())
+    return first_mixed_group(prompt_ids, prompt_mask, group_size) is None
 
 
 @torch.no_grad()
