@@ -125,8 +125,12 @@ def extension_modules() -> list[Extension]:
 
 
 setup(
-    packages=["onelayer_fast", "onelayer_fast.tasks", "onelayer_fast.kernels"],
+    # models/data holds files, not code; listing it as a package is how setuptools ships a data folder
+    packages=["onelayer_fast", "onelayer_fast.tasks", "onelayer_fast.models", "onelayer_fast.models.data",
+              "onelayer_fast.kernels"],
     package_dir={"onelayer_fast.kernels": "kernels"},
+    # The embedded toy-arith base model's weights (6 MB, float32): load_model("toy-arith") reads them.
+    package_data={"onelayer_fast.models.data": ["toy-arith/*"]},
     ext_modules=extension_modules(),
     cmdclass={"build_ext": NinjaBuildExt},
 )

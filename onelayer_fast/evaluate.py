@@ -3,7 +3,7 @@ Full and every Single(i), so their scores differ only by the weights.
 
     result = evaluate(model, tokenizer, task, eval_examples(task, 200, seed=0))
     result.accuracy      # mean of task.correct(completion, example)
-    result.mean_reward   # mean of the weighted reward sum the trainer optimizes (trainer.score)
+    result.mean_reward   # mean of the weighted reward sum the trainer optimizes (tasks.rewards.score)
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .episodes import is_environment_task, run_episodes
 from .rollout import encode_prompts, sample_completions
 from .tasks import Example, Task
-from .trainer import score
+from .tasks.rewards import score
 
 DEFAULT_MAX_NEW_TOKENS = 256  # GRPOConfig.max_completion_length's default
 
@@ -82,7 +82,7 @@ def evaluate(
                 completions[i] = text
             bar.update(len(chunk))
     correct = sum(bool(task.correct(c, e)) for c, e in zip(completions, examples))
-    rewards = score(task, completions, examples)
+    rewards = torch.from_numpy(score(task, completions, examples))  # torch's float32 mean, as before
     return EvalResult(accuracy=correct / len(examples), mean_reward=float(rewards.mean()), n=len(examples),
                       seconds=time.perf_counter() - started)
 
@@ -100,6 +100,6 @@ def _evaluate_environment(model, tokenizer, task, examples, batch_size, max_new_
             transcripts.extend(episodes.transcripts)
             bar.update(len(chunk))
     correct = sum(bool(task.correct(t, e)) for t, e in zip(transcripts, examples))
-    rewards = score(task, transcripts, examples)
+    rewards = torch.from_numpy(score(task, transcripts, examples))
     return EvalResult(accuracy=correct / len(examples), mean_reward=float(rewards.mean()), n=len(examples),
                       seconds=time.perf_counter() - started)

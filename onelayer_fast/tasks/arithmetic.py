@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from . import Example, check_split, split_of
+from .base import Example, check_split, split_of
 
 
 def exact_match(completion: str, example: Example) -> float:

@@ -18,9 +18,9 @@ HumanEval-style prompts (a signature and docstring the model continues) work too
 front of the completion.
 
 Cost: rewards run one sandboxed `python -I` process per completion, sequentially (the trainer calls
-reward functions one completion at a time): about 65 ms of interpreter start-up per completion
-(measured on 2 CPU cores) plus the tests' own run time, so 4 s or more for a batch of 64, and up to
-`timeout_s` for each completion that loops forever. `correct()` on a completion that was just
+reward functions one completion at a time): an interpreter start-up per completion (tens of ms) plus
+the tests' own run time, so seconds for a batch of 64, and up to `timeout_s` for each completion that
+loops forever. `correct()` on a completion that was just
 rewarded costs nothing: results are cached by program text.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..sandbox import run_python
-from . import SPLITS, Example, check_split, parse_jsonl_object, read_jsonl_examples, split_of
+from .base import SPLITS, Example, check_split, parse_jsonl_object, read_jsonl_examples, split_of
 
 # ```python ... ``` (or ```py, ```python3, bare ```); the closing fence may be missing in a truncated
 # completion, in which case everything after the opening fence is the code.

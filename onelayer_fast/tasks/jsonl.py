@@ -5,7 +5,7 @@ import json
 import random
 from pathlib import Path
 
-from . import Example, check_split, split_of
+from .base import Example, check_split, split_of
 from .arithmetic import exact_match
 
 

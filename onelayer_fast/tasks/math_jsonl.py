@@ -20,7 +20,7 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
-from . import SPLITS, Example, check_split, parse_jsonl_object, read_jsonl_examples, split_of
+from .base import SPLITS, Example, check_split, parse_jsonl_object, read_jsonl_examples, split_of
 
 # A number as written in text: optional sign, digits with optional thousands commas, optional
 # decimals, optionally a fraction "a/b". Thousands groups are tried first so "1,234" is one number.

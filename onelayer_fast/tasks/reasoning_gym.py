@@ -23,7 +23,7 @@ import random
 import re
 from typing import Any
 
-from . import Example, check_split, split_of
+from .base import Example, check_split, split_of
 
 PREFIX = "rg:"
 INSTRUCTION = "Give only the final answer, between <answer> and </answer> tags."

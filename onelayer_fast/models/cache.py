@@ -1,4 +1,5 @@
-"""Models built once on first use and cached in the user's cache directory (toy-arith, SmolLM2).
+"""Models built once on first use and cached in the user's cache directory (SmolLM2's conversion, and
+toy-arith builds: the shipped weights need no cache, other recipes do).
 
 A build writes into its own temp dir beside the target and is renamed into place, so a reader never
 sees a half-written model and a killed build leaves nothing under the final name. An flock makes

