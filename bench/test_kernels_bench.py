@@ -13,7 +13,7 @@ Two groups, each the kernel against its plain-PyTorch reference (the same `_ref`
 Before timing, every benchmark checks its contender against the reference, so a fast wrong kernel fails here.
 
 Not collected by the default `python -m pytest` (testpaths = ["tests"]). The full-size comparison with memory,
-FLOP/s and ratios is `python bench/run.py grpo_loss`.
+FLOP/s and ratios is `python -m bench grpo_loss`; the loss settings and the Liger contender are that workload's.
 """
 from __future__ import annotations
 
@@ -25,12 +25,14 @@ import torch
 pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (the [test] extra)")
 
 import onelayer_fast as olf  # noqa: E402
+from bench.contenders.liger import liger_grpo_loss  # noqa: E402
+from bench.workloads.step import STEP_LOSS, loss_config  # noqa: E402
 from onelayer_fast.kernels.token_logprobs import chunked_token_logprobs, token_logprobs_ref  # noqa: E402
 
 # Odd sizes on purpose (house style): partial chunks and tails are part of what is timed.
 TOKENS, HIDDEN, VOCAB = 509, 64, 8191
 ROWS, COMPLETION, GROUP = 16, 32, 8
-LOSS_KWARGS = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.2, loss_type="dapo", importance_sampling_level="token")
+LOSS = loss_config(STEP_LOSS)  # the bench's loss: beta 0.04, epsilon 0.2, dapo, token-level importance sampling
 
 
 @pytest.fixture(autouse=True)
@@ -100,28 +102,13 @@ def loss_inputs():
 
 def olf_loss(x: dict, backend: str):
     def fn(h):
-        loss, _ = olf.grpo_loss(h, x["weight"], x["ids"], x["mask"], rewards=x["rewards"], group_size=GROUP,
-                                old_logps=x["old"], ref_logps=x["ref"], backend=backend, **LOSS_KWARGS)
-        return loss
+        return olf.grpo_loss(h, x["weight"], x["ids"], x["mask"], rewards=x["rewards"], group_size=GROUP,
+                             old_logps=x["old"], ref_logps=x["ref"], config=LOSS, backend=backend).loss
     return fn
 
 
 def liger_loss(x: dict):
-    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-    from onelayer_fast.kernels.grpo_loss import group_advantages
-
-    advantages, _ = group_advantages(x["rewards"], GROUP)
-    module = LigerFusedLinearGRPOLoss(beta=LOSS_KWARGS["beta"], compiled=False, use_ref_model=True,
-                                      epsilon_low=LOSS_KWARGS["epsilon_low"], epsilon_high=LOSS_KWARGS["epsilon_high"],
-                                      loss_type=LOSS_KWARGS["loss_type"],
-                                      importance_sampling_level=LOSS_KWARGS["importance_sampling_level"])
-
-    def fn(h):
-        out = module(h, x["weight"], x["ids"], x["mask"], advantages, ref_per_token_logps=x["ref"],
-                     old_per_token_logps=x["old"])
-        return out[0] if isinstance(out, tuple) else out
-    return fn
+    return liger_grpo_loss(x["weight"], x["ids"], x["mask"], x["rewards"], x["old"], x["ref"], GROUP, LOSS)
 
 
 GRPO_LOSS = {

