@@ -20,6 +20,9 @@ Normalization over the completion mask m:
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -36,6 +39,46 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 STD_EPS = 1e-4
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Every non-tensor knob of the GRPO loss, in one place: the public `grpo_loss`, the chunked and Triton
+    paths, the update and the bench all take this. Names follow TRL where TRL has the knob (TRL's `epsilon`
+    is `epsilon_low` here: the loss always sees both bounds).
+
+    max_completion_length: the dr_grpo normalizer; None means the completion width of the batch.
+    """
+
+    beta: float = 0.0
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    temperature: float = 1.0
+    max_completion_length: int | None = None
+    importance_sampling_level: str = "token"
+
+    def __post_init__(self) -> None:
+        for name, choices in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS),
+                              ("importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if not self.beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if not (self.epsilon_low >= 0 and self.epsilon_high >= 0):
+            raise ValueError(f"epsilons must be >= 0, got epsilon_low={self.epsilon_low}, epsilon_high={self.epsilon_high}")
+        if self.delta is not None and not self.delta > 1.0:
+            raise ValueError(f"delta (upper clamp of the ratio) must be > 1, got {self.delta}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+
+    def normalizer_length(self, completion_width: int) -> int:
+        """The dr_grpo normalizer length for a batch whose completions are `completion_width` wide."""
+        return self.max_completion_length or completion_width
 
 
 def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "group") -> tuple[Tensor, Tensor]:
@@ -76,23 +119,22 @@ def token_loss_weights(mask: Tensor, loss_type: str, max_completion_length: int)
 
 
 def per_token_terms(
-    logps: Tensor, log_weights: Tensor, advantages: Tensor, ref_logps: Tensor | None,
-    beta: float, epsilon_low: float, epsilon_high: float, delta: float | None,
+    logps: Tensor, log_weights: Tensor, advantages: Tensor, ref_logps: Tensor | None, config: LossConfig,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Clipped surrogate + beta * k3 KL per token. advantages broadcast against logps.
 
     Returns (per_token_loss, coef_1 after the delta clamp (TRL's clip metrics use it), per_token_kl or None).
     """
     coef_1 = torch.exp(log_weights)
-    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
-    if delta is not None:
-        coef_1 = torch.clamp(coef_1, max=delta)
+    coef_2 = torch.clamp(coef_1, 1 - config.epsilon_low, 1 + config.epsilon_high)
+    if config.delta is not None:
+        coef_1 = torch.clamp(coef_1, max=config.delta)
     per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
     per_token_kl = None
-    if beta != 0.0:
+    if config.beta != 0.0:
         diff = ref_logps - logps
         per_token_kl = torch.exp(diff) - diff - 1
-        per_token_loss = per_token_loss + beta * per_token_kl
+        per_token_loss = per_token_loss + config.beta * per_token_kl
     return per_token_loss, coef_1, per_token_kl
 
 
@@ -102,21 +144,14 @@ def grpo_loss_from_logps(
     advantages: Tensor,
     old_logps: Tensor | None,
     ref_logps: Tensor | None,
-    beta: float,
-    epsilon_low: float,
-    epsilon_high: float,
-    delta: float | None,
-    loss_type: str,
-    max_completion_length: int,
-    importance_sampling_level: str,
+    config: LossConfig,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """logps (B, T) differentiable, mask (B, T) float, advantages (B,) -> (loss, metrics of 0-d tensors)."""
     adv = advantages.to(logps.dtype).unsqueeze(1)
-    log_weights = log_importance_weights(logps, old_logps, mask, importance_sampling_level)
-    per_token_loss, coef_1, per_token_kl = per_token_terms(
-        logps, log_weights, adv, ref_logps, beta, epsilon_low, epsilon_high, delta
-    )
-    loss = (per_token_loss * token_loss_weights(mask, loss_type, max_completion_length)).sum()
+    log_weights = log_importance_weights(logps, old_logps, mask, config.importance_sampling_level)
+    per_token_loss, coef_1, per_token_kl = per_token_terms(logps, log_weights, adv, ref_logps, config)
+    weights = token_loss_weights(mask, config.loss_type, config.normalizer_length(mask.shape[1]))
+    loss = (per_token_loss * weights).sum()
     token_count = mask.sum().clamp(min=1.0)
     metrics: dict[str, Tensor] = {}
     if per_token_kl is not None:
@@ -129,8 +164,8 @@ def grpo_loss_from_logps(
         return (flags.float() * mask).sum() / token_count
 
     with torch.no_grad():
-        low = (coef_1 < 1 - epsilon_low) & (adv < 0)
-        high = (coef_1 > 1 + epsilon_high) & (adv > 0)
+        low = (coef_1 < 1 - config.epsilon_low) & (adv < 0)
+        high = (coef_1 > 1 + config.epsilon_high) & (adv > 0)
         metrics["clip_ratio/low_mean"] = masked_mean(low)
         metrics["clip_ratio/high_mean"] = masked_mean(high)
         metrics["clip_ratio/region_mean"] = masked_mean(low | high)
@@ -145,12 +180,14 @@ class FusedTokenGRPOLoss(torch.autograd.Function):
     still in memory, is turned straight into dL/dhidden: one lm_head matmul pass fewer than
     forward + recompute-in-backward, and only (N, H) gradients are kept.
     Inputs are the N unmasked tokens, flattened: hidden (N, H), token_ids, advantages, weights
-    (normalization), old/ref (N,) or None. Returns (loss, logp (N,) non-differentiable).
+    (normalization), old/ref (N,) or None, the LossConfig and the chunk size in rows.
+    Returns (loss, logp (N,) non-differentiable).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, token_ids, advantages, loss_weights, old_logps, ref_logps, settings):
-        temperature, chunk_rows, beta, epsilon_low, epsilon_high, delta = settings
+    def forward(ctx, hidden, weight, token_ids, advantages, loss_weights, old_logps, ref_logps,
+                config: LossConfig, chunk_rows: int):
+        temperature = config.temperature
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -166,9 +203,7 @@ class FusedTokenGRPOLoss(torch.autograd.Function):
                 leaf = chunk_logp.detach().requires_grad_()
                 old = leaf.detach() if old_logps is None else old_logps[part]
                 ref = None if ref_logps is None else ref_logps[part]
-                per_token_loss, _, _ = per_token_terms(
-                    leaf, leaf - old, advantages[part], ref, beta, epsilon_low, epsilon_high, delta
-                )
+                per_token_loss, _, _ = per_token_terms(leaf, leaf - old, advantages[part], ref, config)
                 chunk_loss = (per_token_loss * loss_weights[part]).sum()
                 (grad_logp,) = torch.autograd.grad(chunk_loss, leaf)
             loss += chunk_loss.detach()
@@ -188,7 +223,7 @@ class FusedTokenGRPOLoss(torch.autograd.Function):
         scale = grad_loss.to(torch.float32)
         grad_hidden = None if grad_hidden is None else (grad_hidden * scale).to(grad_hidden.dtype)
         grad_weight = None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def grpo_loss_ref(
@@ -199,19 +234,9 @@ def grpo_loss_ref(
     advantages: Tensor,
     old_logps: Tensor | None = None,
     ref_logps: Tensor | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    delta: float | None = None,
-    loss_type: str = "dapo",
-    temperature: float = 1.0,
-    max_completion_length: int | None = None,
-    importance_sampling_level: str = "token",
+    config: LossConfig = LossConfig(),
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Reference: hidden (B, T, H), weight (V, H), ids/mask (B, T), advantages (B,); logits materialized."""
-    logps = token_logprobs_ref(hidden, weight, completion_ids, temperature)
+    logps = token_logprobs_ref(hidden, weight, completion_ids, config.temperature)
     mask = completion_mask.to(logps.dtype)
-    return grpo_loss_from_logps(
-        logps, mask, advantages, old_logps, ref_logps, beta, epsilon_low, epsilon_high, delta, loss_type,
-        max_completion_length or completion_ids.shape[1], importance_sampling_level,
-    )
+    return grpo_loss_from_logps(logps, mask, advantages, old_logps, ref_logps, config)

@@ -31,14 +31,12 @@ weight-gradient kernel only when the lm_head weight requires grad.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, STD_EPS
+from .grpo_loss import STD_EPS, LossConfig
 from .token_logprobs_triton import (
     is_interpreted,
     launch_config,
@@ -272,30 +270,6 @@ def _grpo_loss_reduce_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GRPOSettings:
-    """Every non-tensor knob of the loss (TRL names); `group_size` only matters with rewards."""
-
-    beta: float = 0.0
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.2
-    delta: float | None = None
-    loss_type: str = "dapo"
-    scale_rewards: str = "group"
-    max_completion_length: int = 1
-    importance_sampling_level: str = "token"
-    group_size: int = 0
-    temperature: float = 1.0
-
-    def __post_init__(self):
-        for name, value, choices in (("loss_type", self.loss_type, LOSS_TYPES),
-                                     ("scale_rewards", self.scale_rewards, SCALE_REWARDS),
-                                     ("importance_sampling_level", self.importance_sampling_level,
-                                      IMPORTANCE_SAMPLING_LEVELS)):
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
 def grpo_loss_triton_terms(
     logp: Tensor,
     row_offsets: Tensor,
@@ -303,18 +277,21 @@ def grpo_loss_triton_terms(
     advantages: Tensor | None,
     old_logps: Tensor | None,
     ref_logps: Tensor | None,
-    settings: GRPOSettings,
+    config: LossConfig,
+    group_size: int | None = None,
+    max_completion_length: int = 1,
     **launch_overrides,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The loss kernels alone, on given log-probs.
 
     logp (N,) fp32 (unmasked tokens, row by row), row_offsets (B+1,) int64, rewards (B,) with
-    settings.group_size or advantages (B,), old_logps / ref_logps (N,) or None ->
+    group_size or advantages (B,), old_logps / ref_logps (N,) or None; max_completion_length: the dr_grpo
+    normalizer (config.max_completion_length, resolved against the batch by the caller) ->
     (loss 0-d, dlogp (N,) fp32 = d loss / d logp, metrics (7,) in METRIC_NAMES order, advantages (B,) fp32).
     metrics[1] (kl) is 0 when beta == 0 and metrics[6] (frac_reward_zero_std) is 0 with given advantages.
     """
     if (rewards is None) == (advantages is None):
-        raise ValueError("pass exactly one of rewards (with settings.group_size) or advantages")
+        raise ValueError("pass exactly one of rewards (with group_size) or advantages")
     if logp.dim() != 1 or row_offsets.dim() != 1 or row_offsets.dtype != torch.int64:
         raise ValueError(f"logp must be (N,) and row_offsets (B+1,) int64, got {tuple(logp.shape)}, "
                          f"{tuple(row_offsets.shape)} {row_offsets.dtype}")
@@ -325,11 +302,11 @@ def grpo_loss_triton_terms(
     for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if t is not None and t.shape != (n,):
             raise ValueError(f"{name} must be ({n},) like logp, got {tuple(t.shape)}")
-    has_kl = settings.beta != 0.0
+    has_kl = config.beta != 0.0
     if has_kl and ref_logps is None:
         raise ValueError("beta != 0 needs ref_logps")
+    g = group_size or 0
     if rewards is not None:
-        g = settings.group_size
         if g < 2 or batch % g:
             raise ValueError(f"group_size must be >= 2 and divide the batch {batch}, got {g}")
     device = logp.device
@@ -340,8 +317,8 @@ def grpo_loss_triton_terms(
     metrics = torch.empty(_NUM_PARTIALS, dtype=torch.float32, device=device)
     loss = torch.empty((), dtype=torch.float32, device=device)
     dummy = logp  # never read: the constexpr flags compile the loads away
-    adv_mode = _ADV_CODE["given" if rewards is None else settings.scale_rewards]
-    seq_level = settings.importance_sampling_level == "sequence"
+    adv_mode = _ADV_CODE["given" if rewards is None else config.scale_rewards]
+    seq_level = config.importance_sampling_level == "sequence"
     _grpo_loss_fwd_kernel[(batch,)](
         logp,
         dummy if old_logps is None else old_logps.to(torch.float32).contiguous(),
@@ -349,13 +326,13 @@ def grpo_loss_triton_terms(
         row_offsets.contiguous(),
         per_row.to(torch.float32).contiguous(),
         dlogp, partials,
-        batch, max(settings.group_size, 1), settings.max_completion_length,
-        float(settings.beta), float(settings.epsilon_low), float(settings.epsilon_high),
-        float(settings.delta) if settings.delta is not None else 0.0,
-        ADV_MODE=adv_mode, LOSS_TYPE=_LOSS_TYPE_CODE[settings.loss_type], SEQ_LEVEL=seq_level,
-        HAS_OLD=old_logps is not None, HAS_KL=has_kl, HAS_DELTA=settings.delta is not None,
+        batch, max(g, 1), max_completion_length,
+        float(config.beta), float(config.epsilon_low), float(config.epsilon_high),
+        float(config.delta) if config.delta is not None else 0.0,
+        ADV_MODE=adv_mode, LOSS_TYPE=_LOSS_TYPE_CODE[config.loss_type], SEQ_LEVEL=seq_level,
+        HAS_OLD=old_logps is not None, HAS_KL=has_kl, HAS_DELTA=config.delta is not None,
         NUM_PARTIALS=_NUM_PARTIALS, BLOCK=cfg["LOSS_BLOCK"],
-        BLOCK_G=triton.next_power_of_2(max(settings.group_size, 2)),
+        BLOCK_G=triton.next_power_of_2(max(g, 2)),
         num_warps=cfg["loss_warps"],
     )
     _grpo_loss_reduce_kernel[(1,)](
@@ -372,20 +349,22 @@ def grpo_loss_triton_terms(
 
 class TritonGRPOLoss(torch.autograd.Function):
     """apply(hidden (N, H), weight (V, H), token_ids (N,), row_offsets (B+1,), rewards (B,) | None,
-    advantages (B,) | None, old_logps (N,) | None, ref_logps (N,) | None, settings, launch_overrides | None)
+    advantages (B,) | None, old_logps (N,) | None, ref_logps (N,) | None, config, group_size,
+    max_completion_length, launch_overrides | None)
     -> (loss 0-d, logp (N,), metrics (7,), advantages (B,)); only the loss is differentiable."""
 
     @staticmethod
     def forward(ctx, hidden, weight, token_ids, row_offsets, rewards, advantages, old_logps, ref_logps,
-                settings: GRPOSettings, launch_overrides: dict | None):
-        # Chosen once here and stored, so the backward kernels run with the forward's settings.
+                config: LossConfig, group_size: int | None, max_completion_length: int, launch_overrides: dict | None):
+        # Chosen once here and stored, so the backward kernels run with the forward's launch settings.
         cfg = launch_config(hidden.dtype, is_interpreted(), **(launch_overrides or {}))
-        logp, lse = token_logprobs_triton_forward(hidden, weight, token_ids, settings.temperature, **cfg)
+        logp, lse = token_logprobs_triton_forward(hidden, weight, token_ids, config.temperature, **cfg)
         loss, dlogp, metrics, adv = grpo_loss_triton_terms(
-            logp, row_offsets, rewards, advantages, old_logps, ref_logps, settings, **cfg
+            logp, row_offsets, rewards, advantages, old_logps, ref_logps, config, group_size, max_completion_length,
+            **cfg
         )
         ctx.save_for_backward(hidden, weight, token_ids, lse, dlogp)
-        ctx.temperature = settings.temperature
+        ctx.temperature = config.temperature
         ctx.launch = cfg
         ctx.mark_non_differentiable(logp, metrics, adv)
         return loss, logp, metrics, adv
@@ -403,7 +382,7 @@ class TritonGRPOLoss(torch.autograd.Function):
             grad_weight = token_logprobs_triton_backward_weight(
                 grad_logp, hidden, weight, token_ids, lse, ctx.temperature, **ctx.launch
             )
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None
 
 
 def grpo_loss_triton(
@@ -416,22 +395,14 @@ def grpo_loss_triton(
     advantages: Tensor | None = None,
     old_logps: Tensor | None = None,
     ref_logps: Tensor | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    delta: float | None = None,
-    loss_type: str = "dapo",
-    scale_rewards: str = "group",
-    temperature: float = 1.0,
-    max_completion_length: int | None = None,
-    importance_sampling_level: str = "token",
+    config: LossConfig = LossConfig(),
     **launch_overrides,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Fused Triton GRPO loss. hidden (B, T, H), weight (V, H), completion_ids / completion_mask (B, T),
     rewards (B,) with group_size or advantages (B,), old_logps / ref_logps (B, T) or None.
 
-    Returns (loss, metrics) with the metric names of `onelayer_fast.grpo_loss` (`kl` only when beta != 0,
-    `frac_reward_zero_std` only with rewards; `token_logps` (B, T) detached, 0 where masked).
+    Returns (loss, token_logps (B, T) detached and 0 where masked, metrics) with the metric names of
+    `onelayer_fast.grpo_loss` (`kl` only when beta != 0, `frac_reward_zero_std` only with rewards).
     Argument checking beyond shapes is the caller's (`onelayer_fast.loss.grpo_loss`).
     """
     if hidden.dim() != 3 or completion_ids.shape != hidden.shape[:2] or completion_mask.shape != completion_ids.shape:
@@ -446,12 +417,6 @@ def grpo_loss_triton(
     def at_valid(per_token: Tensor | None) -> Tensor | None:
         return None if per_token is None else per_token.reshape(-1).index_select(0, valid).float()
 
-    settings = GRPOSettings(
-        beta=float(beta), epsilon_low=float(epsilon_low), epsilon_high=float(epsilon_high),
-        delta=None if delta is None else float(delta), loss_type=loss_type, scale_rewards=scale_rewards,
-        max_completion_length=int(max_completion_length or length), importance_sampling_level=importance_sampling_level,
-        group_size=int(group_size or 0), temperature=float(temperature),
-    )
     loss, logp, metric_vec, adv = TritonGRPOLoss.apply(
         hidden.reshape(-1, hidden.shape[-1]).index_select(0, valid),
         weight,
@@ -460,15 +425,16 @@ def grpo_loss_triton(
         None if rewards is None else rewards.to(hidden.device),
         None if advantages is None else advantages.to(hidden.device),
         at_valid(old_logps),
-        at_valid(ref_logps) if beta != 0.0 else None,
-        settings,
+        at_valid(ref_logps) if config.beta != 0.0 else None,
+        config,
+        group_size,
+        config.normalizer_length(length),
         launch_overrides or None,
     )
     metrics = {name: metric_vec[i] for i, name in enumerate(METRIC_NAMES) if name != "loss"}
-    if beta == 0.0:
+    if config.beta == 0.0:
         del metrics["kl"]
     if rewards is None:
         del metrics["frac_reward_zero_std"]
     token_logps = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device)
-    metrics["token_logps"] = token_logps.index_put_((valid,), logp).view(batch, length)
-    return loss, metrics
+    return loss, token_logps.index_put_((valid,), logp).view(batch, length), metrics

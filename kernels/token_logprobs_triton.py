@@ -265,7 +265,7 @@ def _token_logprobs_bwd_weight_kernel(
 # ---------------------------------------------------------------------------------------------
 
 # Autotune key: (input dtype, interpreted). No @triton.autotune: the interpreter rejects more than one
-# config, and the GPU values below are first guesses that have not been timed on hardware yet.
+# config. The GPU values are starting points; README.md (Performance) says what has been tuned where.
 _LAUNCH_KEYS = ("BLOCK_T", "BLOCK_V", "BLOCK_H", "BLOCK_HO", "num_warps", "num_stages", "LOSS_BLOCK", "loss_warps")
 
 
@@ -283,8 +283,8 @@ def launch_config(dtype: torch.dtype, interpreted: bool | None = None, **overrid
     BLOCK_T / BLOCK_V / BLOCK_H / BLOCK_HO, num_warps, num_stages: the three lm_head kernels (forward,
     hidden gradient, weight gradient). LOSS_BLOCK, loss_warps: the per-row GRPO loss kernel
     (`kernels/grpo_loss_triton.py`), which walks one completion row LOSS_BLOCK tokens at a time.
-    GPU defaults are a first guess, not tuned on hardware yet. Under the interpreter every program is
-    run in numpy, so small tiles keep the padded work (and test time) down.
+    The GPU values are starting points for tuning. Under the interpreter every program is run in numpy, so
+    small tiles keep the padded work (and test time) down.
     """
     unknown = set(overrides) - set(_LAUNCH_KEYS)
     if unknown:

@@ -1,23 +1,29 @@
 """onelayer_fast: single-layer GRPO post-training of LLMs, fast.
 
 Public API:
-    OneLayerPolicy, FullModelPolicy, PrefixCache     (policy.py)
-    grpo_loss, token_logprobs                          (loss.py)
-    GRPOConfig, GRPOTrainer                            (trainer.py)
+    RolloutBatch                                       (batch.py)
+    PaddedLayout, PackedLayout, build_layout           (layout.py)
+    OneLayerPolicy, FullModelPolicy, PrefixCache       (policy.py)
+    grpo_loss, token_logprobs, LossConfig, LossResult  (loss.py)
+    UpdateConfig, grpo_update                          (update.py)
+    GRPOConfig, RunSpec, GRPOTrainer                   (trainer.py)
     evaluate, EvalResult                               (evaluate.py)
     run_sweep, SweepConfig, parse_layers, contribution (sweep.py)
     load_layer, merge_checkpoint                       (checkpoint.py)
-    load_model                                         (presets.py)
+    load_model                                         (models/)
     get_task                                           (tasks/)
 """
 from .checkpoint import load_layer, merge_checkpoint
 from .evaluate import EvalResult, evaluate
-from .loss import grpo_loss, token_logprobs
-from .policy import FullModelPolicy, OneLayerPolicy, PrefixCache, position_ids_from_mask
-from .presets import load_model
+from .batch import RolloutBatch
+from .layout import PackedLayout, PaddedLayout, build_layout, position_ids_from_mask
+from .loss import LossConfig, LossResult, grpo_loss, token_logprobs
+from .policy import FullModelPolicy, OneLayerPolicy, PrefixCache
+from .models import load_model
 from .sweep import SweepConfig, contribution, parse_layers, run_sweep
 from .tasks import get_task
-from .trainer import GRPOConfig, GRPOTrainer
+from .trainer import GRPOConfig, GRPOTrainer, RunSpec
+from .update import UpdateConfig, grpo_update
 
 __version__ = "0.1.0"
 
@@ -27,6 +33,15 @@ __all__ = [
     "OneLayerPolicy",
     "PrefixCache",
     "GRPOConfig",
+    "LossConfig",
+    "LossResult",
+    "PackedLayout",
+    "PaddedLayout",
+    "RolloutBatch",
+    "RunSpec",
+    "UpdateConfig",
+    "build_layout",
+    "grpo_update",
     "GRPOTrainer",
     "SweepConfig",
     "contribution",

@@ -4,23 +4,56 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import typing
+from typing import Any
 
-from .trainer import GRPOConfig
+from .trainer import GRPOConfig, RunSpec
 
-# Flags generated from GRPOConfig's fields, so the CLI and the config cannot drift apart.
-_PARSERS = {"int": int, "float": float, "str": str}
+# Flags generated from the config dataclasses (GRPOConfig, RunSpec), so the CLI and the configs cannot drift
+# apart: each field's type, default, choices and one-line help (its metadata) become its flag.
 _ALIASES = {"max_steps": ["--steps"], "per_device_train_batch_size": ["--batch-size"]}
-_HAS_ALGO = any(f.name == "algo" for f in dataclasses.fields(GRPOConfig))
+_NONE_WORDS = ("none", "null")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
-    for field in dataclasses.fields(GRPOConfig):
-        if field.name in exclude:
+def _value_parser(kind: type, optional: bool):
+    def parse(text: str):
+        if optional and text.strip().lower() in _NONE_WORDS:
+            return None
+        return kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def _field_kind(hint: Any) -> tuple[type, bool]:
+    """(scalar type, whether None is allowed) of a field annotation such as `int`, `float | None`, `bool`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    kind = args[0] if args else hint
+    if kind not in (int, float, str, bool):
+        raise TypeError(f"the CLI cannot parse a config field of type {hint!r}")
+    return kind, optional
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, config_class: type, only: tuple[str, ...] | None = None) -> None:
+    """One flag per field of `config_class` (or of the fields named in `only`)."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        if only is not None and f.name not in only:
             continue
-        base = str(field.type).split("|")[0].strip()
-        flags = [f"--{field.name.replace('_', '-')}", *_ALIASES.get(field.name, [])]
-        parser.add_argument(*flags, dest=field.name, type=_PARSERS[base], default=field.default,
-                            help=f"(default: {field.default})")
+        kind, optional = _field_kind(hints[f.name])
+        flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default})".strip()
+        if kind is bool:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=help_text)
+        else:
+            parser.add_argument(*flags, dest=f.name, type=_value_parser(kind, optional), default=f.default,
+                                choices=f.metadata.get("choices"), help=help_text)
+
+
+def config_from_args(config_class: type, args: argparse.Namespace):
+    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", default="arithmetic", help="arithmetic | jsonl")
     train.add_argument("--task-path", default=None, help="the JSONL file for --task jsonl")
     train.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --output-dir")
-    _add_config_flags(train)
+    add_dataclass_flags(train, RunSpec)
+    add_dataclass_flags(train, GRPOConfig)
 
     merge = commands.add_parser("merge", help="apply a one-layer checkpoint to its base model and save it whole")
     merge.add_argument("--model", required=True, help="the base model: preset name or local directory")
@@ -49,10 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_flags(sweep)
     sweep.add_argument("--metric", default="accuracy", choices=["accuracy", "mean_reward"],
                        help="what Base / Full / Single(i) and the contribution are measured in")
-    if not _HAS_ALGO:  # otherwise --algo is one of the generated config flags
-        sweep.add_argument("--algo", default="grpo", help="the RL algorithm (this trainer: grpo only)")
-    # output_dir, layer and mode are set per run by the sweep.
-    _add_config_flags(sweep, exclude=("output_dir", "layer", "mode"))
+    sweep.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    # Each run's output directory, mode and layer come from the sweep; only the checkpoint cadence is the user's.
+    add_dataclass_flags(sweep, RunSpec, only=("save_steps", "save_total_limit"))
+    add_dataclass_flags(sweep, GRPOConfig)
 
     evaluate = commands.add_parser("eval", help="greedy evaluation of a model (optionally with a checkpoint) on a task")
     evaluate.add_argument("--model", required=True, help="the base model: preset name or local directory")
@@ -74,16 +108,18 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-seed", type=int, default=0, help="which held-out examples (default: 0)")
     parser.add_argument("--eval-batch-size", type=int, default=64, help="prompts per generate call (default: 64)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the model's weights and compute dtype (default: float32)")
 
 
 def _run_sweep(args: argparse.Namespace) -> None:
     from .sweep import SweepConfig, print_table, run_sweep
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(GRPOConfig) if hasattr(args, f.name)}
     config = SweepConfig(model=args.model, out=args.out, task=args.task, task_path=args.task_path, layers=args.layers,
-                         algo=args.algo, grpo=GRPOConfig(**values), eval_size=args.eval_size, eval_seed=args.eval_seed,
-                         eval_batch_size=args.eval_batch_size, metric=args.metric, device=args.device, dtype=args.dtype)
+                         algo=args.algo, grpo=config_from_args(GRPOConfig, args), eval_size=args.eval_size,
+                         eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size, metric=args.metric,
+                         device=args.device, dtype=args.dtype, progress=args.progress, save_steps=args.save_steps,
+                         save_total_limit=args.save_total_limit)
     result = run_sweep(config)
     print_table(result)
     print(f"results: {result.out / 'results.csv'}, {result.out / 'results.json'}"
@@ -95,7 +131,7 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     from . import checkpoint
     from .evaluate import evaluate
-    from .presets import load_model
+    from .models import load_model
     from .sweep import DTYPES
     from .tasks import eval_examples, get_task
 
@@ -119,26 +155,30 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # a usage error (argparse printed it) or --help: return its code, as for any error
+        return int(exit_.code or 0)
     from . import checkpoint
-    from .presets import load_model
+    from .models import load_model
 
     try:
         if args.command == "train":
             from .tasks import get_task
             from .trainer import GRPOTrainer
 
-            config = GRPOConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GRPOConfig)})
+            config = config_from_args(GRPOConfig, args)
+            run = config_from_args(RunSpec, args)
             model, tokenizer = load_model(args.model, seed=config.seed)
             task = get_task(args.task, args.task_path)
-            trainer = GRPOTrainer(model, tokenizer, task, config, base_model=args.model, resume=not args.no_resume)
+            trainer = GRPOTrainer(model, tokenizer, task, config, run, base_model=args.model, resume=not args.no_resume)
             records = trainer.train()
             if records:
                 first, last = records[0], records[-1]
-                print(f"done: {trainer.step} steps in {config.output_dir}; reward {first['reward_mean']:.3f} -> "
+                print(f"done: {trainer.step} steps in {run.output_dir}; reward {first['reward_mean']:.3f} -> "
                       f"{last['reward_mean']:.3f}, {last['tokens_per_second']:.0f} tokens/s")
             else:
-                print(f"nothing to do: {config.output_dir} already holds step {trainer.step} of {config.max_steps}")
+                print(f"nothing to do: {run.output_dir} already holds step {trainer.step} of {config.max_steps}")
         elif args.command == "merge":
             # A preset is rebuilt from the seed it was trained with, or the layer lands on other weights.
             trained_seed = checkpoint.read_meta(args.checkpoint).get("config", {}).get("seed", GRPOConfig.seed)

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from .advantages import StepRecord, advantages_for, episode_returns
+from .batch import RolloutBatch
 from .rollout import encode_prompts, sample_completions
 from .tasks import Example
-from .update import RolloutBatch
 
 
 def is_environment_task(task) -> bool:
@@ -107,4 +107,5 @@ def episode_batch(tokenizer, episodes: Episodes, config, device: torch.device) -
     prompt_ids, prompt_mask = encode_prompts(tokenizer, episodes.prompts, device)
     rewards = torch.tensor([s.reward for s in episodes.steps], dtype=torch.float32, device=device)
     advantages = advantages_for(config, episodes.steps).to(device)
-    return RolloutBatch(prompt_ids, prompt_mask, episodes.completion_ids, episodes.completion_mask, rewards, advantages)
+    return RolloutBatch(prompt_ids, prompt_mask, episodes.completion_ids, episodes.completion_mask, rewards,
+                        group_size=None, advantages=advantages)

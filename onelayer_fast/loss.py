@@ -1,9 +1,8 @@
 """Public loss functions: argument checks, then dispatch to `onelayer_fast.kernels`.
 
 Backends (`backend=`):
-- `"auto"`: `"chunked"` on every device for now. The Triton path has passed every interpreter test and
-  compiles for sm_90, but it has not yet run or been timed on a GPU, and its backward recomputes the
-  logits once per hidden slice; it becomes the CUDA default once a GPU run validates and measures it.
+- `"auto"`: `"chunked"` on every device. The Triton path becomes the CUDA default only once a GPU run
+  has validated and timed it against the chunked path (README.md, Performance, says where that stands).
 - `"triton"`: the Triton kernels. `grpo_loss` runs the fused path of `kernels/grpo_loss_triton.py`
   (lm_head log-prob kernel -> loss kernel with in-kernel group advantages -> recompute backward kernels);
   `token_logprobs` the custom op `torch.ops.onelayer_fast.token_logprobs` (`kernels/token_logprobs_triton.py`).
@@ -13,16 +12,16 @@ Backends (`backend=`):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .kernels.grpo_loss import (
-    IMPORTANCE_SAMPLING_LEVELS,
     FusedTokenGRPOLoss,
-    LOSS_TYPES,
-    SCALE_REWARDS,
+    LossConfig,
     group_advantages,
     grpo_loss_from_logps,
     token_loss_weights,
@@ -121,6 +120,27 @@ def _resolve_advantages(
     return group_advantages(rewards.float(), group_size, scale_rewards)
 
 
+@dataclass
+class LossResult:
+    """What `grpo_loss` gives back.
+
+    loss: the scalar to backpropagate. token_logps (B, T): the policy's log-probs, detached, 0 where masked
+    (the next inner iteration's `old_logps`). metrics: 0-d tensors (TRL's names: kl, clip_ratio/*, ...).
+    """
+
+    loss: Tensor
+    token_logps: Tensor
+    metrics: dict[str, Tensor]
+
+
+def loss_config(config: LossConfig | None = None, **knobs) -> LossConfig:
+    """`config` (default LossConfig()) with the named knobs replaced; unknown names are a TypeError."""
+    unknown = sorted(set(knobs) - {f.name for f in dataclasses.fields(LossConfig)})
+    if unknown:
+        raise TypeError(f"unknown loss setting(s) {unknown}; LossConfig has {[f.name for f in dataclasses.fields(LossConfig)]}")
+    return dataclasses.replace(config or LossConfig(), **knobs)
+
+
 def grpo_loss(
     hidden: Tensor,
     lm_head_weight: Tensor,
@@ -131,88 +151,68 @@ def grpo_loss(
     advantages: Tensor | None = None,
     old_logps: Tensor | None = None,
     ref_logps: Tensor | None = None,
-    beta: float = 0.0,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    delta: float | None = None,
-    loss_type: str = "dapo",
-    scale_rewards: str = "group",
-    temperature: float = 1.0,
-    max_completion_length: int | None = None,
-    importance_sampling_level: str = "token",
+    config: LossConfig | None = None,
     backend: str = "auto",
-) -> tuple[Tensor, dict[str, Tensor]]:
+    **knobs,
+) -> LossResult:
     """GRPO loss with TRL GRPOTrainer semantics (see `kernels/grpo_loss.py` for the math).
 
     hidden (B, T, H): states predicting the completion tokens (already shifted);
     lm_head_weight (V, H); completion_ids, completion_mask (B, T); rewards (B,) with group_size, or
     advantages (B,); old_logps, ref_logps (B, T) or None.
-    Returns the scalar loss and metrics (0-d tensors, plus `token_logps` (B, T) detached, zero where
-    masked, which the caller can keep as the next iteration's `old_logps`).
+    The loss knobs come as a LossConfig (`config`), as keywords (`beta=0.04, loss_type="grpo"`, the
+    LossConfig field names), or both (keywords override the config).
     """
-    _check_choice("loss_type", loss_type, LOSS_TYPES)
-    _check_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
-    _check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+    config = loss_config(config, **knobs)
     _check_choice("backend", backend, BACKENDS)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (batch, completion tokens, hidden), got shape {tuple(hidden.shape)}")
-    _check_lm_head(hidden, lm_head_weight, completion_ids, temperature)
+    _check_lm_head(hidden, lm_head_weight, completion_ids, config.temperature)
     batch, length = completion_ids.shape
     if completion_mask.shape != completion_ids.shape:
         raise ValueError(f"completion_mask shape {tuple(completion_mask.shape)} must equal completion_ids shape {(batch, length)}")
     _check_per_token("old_logps", old_logps, completion_ids.shape)
     _check_per_token("ref_logps", ref_logps, completion_ids.shape)
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
-    if beta > 0 and ref_logps is None:
+    if config.beta > 0 and ref_logps is None:
         raise ValueError("beta > 0 needs ref_logps (the KL term would silently be zero without them)")
-    if epsilon_low < 0 or epsilon_high < 0:
-        raise ValueError(f"epsilons must be >= 0, got epsilon_low={epsilon_low}, epsilon_high={epsilon_high}")
-    if delta is not None and delta <= 1.0:
-        raise ValueError(f"delta (upper clamp of the ratio) must be > 1, got {delta}")
-    if max_completion_length is not None and max_completion_length < 1:
-        raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
     backend = _resolve_backend(backend)
     if backend == "triton":  # advantages, loss, gradient and metrics all in the Triton kernels
         _check_advantage_inputs(rewards, group_size, advantages, batch)
         from .kernels.grpo_loss_triton import grpo_loss_triton
 
-        return grpo_loss_triton(
+        loss, token_logps, metrics = grpo_loss_triton(
             hidden, lm_head_weight, completion_ids, completion_mask,
             rewards=None if rewards is None else rewards.float(), group_size=group_size,
             advantages=None if advantages is None else advantages.float(), old_logps=old_logps, ref_logps=ref_logps,
-            beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta, loss_type=loss_type,
-            scale_rewards=scale_rewards, temperature=temperature, max_completion_length=max_completion_length,
-            importance_sampling_level=importance_sampling_level,
+            config=config,
         )
-    advantages, constant_group = _resolve_advantages(rewards, group_size, advantages, batch, scale_rewards)
+        return LossResult(loss, token_logps, metrics)
+    advantages, constant_group = _resolve_advantages(rewards, group_size, advantages, batch, config.scale_rewards)
 
     mask = completion_mask.to(torch.float32)
     ids = completion_ids.long()
-    max_completion_length = max_completion_length or length
     advantages = advantages.to(hidden.device)
-    loss_args = (beta, epsilon_low, epsilon_high, delta, loss_type, max_completion_length, importance_sampling_level)
     # Only unmasked tokens go through the lm_head: padding after EOS costs nothing.
     valid = completion_mask.reshape(-1).bool().nonzero().squeeze(1)
     fused_loss = None
     if backend == "reference":
-        logps = token_logprobs_ref(hidden, lm_head_weight, ids, temperature) * mask
+        logps = token_logprobs_ref(hidden, lm_head_weight, ids, config.temperature) * mask
     else:
         flat_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, valid)
         flat_ids = ids.reshape(-1).index_select(0, valid)
-        if importance_sampling_level == "token":
+        if config.importance_sampling_level == "token":
             def at_valid(per_token: Tensor | None) -> Tensor | None:
                 return None if per_token is None else per_token.reshape(-1).float().index_select(0, valid)
 
             row_of_token = valid // length
-            settings = (float(temperature), rows_per_chunk(lm_head_weight.shape[0]), beta, epsilon_low, epsilon_high, delta)
+            weights = token_loss_weights(mask, config.loss_type, config.normalizer_length(length))
             fused_loss, valid_logps = FusedTokenGRPOLoss.apply(
                 flat_hidden, lm_head_weight, flat_ids, advantages.index_select(0, row_of_token),
-                at_valid(token_loss_weights(mask, loss_type, max_completion_length)),
-                at_valid(old_logps), at_valid(ref_logps), settings,
+                at_valid(weights), at_valid(old_logps), at_valid(ref_logps), config,
+                rows_per_chunk(lm_head_weight.shape[0]),
             )
         else:  # sequence level: a token's gradient depends on its whole row, so forward then backward
-            valid_logps = chunked_token_logprobs(flat_hidden, lm_head_weight, flat_ids, temperature)
+            valid_logps = chunked_token_logprobs(flat_hidden, lm_head_weight, flat_ids, config.temperature)
         logps = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device).index_put((valid,), valid_logps)
         logps = logps.view(batch, length)
     # Masked positions must not inject inf/NaN through exp(ref - logp); their value is irrelevant.
@@ -220,12 +220,11 @@ def grpo_loss(
     old = None if old_logps is None else torch.where(keep, old_logps.float(), logps.detach())
     ref = None if ref_logps is None else torch.where(keep, ref_logps.float(), logps.detach())
     if fused_loss is None:
-        loss, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, *loss_args)
+        loss, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, config)
     else:  # the fused op gave loss and gradient; the same formulas on its log-probs give the metrics
         with torch.no_grad():
-            _, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, *loss_args)
+            _, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, config)
         loss = fused_loss
     if constant_group is not None:
         metrics["frac_reward_zero_std"] = constant_group.float().mean()
-    metrics["token_logps"] = logps.detach()
-    return loss, metrics
+    return LossResult(loss, logps.detach(), metrics)

@@ -7,7 +7,7 @@
                                                packed rows of a [left-padded prompt | right-padded completion]
                                                batch, one segment per row or per shared-prompt group: token
                                                gather index, position / segment / branch ids, state and target
-                                               indices (`packing.build_layout` makes them a PackedLayout)
+                                               indices (`layout.build_layout` makes them a PackedLayout)
     anchor_groups(group_ids, observations)     GiGPO anchor-state id of each step
 
 Each op is a thin typed wrapper over `csrc/planner.cpp`, which validates its inputs (ValueError for bad values,
@@ -296,7 +296,7 @@ def pack_layout(prompt_lens: Sequence[int] | Tensor, completion_lens: Sequence[i
 def pack_layout_ref(prompt_lens: Sequence[int], completion_lens: Sequence[int], prompt_width: int,
                     completion_width: int, group_size: int | None = None,
                     token_budget: int | None = None) -> LayoutIndex:
-    """Pure-Python reference of `pack_layout`: the index loop `packing.build_layout` ran before the C++ op."""
+    """Pure-Python reference of `pack_layout`: the same indices from a plain loop; it defines the result."""
     prompt_lens = [int(x) for x in prompt_lens]
     completion_lens = [int(x) for x in completion_lens]
     shared = group_size is not None

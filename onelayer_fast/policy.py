@@ -4,22 +4,23 @@ Single-layer mode splits a decoder-only HF causal LM at the target layer `i`:
     prefix:  embed_tokens + layers[:i]         run once per rollout batch, no autograd, cached
     suffix:  layers[i] (trainable) + layers[i+1:] (frozen) + final norm   run per pass, input grads only
 The reference policy is a frozen copy of the ORIGINAL layer i alone: the rest of the network is
-shared, because nothing else ever changes.
+shared, because nothing else ever changes. Full-parameter mode (the baseline) caches nothing but the
+layer inputs and runs every layer in the suffix.
+
+Both modes and every layout (layout.py: padded, packed, shared-prompt) go through one loop over decoder
+layers, `run_layers`: a layout gives the ids, positions and per-layer-type masks; the loop does not care
+how the rows were laid out.
 """
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-try:  # transformers >= 4.53 builds masks per attention implementation
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-except ImportError:  # pragma: no cover - exercised only on old transformers
-    create_causal_mask = create_sliding_window_causal_mask = None
+from .layout import Layout, PaddedLayout, layer_types
 
 
 def decoder_of(model: nn.Module) -> nn.Module:
@@ -45,64 +46,72 @@ def lm_head_weight_of(model: nn.Module) -> Tensor:
     return head.weight
 
 
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions as `generate` counts them for left-padded prompts: cumsum(mask) - 1, clamped at 0."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def _mask_kwargs_name() -> str:
-    # transformers renamed `past_key_values` to `cache` in the mask builders during 5.x.
-    return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-
-
-def attention_masks(config: Any, embeds: Tensor, attention_mask: Tensor, position_ids: Tensor) -> dict[str, Any]:
-    """Per layer type ("full_attention", "sliding_attention") the mask object the layers expect."""
-    kwargs = {"config": config, "inputs_embeds": embeds, "attention_mask": attention_mask,
-              "position_ids": position_ids, _mask_kwargs_name(): None}
-    masks = {"full_attention": create_causal_mask(**kwargs)}
-    if "sliding_attention" in layer_types(config):
-        masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-    return masks
-
-
-def layer_types(config: Any) -> list[str]:
-    return list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
-
-
 @dataclass
 class PrefixCache:
     """What the suffix needs, computed once per rollout batch and reused by every suffix call."""
 
-    hidden: Tensor  # (B, T, H) input of the target layer, no autograd history
-    attention_mask: Tensor  # (B, T) 1 for real tokens
-    position_ids: Tensor  # (B, T)
+    layout: Layout
     position_embeddings: tuple[Tensor, Tensor]  # rotary (cos, sin)
-    masks: dict[str, Any]  # per layer type, as built by transformers for the model's attention implementation
+    masks: dict[str, Any]  # per layer type, as the layout builds them for the model's attention implementation
+    hidden: Tensor | None  # input of the first trained layer, no autograd history; None when every weight trains
+
+    @property
+    def position_ids(self) -> Tensor:
+        return self.layout.position_ids
 
 
-def run_layer(layer: nn.Module, hidden: Tensor, cache: PrefixCache, layer_type: str) -> Tensor:
-    out = layer(
-        hidden,
-        attention_mask=cache.masks[layer_type],
-        position_ids=cache.position_ids,
-        position_embeddings=cache.position_embeddings,
-    )
-    return out[0] if isinstance(out, tuple) else out
+def run_layers(decoder: nn.Module, kinds: list[str], hidden: Tensor, cache: PrefixCache, start: int, stop: int,
+               first_layer: nn.Module | None = None) -> Tensor:
+    """The one loop over decoder layers: layers[start:stop] of `decoder` on `hidden`, with `first_layer`
+    standing in for layers[start] when given (the trainable or the reference copy of the target layer)."""
+    for j in range(start, stop):
+        layer = first_layer if (j == start and first_layer is not None) else decoder.layers[j]
+        out = layer(hidden, attention_mask=cache.masks[kinds[j]], position_ids=cache.position_ids,
+                    position_embeddings=cache.position_embeddings)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
 
 
-class OneLayerPolicy(nn.Module):
+class _LayerStackPolicy(nn.Module):
+    """What both policies share: the decoder, the lm_head, the layer inputs over a layout."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.decoder = decoder_of(model)
+        self.layer_types = layer_types(model.config)
+        self.lm_head_weight = lm_head_weight_of(model)
+
+    def _layer_inputs(self, layout: Layout, embeds: Tensor) -> PrefixCache:
+        return PrefixCache(layout=layout, position_embeddings=self.decoder.rotary_emb(embeds, layout.position_ids),
+                           masks=layout.attention_masks(self.model.config, embeds), hidden=None)
+
+    def prefix(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> PrefixCache:
+        """input_ids, attention_mask (B, T) -> the cache over these padded rows (see `prefix_layout`)."""
+        return self.prefix_layout(PaddedLayout(input_ids, attention_mask))
+
+    def prefix_layout(self, layout: Layout) -> PrefixCache:
+        raise NotImplementedError
+
+    def suffix(self, cache: PrefixCache, reference: bool = False) -> Tensor:
+        raise NotImplementedError
+
+    def completion_states(self, cache: PrefixCache, reference: bool = False) -> Tensor:
+        """(B, C, H) states that predict the completion tokens, picked out of the layout's rows."""
+        return cache.layout.completion_states(self.suffix(cache, reference=reference))
+
+
+class OneLayerPolicy(_LayerStackPolicy):
     """Train exactly one decoder layer of `model`; everything else is frozen.
 
-    policy = OneLayerPolicy(model, layer=12)   # negative indices count from the top
-    cache  = policy.prefix(input_ids, attention_mask)
-    hidden = policy.suffix(cache)                   # (B, T, H) after the final norm
+    policy = OneLayerPolicy(model, layer=12)         # negative indices count from the top
+    cache  = policy.prefix(input_ids, attention_mask)  # or policy.prefix_layout(layout)
+    hidden = policy.suffix(cache)                   # (rows, T, H) after the final norm
     ref_h  = policy.suffix(cache, reference=True)   # through a frozen copy of the original layer
     """
 
     def __init__(self, model: nn.Module, layer: int):
-        super().__init__()
-        self.model = model
-        self.decoder = decoder_of(model)
+        super().__init__(model)
         num_layers = len(self.decoder.layers)
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise ValueError(f"layer must be an integer decoder-layer index, got {layer!r}")
@@ -110,8 +119,6 @@ class OneLayerPolicy(nn.Module):
             raise ValueError(f"layer {layer!r} is out of range for a model with {num_layers} decoder layers "
                              f"(valid: {-num_layers}..{num_layers - 1})")
         self.layer_index = layer % num_layers
-        self.layer_types = layer_types(model.config)
-        self.lm_head_weight = lm_head_weight_of(model)
         model.requires_grad_(False)
         self.target_layer.requires_grad_(True)
         # The reference is the original target layer alone; it never trains.
@@ -128,62 +135,32 @@ class OneLayerPolicy(nn.Module):
         return list(self.target_layer.parameters())
 
     @torch.no_grad()
-    def prefix(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> PrefixCache:
-        """input_ids, attention_mask (B, T) -> PrefixCache holding layers[:i]'s output. No autograd."""
+    def prefix_layout(self, layout: Layout) -> PrefixCache:
+        """embed + layers[:i] over the layout's rows, without autograd; the cache holds their output."""
         # no_grad rather than inference_mode: the cached hidden becomes the input of a layer that
         # saves it for backward, which inference tensors may not be.
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        embeds = self.decoder.embed_tokens(input_ids)
-        position_ids = position_ids_from_mask(attention_mask)
-        cache = PrefixCache(
-            hidden=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            position_embeddings=self.decoder.rotary_emb(embeds, position_ids),
-            masks=attention_masks(self.model.config, embeds, attention_mask, position_ids),
-        )
-        hidden = embeds
-        for j in range(self.layer_index):
-            hidden = run_layer(self.decoder.layers[j], hidden, cache, self.layer_types[j])
-        cache.hidden = hidden
+        embeds = self.decoder.embed_tokens(layout.input_ids)
+        cache = self._layer_inputs(layout, embeds)
+        cache.hidden = run_layers(self.decoder, self.layer_types, embeds, cache, 0, self.layer_index)
         return cache
 
     def suffix(self, cache: PrefixCache, reference: bool = False) -> Tensor:
         """Target layer (or its frozen original, `reference=True`) + frozen layers above + final norm."""
-        if reference:
-            with torch.no_grad():
-                return self._run_suffix(cache, self.reference_layer)
-        return self._run_suffix(cache, self.target_layer)
-
-    def _run_suffix(self, cache: PrefixCache, first_layer: nn.Module) -> Tensor:
-        hidden = run_layer(first_layer, cache.hidden, cache, self.layer_types[self.layer_index])
-        for j in range(self.layer_index + 1, len(self.decoder.layers)):
-            hidden = run_layer(self.decoder.layers[j], hidden, cache, self.layer_types[j])
-        return self.decoder.norm(hidden)
+        first = self.reference_layer if reference else self.target_layer
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not reference):
+            hidden = run_layers(self.decoder, self.layer_types, cache.hidden, cache, self.layer_index,
+                                len(self.decoder.layers), first_layer=first)
+            return self.decoder.norm(hidden)
 
 
-@dataclass
-class FullCache:
-    """Full-parameter mode caches nothing but the inputs: every layer trains."""
+class FullModelPolicy(_LayerStackPolicy):
+    """Baseline with the same interface: every parameter trains, the reference is a whole-model copy.
 
-    input_ids: Tensor
-    attention_mask: Tensor
-    position_ids: Tensor
-
-
-class FullModelPolicy(nn.Module):
-    """Baseline with the same interface: every parameter trains, the reference is a whole-model copy."""
+    The cache holds only the layer inputs (positions, masks): the embedding trains too.
+    """
 
     def __init__(self, model: nn.Module, keep_reference: bool = True):
-        super().__init__()
-        self.model = model
-        self.decoder = decoder_of(model)
-        self.lm_head_weight = lm_head_weight_of(model)
+        super().__init__(model)
         model.requires_grad_(True)
         self.reference_model = copy.deepcopy(model).requires_grad_(False).eval() if keep_reference else None
         self.trainable_parameter_names = [n for n, _ in model.named_parameters()]
@@ -191,19 +168,16 @@ class FullModelPolicy(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.model.parameters())
 
-    def prefix(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> FullCache:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        return FullCache(input_ids, attention_mask, position_ids_from_mask(attention_mask))
+    def prefix_layout(self, layout: Layout) -> PrefixCache:
+        with torch.no_grad():  # these embeddings only give the masks and rotary their dtype and device
+            embeds = self.decoder.embed_tokens(layout.input_ids)
+        return self._layer_inputs(layout, embeds)
 
-    def suffix(self, cache: FullCache, reference: bool = False) -> Tensor:
-        if reference:
-            if self.reference_model is None:
-                raise ValueError("this FullModelPolicy was built with keep_reference=False")
-            with torch.no_grad():
-                return decoder_of(self.reference_model)(
-                    input_ids=cache.input_ids, attention_mask=cache.attention_mask, position_ids=cache.position_ids
-                ).last_hidden_state
-        return self.decoder(
-            input_ids=cache.input_ids, attention_mask=cache.attention_mask, position_ids=cache.position_ids
-        ).last_hidden_state
+    def suffix(self, cache: PrefixCache, reference: bool = False) -> Tensor:
+        if reference and self.reference_model is None:
+            raise ValueError("this FullModelPolicy was built with keep_reference=False")
+        decoder = decoder_of(self.reference_model) if reference else self.decoder
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not reference):
+            hidden = decoder.embed_tokens(cache.layout.input_ids)
+            hidden = run_layers(decoder, self.layer_types, hidden, cache, 0, len(decoder.layers))
+            return decoder.norm(hidden)

@@ -6,7 +6,7 @@ import inspect
 import torch
 from torch import Tensor
 
-from .packing import first_mixed_group
+from .batch import first_mixed_group
 
 
 def encode_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -40,7 +40,7 @@ def cache_argument(model) -> str:
 
 def grouped_prompts(prompt_ids: Tensor, prompt_mask: Tensor, group_size: int) -> bool:
     """True when the rows are whole groups of `group_size` (>= 2) consecutive copies of one prompt: the
-    grouping the update's shared-prompt layout needs too (packing.first_mixed_group)."""
+    grouping a RolloutBatch's group_size states (batch.first_mixed_group)."""
     if group_size < 2 or prompt_ids.shape[0] % group_size != 0:
         return False
     return first_mixed_group(prompt_ids, prompt_mask, group_size) is None

@@ -22,10 +22,8 @@ import io
 import json
 import os
 import re
-import resource
 import sys
 import tempfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,10 +32,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .evaluate import evaluate
+from .memory import PeakMemory
+from .models import load_model
 from .policy import decoder_of
-from .presets import load_model
 from .tasks import eval_examples, get_task
-from .trainer import GRPOConfig, GRPOTrainer
+from .trainer import GRPOConfig, GRPOTrainer, RunSpec
 
 FORMAT_VERSION = 1
 METRICS = ("accuracy", "mean_reward")
@@ -50,8 +49,6 @@ CSV_COLUMNS = (
     "full_seconds", "full_tokens", "full_peak_memory_mib",
     "base_reward", "full_reward", "single_reward",
 )
-# GRPOConfig fields that do not change what a run computes: they may differ between a sweep and its rerun.
-_RUN_LOCAL_FIELDS = ("output_dir", "layer", "mode", "save_steps", "save_total_limit")
 
 
 # -------------------------------------------------------------------------------------- small math
@@ -115,8 +112,8 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
 
 @dataclass
 class SweepConfig:
-    """What to sweep. `grpo` holds every training knob (max_steps, learning_rate, seed, ...); its
-    output_dir, layer and mode are set per run."""
+    """What to sweep. `grpo` holds every training knob (max_steps, learning_rate, seed, ...), the same for
+    every run; each run's RunSpec (output directory, mode, layer) comes from the sweep."""
 
     model: str  # a preset name or a local HF model directory
     out: str  # the sweep directory
@@ -133,6 +130,8 @@ class SweepConfig:
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str = "float32"
     progress: bool = True
+    save_steps: int = 50  # checkpoint cadence of every run (does not change what a run computes)
+    save_total_limit: int = 2
 
     def validate(self) -> None:
         if self.metric not in METRICS:
@@ -281,49 +280,6 @@ def _check_or_write_settings(out: Path, settings: dict[str, Any]) -> None:
 
 # -------------------------------------------------------------------------------------- measuring
 
-class _PeakMemory:
-    """Peak memory over a block: torch.cuda.max_memory_allocated on CUDA; on CPU the process RSS sampled
-    every 20 ms from /proc/self/statm (ru_maxrss where /proc is missing, which is the process's lifetime
-    high-water mark rather than the block's)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.peak_mib = 0.0
-        self.kind = "cuda_max_allocated" if device.type == "cuda" else "rss_peak"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @staticmethod
-    def _rss_mib() -> float:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        except (OSError, ValueError, IndexError):
-            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak_mib = max(self.peak_mib, self._rss_mib())
-
-    def __enter__(self) -> "_PeakMemory":
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.peak_mib = self._rss_mib()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak_mib = max(self.peak_mib, self._rss_mib())
-
-
 def _training_cost(run_dir: Path, max_steps: int) -> tuple[float, int, int]:
     """(seconds, tokens, steps) from log.jsonl; a step logged twice (killed before its checkpoint, then
     redone after resume) counts once, with its last record."""
@@ -370,7 +326,7 @@ class _Sweep:
         """A new copy of the base model (never an edited one): the same seed as `onelayer-fast train` uses.
 
         Loaded from disk once; every later run gets a deep copy of that pristine model, kept in host memory
-        (one extra CPU copy of the weights), which is ~10x faster than loading it again.
+        (one extra CPU copy of the weights): a copy costs far less than loading and converting it again.
         """
         if self._pristine is None:
             model, tokenizer = load_model(self.config.model, seed=self.grpo.seed, dtype=DTYPES[self.config.dtype])
@@ -379,7 +335,7 @@ class _Sweep:
         return copy.deepcopy(model).to(self.device), tokenizer
 
     def settings(self, layers: list[int], num_layers: int, eval_n: int) -> dict[str, Any]:
-        grpo = {k: v for k, v in dataclasses.asdict(self.grpo).items() if k not in _RUN_LOCAL_FIELDS}
+        grpo = dataclasses.asdict(self.grpo)
         c = self.config
         return {"format_version": FORMAT_VERSION, "model": c.model, "task": c.task, "task_path": c.task_path,
                 "algo": algo_of(self.grpo), "layer_spec": c.layers, "layers": layers, "num_layers": num_layers,
@@ -391,11 +347,12 @@ class _Sweep:
         run_dir.mkdir(parents=True, exist_ok=True)
         if model is None:
             model, tokenizer = self.fresh_model()
-        with _PeakMemory(self.device) as memory:
+        with PeakMemory(self.device) as memory:  # peak RSS (sampled every 20 ms) or CUDA max allocated
             if run.mode != "base":
-                grpo = dataclasses.replace(self.grpo, output_dir=str(run_dir), mode=run.mode, layer=run.layer)
-                trainer = GRPOTrainer(model, tokenizer, self.task, grpo, base_model=self.config.model, resume=True,
-                                      progress=self.config.progress)
+                spec = RunSpec(output_dir=str(run_dir), mode=run.mode, layer=run.layer,
+                               save_steps=self.config.save_steps, save_total_limit=self.config.save_total_limit)
+                trainer = GRPOTrainer(model, tokenizer, self.task, self.grpo, spec, base_model=self.config.model,
+                                      resume=True, progress=self.config.progress)
                 trainer.train()
                 del trainer  # the trainer holds the policy (and in full mode a reference copy)
             scores = evaluate(model, tokenizer, self.task, examples, batch_size=self.config.eval_batch_size,
@@ -445,7 +402,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             pending.append(run)
     bar = tqdm(total=len(runs), initial=len(results), desc="sweep", unit="run", disable=not config.progress)
     # Everything alive now (imported modules, the base model) outlives the sweep; freezing it keeps the
-    # full collections between runs from rescanning ~400k objects (0.2 s per collection, 13% of a toy sweep).
+    # full collections between runs from rescanning those hundreds of thousands of objects each time.
     gc.freeze()
     try:
         for run in pending:

@@ -5,7 +5,7 @@ import dataclasses
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,43 +14,74 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .advantages import ALGORITHMS, GIGPO_NORMS, apply_algorithm
 from .episodes import Episodes, episode_batch, is_environment_task, run_episodes
+from .batch import RolloutBatch
+from .kernels.grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, LossConfig
+from .layout import LAYOUTS, check_layout
+from .loss import BACKENDS
 from .policy import FullModelPolicy, OneLayerPolicy, decoder_of
 from .rollout import encode_prompts, sample_completions
 from .tasks import Example, Task
-from .update import RolloutBatch, UpdateSettings, grpo_update
+from .tasks.rewards import score
+from .update import UpdateConfig, grpo_update
 
 MODES = ("single", "full")
 
 
-@dataclass
-class GRPOConfig(UpdateSettings):
-    """The loss knobs of UpdateSettings plus the run's; names and defaults follow TRL's GRPOConfig."""
+def option(default, help: str, choices: tuple[str, ...] | None = None, **kwargs):
+    """A config field with its one-line help (shown by the CLI) and, for string knobs, its choices."""
+    metadata = {"help": help, **({"choices": choices} if choices else {})}
+    return field(default=default, metadata=metadata, **kwargs)
 
-    output_dir: str = "runs/grpo"
-    layer: int | None = None  # None: the middle layer (len(layers) // 2)
-    mode: str = "single"  # "single": one layer trains; "full": every parameter trains (the baseline)
-    max_steps: int = 100
-    per_device_train_batch_size: int = 8  # completions per step, a multiple of num_generations
-    max_completion_length: int = 256
-    top_p: float = 1.0
-    learning_rate: float = 1e-6
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 0.0
-    seed: int = 42
-    save_steps: int = 50
-    save_total_limit: int = 2
-    # Algorithm (advantages.py): "grpo" (TRL defaults), "dr_grpo" (sets scale_rewards "none", loss_type
-    # "dr_grpo"), "gigpo" (episode + anchor-state step advantages; environment tasks only).
-    algo: str = "grpo"
-    gigpo_gamma: float = 0.95  # discount of the step returns that GiGPO compares within an anchor state
-    gigpo_omega: float = 1.0  # weight of the step advantage: A = A_episode + omega * A_step
-    gigpo_norm: str = "mean"  # "mean": subtract the group mean (the GiGPO paper's default); "std": also divide by std
+
+@dataclass
+class GRPOConfig:
+    """The hyper-parameters of a GRPO run. Names and defaults follow TRL's GRPOConfig where TRL has the knob.
+
+    The loss knobs become a LossConfig (`loss_config()`), the update's an UpdateConfig (`update_config()`);
+    where the run writes and which layer it trains are a RunSpec's, not a hyper-parameter.
+    """
+
+    num_generations: int = option(8, "completions sampled per prompt: the group that GRPO normalizes rewards in")
+    per_device_train_batch_size: int = option(8, "completions per step, a multiple of --num-generations")
+    max_steps: int = option(100, "training steps (each: sample a batch, then --num-iterations optimizer steps)")
+    num_iterations: int = option(1, "optimizer steps on each sampled batch (TRL's mu)")
+    learning_rate: float = option(1e-6, "AdamW learning rate")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float | None = option(1.0, "clip the trained weights' gradient norm to this (None: no clipping)")
+    beta: float = option(0.0, "weight of the k3 KL penalty against the reference policy (0: no reference pass)")
+    epsilon: float = option(0.2, "lower clip bound of the importance ratio: 1 - epsilon")
+    epsilon_high: float | None = option(None, "upper clip bound: 1 + epsilon_high (None: epsilon)")
+    delta: float | None = option(None, "upper clamp of the unclipped ratio (two-sided clipping; None: off)")
+    loss_type: str = option("dapo", "how per-token losses are averaged", choices=LOSS_TYPES)
+    scale_rewards: str = option("group", "divide centered rewards by the group's or batch's std, or not",
+                                choices=SCALE_REWARDS)
+    importance_sampling_level: str = option("token", "one importance ratio per token or per sequence",
+                                            choices=IMPORTANCE_SAMPLING_LEVELS)
+    temperature: float = option(1.0, "sampling temperature; log-probs are taken at the same temperature")
+    top_p: float = option(1.0, "nucleus sampling threshold")
+    max_completion_length: int = option(256, "most tokens sampled per completion (also the dr_grpo normalizer)")
+    seed: int = option(42, "seed of prompts, sampling and preset initialization")
+    loss_backend: str = option("auto", "loss implementation (auto: chunked PyTorch)", choices=BACKENDS)
+    layout: str = option("auto", "how rows run through the layers; same loss and gradients (auto: shared_prompt "
+                         "on CPU for prompt groups, padded elsewhere)", choices=LAYOUTS)
+    algo: str = option("grpo", "algorithm preset: dr_grpo sets scale_rewards none + loss_type dr_grpo; gigpo adds "
+                       "anchor-state step advantages (environment tasks)", choices=ALGORITHMS)
+    gigpo_gamma: float = option(0.95, "GiGPO: discount of the step returns compared within an anchor state")
+    gigpo_omega: float = option(1.0, "GiGPO: weight of the step advantage, A = A_episode + omega * A_step")
+    gigpo_norm: str = option("mean", "GiGPO: subtract the group mean (mean) or also divide by the std (std)",
+                             choices=GIGPO_NORMS)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {choices}, got {getattr(self, f.name)!r}")
         if self.num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (GRPO compares completions in a group), got {self.num_generations}")
         if self.per_device_train_batch_size % self.num_generations != 0:
@@ -58,43 +89,64 @@ class GRPOConfig(UpdateSettings):
                 f"per_device_train_batch_size {self.per_device_train_batch_size} is not divisible by "
                 f"num_generations {self.num_generations}"
             )
-        for name in ("max_steps", "max_completion_length", "num_iterations", "save_steps"):
+        for name in ("max_steps", "max_completion_length", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.algo not in ALGORITHMS:
-            raise ValueError(f"algo must be one of {ALGORITHMS}, got {self.algo!r}")
-        if self.gigpo_norm not in GIGPO_NORMS:
-            raise ValueError(f"gigpo_norm must be one of {GIGPO_NORMS}, got {self.gigpo_norm!r}")
         if not 0.0 <= self.gigpo_gamma <= 1.0:
             raise ValueError(f"gigpo_gamma must be in [0, 1], got {self.gigpo_gamma}")
         if self.gigpo_omega < 0:
             raise ValueError(f"gigpo_omega must be >= 0, got {self.gigpo_omega}")
+        self.update_config()  # the loss knobs' own checks
+
+    def loss_config(self) -> LossConfig:
+        return LossConfig(
+            beta=self.beta, epsilon_low=self.epsilon,
+            epsilon_high=self.epsilon if self.epsilon_high is None else self.epsilon_high, delta=self.delta,
+            loss_type=self.loss_type, scale_rewards=self.scale_rewards, temperature=self.temperature,
+            max_completion_length=self.max_completion_length, importance_sampling_level=self.importance_sampling_level,
+        )
+
+    def update_config(self) -> UpdateConfig:
+        return UpdateConfig(loss=self.loss_config(), num_iterations=self.num_iterations,
+                            max_grad_norm=self.max_grad_norm, loss_backend=self.loss_backend, layout=self.layout)
 
 
-def score(task: Task, completions: list[str], examples: list[Example]) -> torch.Tensor:
-    """Weighted sum of the task's reward functions, one value per completion; NaN/inf is an error."""
-    rewards = torch.zeros(len(completions), dtype=torch.float32)
-    for func, weight in zip(task.reward_funcs, task.reward_weights):
-        values = torch.tensor([float(func(c, e)) for c, e in zip(completions, examples)], dtype=torch.float32)
-        if not torch.isfinite(values).all():
-            raise ValueError(f"reward function {getattr(func, '__name__', func)!r} returned NaN or inf")
-        rewards += weight * values
-    return rewards
+@dataclass
+class RunSpec:
+    """Where a run writes and what it trains: not hyper-parameters (a sweep sets these per run)."""
+
+    output_dir: str = option("runs/grpo", "where logs and checkpoints go; a rerun resumes from here")
+    mode: str = option("single", "single: one layer trains; full: every parameter trains (the baseline)",
+                       choices=MODES)
+    layer: int | None = option(None, "the decoder layer to train (negative counts from the top; default: middle)")
+    save_steps: int = option(50, "write a checkpoint every this many steps (and at the end)")
+    save_total_limit: int = option(2, "checkpoints kept; older ones are deleted")
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.save_steps < 1:
+            raise ValueError(f"save_steps must be >= 1, got {self.save_steps}")
 
 
 class GRPOTrainer:
     """Single-layer (or full-parameter) GRPO on a task, with atomic checkpoints and resume.
 
-    trainer = GRPOTrainer(model, tokenizer, task, GRPOConfig(layer=2, max_steps=20), base_model="tiny")
+    trainer = GRPOTrainer(model, tokenizer, task, GRPOConfig(max_steps=20), RunSpec("runs/x", layer=2),
+                          base_model="tiny")
     trainer.train()
     """
 
-    def __init__(self, model, tokenizer, task: Task, config: GRPOConfig, base_model: str = "", resume: bool = True,
-                 progress: bool = True):
+    def __init__(self, model, tokenizer, task: Task, config: GRPOConfig, run: RunSpec | None = None,
+                 base_model: str = "", resume: bool = True, progress: bool = True):
+        run = run or RunSpec()
         config.validate()
+        run.validate()
         config = apply_algorithm(config)  # a copy: dr_grpo / gigpo fix some loss knobs
+        self.run = run
+        self.update_config = config.update_config()
         self.multi_turn = is_environment_task(task)
         if config.algo == "gigpo" and not self.multi_turn:
             raise ValueError(f"algo 'gigpo' needs a multi-turn environment task (with make_env), "
@@ -103,8 +155,8 @@ class GRPOTrainer:
         self.base_model = base_model
         self.progress = progress  # the per-step bar; a sweep turns it off with its own
         num_layers = len(decoder_of(model).layers)
-        if config.mode == "single":
-            layer = num_layers // 2 if config.layer is None else config.layer
+        if run.mode == "single":
+            layer = num_layers // 2 if run.layer is None else run.layer
             self.policy = OneLayerPolicy(model, layer=layer)
         else:
             self.policy = FullModelPolicy(model, keep_reference=config.beta != 0.0)
@@ -112,7 +164,7 @@ class GRPOTrainer:
             self.policy.trainable_parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_epsilon, weight_decay=config.weight_decay,
         )
-        self.output_dir = Path(config.output_dir)
+        self.output_dir = Path(run.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.step = 0
         torch.manual_seed(config.seed)
@@ -126,7 +178,7 @@ class GRPOTrainer:
     def _resume(self) -> None:
         path = checkpoint.latest_checkpoint(self.output_dir)
         meta = checkpoint.load_layer(self.model, path)
-        if meta.get("mode") != self.config.mode or (self.config.mode == "single" and meta.get("layer") != self.policy.layer_index):
+        if meta.get("mode") != self.run.mode or (self.run.mode == "single" and meta.get("layer") != self.policy.layer_index):
             raise ValueError(f"checkpoint {path} was written by a {meta.get('mode')} run of layer {meta.get('layer')}; "
                              "use another output_dir or the same mode and layer")
         self.step, state = checkpoint.load_training_state(path, self.optimizer)
@@ -135,8 +187,9 @@ class GRPOTrainer:
     def _save(self) -> Path:
         return checkpoint.save_checkpoint(
             self.output_dir, policy=self.policy, optimizer=self.optimizer, step=self.step,
-            metadata={"base_model": self.base_model, "config": dataclasses.asdict(self.config), "task": self.task.name},
-            trainer_state={"torch_rng": torch.get_rng_state()}, keep_last=self.config.save_total_limit,
+            metadata={"base_model": self.base_model, "config": dataclasses.asdict(self.config),
+                      "run": dataclasses.asdict(self.run), "task": self.task.name},
+            trainer_state={"torch_rng": torch.get_rng_state()}, keep_last=self.run.save_total_limit,
         )
 
     def prompts_for_step(self, step: int) -> list[Example]:
@@ -167,8 +220,10 @@ class GRPOTrainer:
             temperature=self.config.temperature, top_p=self.config.top_p, group_size=self.config.num_generations,
         )
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        rewards = score(self.task, texts, grouped).to(self.device)
-        return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards), texts
+        rewards = torch.from_numpy(score(self.task, texts, grouped)).to(self.device)
+        batch = RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards,
+                             group_size=self.config.num_generations)
+        return batch, texts
 
     def train_step(self) -> dict[str, float]:
         started = time.perf_counter()
@@ -180,7 +235,7 @@ class GRPOTrainer:
             batch, _ = self.make_rollouts(examples)
             returns = batch.rewards
         generated = time.perf_counter()
-        history = grpo_update(self.policy, self.optimizer, batch, self.config)
+        history = grpo_update(self.policy, self.optimizer, batch, self.update_config)
         finished = time.perf_counter()
         self.step += 1
         tokens = int(batch.attention_mask.sum())
@@ -203,7 +258,7 @@ class GRPOTrainer:
         """Run until max_steps; a KeyboardInterrupt saves a checkpoint before it propagates."""
         log_path = self.output_dir / "log.jsonl"
         records = []
-        bar = tqdm(total=self.config.max_steps, initial=self.step, desc=f"{self.config.algo} {self.config.mode}", unit="step",
+        bar = tqdm(total=self.config.max_steps, initial=self.step, desc=f"{self.config.algo} {self.run.mode}", unit="step",
                    disable=not self.progress)
         try:
             while self.step < self.config.max_steps:
@@ -215,7 +270,7 @@ class GRPOTrainer:
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", loss=f"{record['loss']:.4f}",
                                 kl=f"{record.get('kl', 0.0):.4f}", clip=f"{record['clip_ratio/region_mean']:.3f}",
                                 tok_s=f"{record['tokens_per_second']:.0f}")
-                if self.step % self.config.save_steps == 0 or self.step == self.config.max_steps:
+                if self.step % self.run.save_steps == 0 or self.step == self.config.max_steps:
                     self._save()
         except KeyboardInterrupt:
             if self.step > 0:

@@ -94,7 +94,7 @@ def test_grpo_broadcasts_the_episode_advantage(assert_close):
 
 
 def test_algorithm_presets(tmp_path):
-    base = GRPOConfig(output_dir=str(tmp_path), scale_rewards="batch", loss_type="bnpo")
+    base = GRPOConfig(scale_rewards="batch", loss_type="bnpo")
     assert apply_algorithm(base) == base  # grpo: the config's own knobs (TRL defaults unless set)
     dr = apply_algorithm(GRPOConfig(algo="dr_grpo", scale_rewards="group"))
     assert (dr.scale_rewards, dr.loss_type) == ("none", "dr_grpo")
@@ -107,26 +107,26 @@ def test_algorithm_presets(tmp_path):
 
 
 def test_gigpo_needs_an_environment_task(tmp_path):
-    from onelayer_fast.presets import build_preset
+    from onelayer_fast.models import build_preset
     from onelayer_fast.tasks.arithmetic import ArithmeticTask
-    from onelayer_fast.trainer import GRPOTrainer
+    from onelayer_fast.trainer import GRPOTrainer, RunSpec
 
     model, tokenizer = build_preset("tiny")
     with pytest.raises(ValueError, match="multi-turn"):
-        GRPOTrainer(model, tokenizer, ArithmeticTask(), GRPOConfig(output_dir=str(tmp_path), algo="gigpo"))
+        GRPOTrainer(model, tokenizer, ArithmeticTask(), GRPOConfig(algo="gigpo"), RunSpec(output_dir=str(tmp_path)))
 
 
 @pytest.mark.parametrize("algo", ["grpo", "dr_grpo"])
 def test_grpo_on_the_agent_task_broadcasts_episode_returns(tmp_path, assert_close, algo):
     from onelayer_fast.kernels.grpo_loss import group_advantages
-    from onelayer_fast.presets import build_preset
+    from onelayer_fast.models import build_preset
     from onelayer_fast.tasks.agent import AgentTask
-    from onelayer_fast.trainer import GRPOTrainer
+    from onelayer_fast.trainer import GRPOTrainer, RunSpec
 
     model, tokenizer = build_preset("tiny")
-    config = GRPOConfig(output_dir=str(tmp_path), algo=algo, layer=1, per_device_train_batch_size=8,
-                        num_generations=4, max_completion_length=3)
-    trainer = GRPOTrainer(model, tokenizer, AgentTask(max_turns=10, invalid_reward=-0.1), config)
+    config = GRPOConfig(algo=algo, per_device_train_batch_size=8, num_generations=4, max_completion_length=3)
+    trainer = GRPOTrainer(model, tokenizer, AgentTask(max_turns=10, invalid_reward=-0.1), config,
+                          RunSpec(output_dir=str(tmp_path), layer=1))
     batch, episodes = trainer.make_episodes(trainer.prompts_for_step(0))
     rows = len(episodes.steps)
     assert batch.advantages.shape == batch.rewards.shape == (rows,) == (int(episodes.lengths.sum()),)

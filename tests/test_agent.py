@@ -89,16 +89,16 @@ def test_splits_never_overlap_and_prompts_are_short():
 
 
 def test_gigpo_training_runs_end_to_end(tmp_path):
-    from onelayer_fast.presets import build_preset
-    from onelayer_fast.trainer import GRPOConfig, GRPOTrainer
+    from onelayer_fast.models import build_preset
+    from onelayer_fast.trainer import GRPOConfig, GRPOTrainer, RunSpec
 
     model, tokenizer = build_preset("tiny")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    config = GRPOConfig(output_dir=str(tmp_path), algo="gigpo", layer=2, max_steps=2, per_device_train_batch_size=8,
-                        num_generations=4, max_completion_length=4, learning_rate=1e-2, num_iterations=2,
-                        beta=0.04, save_steps=1)
+    config = GRPOConfig(algo="gigpo", max_steps=2, per_device_train_batch_size=8, num_generations=4,
+                        max_completion_length=4, learning_rate=1e-2, num_iterations=2, beta=0.04)
+    run = RunSpec(output_dir=str(tmp_path), layer=2, save_steps=1)
     # A small penalty for unparseable actions gives a random model a signal to learn from.
-    trainer = GRPOTrainer(model, tokenizer, AgentTask(max_turns=10, invalid_reward=-0.1), config)
+    trainer = GRPOTrainer(model, tokenizer, AgentTask(max_turns=10, invalid_reward=-0.1), config, run)
     records = trainer.train()
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
     assert all(8 <= r["rows"] <= 8 * 10 and 0.0 <= r["success_rate"] <= 1.0 for r in records)
@@ -108,15 +108,15 @@ def test_gigpo_training_runs_end_to_end(tmp_path):
 
 
 def test_gigpo_resume_continues_the_run_exactly(tmp_path):
-    from onelayer_fast.presets import build_preset
-    from onelayer_fast.trainer import GRPOConfig, GRPOTrainer
+    from onelayer_fast.models import build_preset
+    from onelayer_fast.trainer import GRPOConfig, GRPOTrainer, RunSpec
 
     def run(directory, max_steps):
         model, tokenizer = build_preset("tiny")
-        config = GRPOConfig(output_dir=str(directory), algo="gigpo", layer=1, max_steps=max_steps,
-                            per_device_train_batch_size=4, num_generations=2, max_completion_length=3,
-                            learning_rate=1e-2, save_steps=1)
-        trainer = GRPOTrainer(model, tokenizer, AgentTask(max_turns=9, invalid_reward=-0.1), config)
+        config = GRPOConfig(algo="gigpo", max_steps=max_steps, per_device_train_batch_size=4, num_generations=2,
+                            max_completion_length=3, learning_rate=1e-2)
+        spec = RunSpec(output_dir=str(directory), layer=1, save_steps=1)
+        trainer = GRPOTrainer(model, tokenizer, AgentTask(max_turns=9, invalid_reward=-0.1), config, spec)
         trainer.train()
         return trainer
 

@@ -69,7 +69,7 @@ _CHILD = r"""
 import json, os, sys
 os.environ["TRITON_INTERPRET"] = "1"   # before the first triton import of this process
 import torch
-from onelayer_fast.kernels.grpo_loss import group_advantages, grpo_loss_from_logps, grpo_loss_ref
+from onelayer_fast.kernels.grpo_loss import LossConfig, group_advantages, grpo_loss_from_logps, grpo_loss_ref
 from onelayer_fast.kernels.token_logprobs import token_logprobs_ref
 from onelayer_fast.kernels import grpo_loss_triton as gt
 from onelayer_fast.kernels import token_logprobs_triton as tt
@@ -128,17 +128,17 @@ for name, batch, length, group, opts in loss_cases:
         adv, constant = group_advantages(rewards, group, opts["scale"])
     leaf = logp.clone().requires_grad_()
     loss, metrics = grpo_loss_from_logps(
-        leaf, mask, adv, old if opts["old"] else None, ref if s["beta"] else None, s["beta"], s["epsilon_low"],
-        s["epsilon_high"], s["delta"], s["loss_type"], s["max_completion_length"], s["importance_sampling_level"])
+        leaf, mask, adv, old if opts["old"] else None, ref if s["beta"] else None, LossConfig(**s))
     loss.backward()
     keep = mask.bool().reshape(-1)
     offsets = torch.zeros(batch + 1, dtype=torch.int64)
     offsets[1:] = mask.sum(1).long().cumsum(0)
     at = lambda t: t.reshape(-1)[keep].float()
-    settings = gt.GRPOSettings(scale_rewards="group" if given else opts["scale"], group_size=group, **s)
+    config = LossConfig(scale_rewards="group" if given else opts["scale"], **s)
     k_loss, k_dlogp, k_metrics, k_adv = gt.grpo_loss_triton_terms(
         at(logp), offsets, None if given else rewards.float(), adv.float() if given else None,
-        at(old) if opts["old"] else None, at(ref) if s["beta"] else None, settings, LOSS_BLOCK=blocks["LOSS_BLOCK"])
+        at(old) if opts["old"] else None, at(ref) if s["beta"] else None, config, group, s["max_completion_length"],
+        LOSS_BLOCK=blocks["LOSS_BLOCK"])
     ref_metrics = {k: float(v) for k, v in metrics.items()}
     ref_metrics["loss"] = float(loss)
     if constant is not None:
@@ -176,8 +176,7 @@ for name, batch, length, group, opts in fused_cases:
         adv, constant = (advantages, None) if given else group_advantages(rewards.to(hid.dtype), group, opts["scale"])
         loss, metrics = grpo_loss_ref(
             hid, wt, ids, mask.to(hid.dtype), adv, old.to(hid.dtype) if opts["old"] else None,
-            ref.to(hid.dtype) if opts["ref"] else None, s["beta"], s["epsilon_low"], s["epsilon_high"], s["delta"],
-            s["loss_type"], opts["tau"], s["max_completion_length"], s["importance_sampling_level"])
+            ref.to(hid.dtype) if opts["ref"] else None, LossConfig(temperature=opts["tau"], **s))
         if constant is not None:
             metrics["frac_reward_zero_std"] = constant.double().mean()
         return loss, metrics
@@ -191,17 +190,17 @@ for name, batch, length, group, opts in fused_cases:
 
     x = hidden.clone().requires_grad_()
     wt = weight.clone().requires_grad_(wgrad)
-    loss, metrics = gt.grpo_loss_triton(
+    loss, token_logps, metrics = gt.grpo_loss_triton(
         x, wt, ids, mask, rewards=None if given else rewards.float(), group_size=group,
         advantages=advantages.float() if given else None, old_logps=old.float() if opts["old"] else None,
-        ref_logps=ref.float() if opts["ref"] else None, scale_rewards="group" if given else opts["scale"],
-        temperature=opts["tau"], **s, **blocks)
+        ref_logps=ref.float() if opts["ref"] else None,
+        config=LossConfig(scale_rewards="group" if given else opts["scale"], temperature=opts["tau"], **s), **blocks)
     loss.backward()
     r = dict(
-        keys=[sorted(metrics), sorted(list(metrics64) + ["token_logps"])],
+        keys=[sorted(metrics), sorted(metrics64)],
         loss=loss_err(loss, loss64),
         metrics={k: [float(metrics[k]), float(m)] for k, m in metrics64.items()},
-        token_logps=rel(metrics["token_logps"], logps64),
+        token_logps=rel(token_logps, logps64),
         grad_hidden=rel(x.grad, h64.grad), grad_dtype=str(x.grad.dtype),
         grad_weight=rel(wt.grad, w64.grad) if wgrad else None,
     )
@@ -237,7 +236,8 @@ rewards = torch.tensor([0.0, 1.0, 0.3, 0.9])
 out = {}
 for backend in ("triton", "reference"):
     x = hidden.clone().requires_grad_()
-    loss, metrics = olf.grpo_loss(x, weight, ids, mask, rewards=rewards, group_size=2, backend=backend)
+    result = olf.grpo_loss(x, weight, ids, mask, rewards=rewards, group_size=2, backend=backend)
+    loss, metrics = result.loss, result.metrics
     loss.backward()
     out[backend] = (loss, x.grad, metrics)
 gt.grpo_loss_triton = _entry
@@ -466,12 +466,12 @@ def test_fake_impl_shapes_without_kernels():
 
 
 def test_settings_validation():
-    from onelayer_fast.kernels.grpo_loss_triton import GRPOSettings
+    from onelayer_fast.kernels.grpo_loss import LossConfig
 
     with pytest.raises(ValueError, match="loss_type"):
-        GRPOSettings(loss_type="ppo")
+        LossConfig(loss_type="ppo")
     with pytest.raises(ValueError, match="scale_rewards"):
-        GRPOSettings(scale_rewards="max")
+        LossConfig(scale_rewards="max")
 
 
 def test_launch_config_has_loss_settings():
@@ -515,7 +515,7 @@ def check_fused_against_fp64(device, batch, length, hidden_size, vocab, group, d
     / 1e-4 (grad_hidden); other dtypes: error <= 2x PyTorch's own (chunked path in that dtype) + tiny atol."""
     import onelayer_fast as olf
     from onelayer_fast.kernels import grpo_loss_triton as gt
-    from onelayer_fast.kernels.grpo_loss import group_advantages, grpo_loss_from_logps
+    from onelayer_fast.kernels.grpo_loss import LossConfig, group_advantages, grpo_loss_from_logps
 
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(batch, length, hidden_size, device=device, generator=gen).to(dtype)
@@ -536,12 +536,13 @@ def check_fused_against_fp64(device, batch, length, hidden_size, vocab, group, d
     def loss_of_logps(lp):
         adv, _ = group_advantages(rewards.double(), group, opts["scale"])
         m = mask.double()
-        return grpo_loss_from_logps(lp * m, m, adv, old.double(), ref.double(), **kw)[0]
+        return grpo_loss_from_logps(lp * m, m, adv, old.double(), ref.double(), LossConfig(**kw))[0]
 
     loss64, grad64 = _fp64_oracle(hidden, weight, ids, tau, loss_of_logps)
     x = hidden.clone().requires_grad_()
-    loss, _ = gt.grpo_loss_triton(x, weight, ids, mask, rewards=rewards, group_size=group, old_logps=old,
-                                  ref_logps=ref, scale_rewards=opts["scale"], temperature=tau, **kw, **launch_overrides)
+    loss = gt.grpo_loss_triton(x, weight, ids, mask, rewards=rewards, group_size=group, old_logps=old,
+                                  ref_logps=ref, config=LossConfig(scale_rewards=opts["scale"], temperature=tau, **kw),
+                              **launch_overrides)[0]
     loss.backward()
 
     def err(a, b):
@@ -549,8 +550,8 @@ def check_fused_against_fp64(device, batch, length, hidden_size, vocab, group, d
 
     # PyTorch's own error in this dtype (the chunked path) against the same oracle.
     xt = hidden.clone().requires_grad_()
-    loss_t, _ = olf.grpo_loss(xt, weight, ids, mask, rewards=rewards, group_size=group, old_logps=old,
-                              ref_logps=ref, scale_rewards=opts["scale"], temperature=tau, backend="chunked", **kw)
+    loss_t = olf.grpo_loss(xt, weight, ids, mask, rewards=rewards, group_size=group, old_logps=old,
+                              ref_logps=ref, scale_rewards=opts["scale"], temperature=tau, backend="chunked", **kw).loss
     loss_t.backward()
     loss_err, torch_loss_err = err(loss, loss64), err(loss_t, loss64)
     grad_err, torch_grad_err = err(x.grad, grad64), err(xt.grad, grad64)

@@ -148,11 +148,12 @@ def make_case(batch, length, group_size, temperature, epsilon_low, epsilon_high,
 
 
 def run_olf(hidden, weight, ids, mask, weight_grad=False, **kwargs):
+    """-> loss, metrics with the result's token_logps added under that name (compared like a metric), grads."""
     h = hidden.detach().clone().requires_grad_(True)
     w = weight.detach().clone().requires_grad_(weight_grad)
-    loss, metrics = olf.grpo_loss(h, w, ids, mask, **kwargs)
-    loss.backward()
-    return loss.detach(), metrics, h.grad, w.grad
+    result = olf.grpo_loss(h, w, ids, mask, **kwargs)
+    result.loss.backward()
+    return result.loss.detach(), {**result.metrics, "token_logps": result.token_logps}, h.grad, w.grad
 
 
 def run_ref(hidden, weight, ids, mask, advantages, weight_grad=False, **kwargs):
@@ -333,12 +334,12 @@ def test_small_chunks_match_reference_backend(level, monkeypatch, assert_close):
 def test_dapo_equals_bnpo_and_dr_grpo_scaling(assert_close):
     hidden, weight, ids, mask, rewards, old_logps, ref_logps = make_case(6, 7, 3, 1.0, 0.2, 0.2, None, "token")
     common = dict(rewards=rewards, group_size=3, old_logps=old_logps, ref_logps=ref_logps, beta=0.04)
-    losses = {t: olf.grpo_loss(hidden, weight, ids, mask, loss_type=t, **common)[0] for t in ("bnpo", "dapo", "dr_grpo")}
+    losses = {t: olf.grpo_loss(hidden, weight, ids, mask, loss_type=t, **common).loss for t in ("bnpo", "dapo", "dr_grpo")}
     assert losses["dapo"] == losses["bnpo"]
     # dr_grpo divides the same token sum by B * max_completion_length instead of the token count
     tokens = mask.sum().item()
     assert_close(losses["dr_grpo"], losses["bnpo"] * tokens / (6 * 7), rtol=1e-6, atol=1e-8, name="dr_grpo")
-    dr_long = olf.grpo_loss(hidden, weight, ids, mask, loss_type="dr_grpo", max_completion_length=70, **common)[0]
+    dr_long = olf.grpo_loss(hidden, weight, ids, mask, loss_type="dr_grpo", max_completion_length=70, **common).loss
     assert_close(dr_long, losses["dr_grpo"] / 10, rtol=1e-6, atol=1e-8, name="dr_grpo max_completion_length")
 
 
@@ -353,8 +354,9 @@ def test_zero_std_groups_give_zero_advantages(scale_rewards, assert_close):
     assert ((grouped - grouped.mean(dim=1, keepdim=True))[[0, 2]] != 0).any()  # the premise
     h = hidden.clone().requires_grad_(True)
     # old_logps=None: ratio 1, so no token is clipped and every unmasked token of the signal group has a gradient
-    loss, metrics = olf.grpo_loss(h, weight, ids, mask, rewards=rewards, group_size=group_size,
+    result = olf.grpo_loss(h, weight, ids, mask, rewards=rewards, group_size=group_size,
                                   scale_rewards=scale_rewards, loss_type="grpo")
+    loss, metrics = result.loss, result.metrics
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(h.grad).all()
     assert_close(metrics["frac_reward_zero_std"], torch.tensor(0.5), rtol=0, atol=1e-7, name="frac_reward_zero_std")
@@ -364,13 +366,14 @@ def test_zero_std_groups_give_zero_advantages(scale_rewards, assert_close):
     assert (h.grad[~constant_rows].abs().sum(-1)[mask[~constant_rows].bool()] > 0).all()
     # the advantage mean over constant groups only is exactly 0 (not rounding noise)
     c = constant_rows
-    only_constant, m_const = olf.grpo_loss(hidden[c], weight, ids[c], mask[c], rewards=rewards[c], group_size=3,
+    result = olf.grpo_loss(hidden[c], weight, ids[c], mask[c], rewards=rewards[c], group_size=3,
                                            scale_rewards=scale_rewards)
+    only_constant, m_const = result.loss, result.metrics
     assert m_const["advantage_mean"] == 0 and only_constant == 0 and m_const["frac_reward_zero_std"] == 1
     # and the advantages are exactly zero: the loss equals that of explicit zeros there
     adv, zero_std = ref_advantages64(rewards, group_size, scale_rewards)
     assert (adv[zero_std] == 0).all()
-    loss_adv, _ = olf.grpo_loss(hidden, weight, ids, mask, advantages=adv.float(), loss_type="grpo")
+    loss_adv = olf.grpo_loss(hidden, weight, ids, mask, advantages=adv.float(), loss_type="grpo").loss
     # The loss is a cancellation of O(1) per-token terms (advantages sum to ~0): fp32 rounding is ~1e-7.
     assert_close(loss.detach(), loss_adv, rtol=1e-6, atol=1e-7, name="loss")
 
@@ -382,8 +385,9 @@ def test_all_groups_constant_and_all_masked(beta):
     hidden, weight, ids, mask, _, old_logps, ref_logps = make_case(batch, length, 3, 1.0, 0.2, 0.2, None, "token")
     rewards = torch.tensor([0.7] * 3 + [0.1] * 3)
     h = hidden.clone().requires_grad_(True)
-    loss, metrics = olf.grpo_loss(h, weight, ids, mask, rewards=rewards, group_size=3, old_logps=old_logps,
+    result = olf.grpo_loss(h, weight, ids, mask, rewards=rewards, group_size=3, old_logps=old_logps,
                                   ref_logps=ref_logps if beta else None, beta=beta)
+    loss, metrics = result.loss, result.metrics
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(h.grad).all()
     assert metrics["frac_reward_zero_std"] == 1 and metrics["advantage_mean"] == 0
@@ -393,9 +397,10 @@ def test_all_groups_constant_and_all_masked(beta):
     for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
         for backend in ("auto", "reference"):
             h = hidden.clone().requires_grad_(True)
-            loss, metrics = olf.grpo_loss(h, weight, ids, torch.zeros_like(mask), rewards=torch.randn(batch), group_size=3,
+            result = olf.grpo_loss(h, weight, ids, torch.zeros_like(mask), rewards=torch.randn(batch), group_size=3,
                                           old_logps=old_logps, ref_logps=ref_logps if beta else None, beta=beta,
                                           loss_type=loss_type, backend=backend)
+            loss, metrics = result.loss, result.metrics
             loss.backward()
             assert loss == 0, (loss_type, backend)
             assert (h.grad == 0).all()
@@ -411,11 +416,11 @@ def test_nonfinite_logps_at_masked_positions_are_ignored(assert_close):
     for level in ("token", "sequence"):
         common = dict(rewards=rewards, group_size=3, beta=0.04, loss_type="grpo", importance_sampling_level=level)
         h1 = hidden.clone().requires_grad_(True)
-        loss1, _ = olf.grpo_loss(h1, weight, ids, mask, old_logps=old_logps, ref_logps=ref_logps, **common)
+        loss1 = olf.grpo_loss(h1, weight, ids, mask, old_logps=old_logps, ref_logps=ref_logps, **common).loss
         loss1.backward()
         h2 = hidden.clone().requires_grad_(True)
-        loss2, _ = olf.grpo_loss(h2, weight, ids, mask, old_logps=old_logps.masked_fill(pad, float("-inf")),
-                                 ref_logps=ref_logps.masked_fill(pad, float("nan")), **common)
+        loss2 = olf.grpo_loss(h2, weight, ids, mask, old_logps=old_logps.masked_fill(pad, float("-inf")),
+                                 ref_logps=ref_logps.masked_fill(pad, float("nan")), **common).loss
         loss2.backward()
         assert torch.isfinite(loss2) and torch.isfinite(h2.grad).all()
         assert_close(loss2, loss1.detach(), rtol=0, atol=0, name=f"{level} loss")
@@ -424,8 +429,8 @@ def test_nonfinite_logps_at_masked_positions_are_ignored(assert_close):
 
 def test_bool_mask_and_int32_ids(assert_close):
     hidden, weight, ids, mask, rewards, old_logps, _ = make_case(6, 7, 3, 1.0, 0.2, 0.2, None, "token")
-    loss_a, _ = olf.grpo_loss(hidden, weight, ids, mask, rewards=rewards, group_size=3, old_logps=old_logps)
-    loss_b, _ = olf.grpo_loss(hidden, weight, ids.int(), mask.bool(), rewards=rewards, group_size=3, old_logps=old_logps)
+    loss_a = olf.grpo_loss(hidden, weight, ids, mask, rewards=rewards, group_size=3, old_logps=old_logps).loss
+    loss_b = olf.grpo_loss(hidden, weight, ids.int(), mask.bool(), rewards=rewards, group_size=3, old_logps=old_logps).loss
     assert_close(loss_b, loss_a, rtol=0, atol=0, name="loss")
 
 

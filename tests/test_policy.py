@@ -148,16 +148,17 @@ def test_gradients_match_plain_hf_model(arch, loss_type, beta, layer_name, tempe
     policy = olf.OneLayerPolicy(model, layer=layer)
     cache = policy.prefix(input_ids, attention_mask)
     states = policy.suffix(cache)[:, PROMPT_LEN - 1 : -1]
-    loss, metrics = olf.grpo_loss(
+    result = olf.grpo_loss(
         states, policy.lm_head_weight, completion_ids, completion_mask, rewards=rewards, group_size=GROUP_SIZE,
         old_logps=old_logps, ref_logps=ref_logps, beta=beta, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
         loss_type=loss_type, temperature=temperature,
     )
+    loss, metrics = result.loss, result.metrics
     loss.backward()
 
     # the case is not degenerate: tokens really are clipped on both sides
     assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0
-    assert_close(metrics["token_logps"], true_logps * completion_mask, rtol=1e-5, atol=1e-5, name="token_logps")
+    assert_close(result.token_logps, true_logps * completion_mask, rtol=1e-5, atol=1e-5, name="token_logps")
     err = relative_error(loss.detach(), expected_loss.detach())
     assert err < 1e-5, f"loss {loss.item()!r} vs expected {expected_loss.item()!r}: rel err {err:.2e}"
 
@@ -196,8 +197,8 @@ def test_reference_suffix_is_the_original_model_after_training(arch, layer, tiny
     cache = policy.prefix(input_ids, attention_mask)
     for _ in range(4):
         states = policy.suffix(cache)[:, PROMPT_LEN - 1 : -1]
-        loss, _ = olf.grpo_loss(states, policy.lm_head_weight, completion_ids, completion_mask, rewards=rewards,
-                                group_size=GROUP_SIZE, ref_logps=ref_logps, beta=0.04)
+        loss = olf.grpo_loss(states, policy.lm_head_weight, completion_ids, completion_mask, rewards=rewards,
+                                group_size=GROUP_SIZE, ref_logps=ref_logps, beta=0.04).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -251,8 +252,8 @@ def test_only_target_layer_trains(arch, tiny_model):
     input_ids, attention_mask, completion_ids, completion_mask, rewards = make_batch(model.config.vocab_size)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
     states = policy.suffix(policy.prefix(input_ids, attention_mask))[:, PROMPT_LEN - 1 : -1]
-    loss, _ = olf.grpo_loss(states, policy.lm_head_weight, completion_ids, completion_mask, rewards=rewards,
-                            group_size=GROUP_SIZE)
+    loss = olf.grpo_loss(states, policy.lm_head_weight, completion_ids, completion_mask, rewards=rewards,
+                            group_size=GROUP_SIZE).loss
     loss.backward()
     optimizer.step()
     assert model.lm_head.weight.grad is None and model.model.embed_tokens.weight.grad is None
@@ -290,8 +291,8 @@ def test_prefix_is_reusable(arch, layer, tiny_model, assert_close):
 
     def one_pass():
         states = policy.suffix(cache)[:, PROMPT_LEN - 1 : -1]
-        loss, _ = olf.grpo_loss(states, policy.lm_head_weight, completion_ids, completion_mask, rewards=rewards,
-                                group_size=GROUP_SIZE)
+        loss = olf.grpo_loss(states, policy.lm_head_weight, completion_ids, completion_mask, rewards=rewards,
+                                group_size=GROUP_SIZE).loss
         policy.model.zero_grad(set_to_none=True)
         loss.backward()
         return states.detach(), loss.detach(), [p.grad.clone() for p in policy.trainable_parameters()]

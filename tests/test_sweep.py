@@ -48,7 +48,7 @@ def spy(monkeypatch):
     train, evaluate = GRPOTrainer.train, sweep_module.evaluate
 
     def spy_train(self):
-        calls["train"].append((self.config.mode, self.config.layer if self.config.mode == "single" else None, self.step))
+        calls["train"].append((self.run.mode, self.run.layer if self.run.mode == "single" else None, self.step))
         return train(self)
 
     def spy_evaluate(*args, **kwargs):
@@ -179,7 +179,7 @@ def test_resume_after_a_kill_runs_only_what_is_missing(cli_sweep, tmp_path, monk
     train_step = GRPOTrainer.train_step
 
     def killed_in_layer_1(self):
-        if self.config.mode == "single" and self.config.layer == 1 and self.step == 1:
+        if self.run.mode == "single" and self.run.layer == 1 and self.step == 1:
             raise KeyboardInterrupt  # the trainer saves step 1, as on Ctrl-C
         return train_step(self)
 

@@ -107,11 +107,11 @@ for level in ("token", "sequence"):
     out = {}
     for backend in ("triton", "reference"):
         x = hidden.clone().requires_grad_()
-        loss, metrics = olf.grpo_loss(x, weight, ids, mask, rewards=rewards, group_size=3, old_logps=old,
-                                      ref_logps=ref_lp, beta=0.04, temperature=0.7, loss_type="grpo",
-                                      importance_sampling_level=level, backend=backend)
-        loss.backward()
-        out[backend] = (loss, x.grad, metrics["token_logps"])
+        result = olf.grpo_loss(x, weight, ids, mask, rewards=rewards, group_size=3, old_logps=old,
+                               ref_logps=ref_lp, beta=0.04, temperature=0.7, loss_type="grpo",
+                               importance_sampling_level=level, backend=backend)
+        result.loss.backward()
+        out[backend] = (result.loss, x.grad, result.token_logps)
     calls_made, calls["n"] = calls["n"], 0
     results["grpo_loss_dispatch_" + level] = dict(
         loss=rel(out["triton"][0], out["reference"][0]), grad=rel(out["triton"][1], out["reference"][1]),

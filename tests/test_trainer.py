@@ -6,18 +6,23 @@ import math
 import pytest
 import torch
 
-from onelayer_fast.presets import load_model
+from onelayer_fast.models import load_model
 from onelayer_fast.rollout import completion_mask_after_eos
 from onelayer_fast.tasks import Example, get_task
 from onelayer_fast.tasks.arithmetic import ArithmeticTask, digits_only, exact_match
-from onelayer_fast.trainer import GRPOConfig, GRPOTrainer, score
+from onelayer_fast.tasks.rewards import score
+from onelayer_fast.trainer import GRPOConfig, GRPOTrainer, RunSpec
+
+RUN_FIELDS = ("output_dir", "layer", "mode", "save_steps", "save_total_limit")
 
 
-def small_config(tmp_path, **overrides) -> GRPOConfig:
+def small_config(tmp_path, **overrides) -> tuple[GRPOConfig, RunSpec]:
+    """(hyper-parameters, run spec) of a tiny run; overrides go to whichever of the two has the field."""
     values = dict(output_dir=str(tmp_path), layer=1, max_steps=2, per_device_train_batch_size=8, num_generations=4,
                   max_completion_length=6, learning_rate=1e-2, num_iterations=2, beta=0.04, save_steps=1)
     values.update(overrides)
-    return GRPOConfig(**values)
+    run = RunSpec(**{k: v for k, v in values.items() if k in RUN_FIELDS})
+    return GRPOConfig(**{k: v for k, v in values.items() if k not in RUN_FIELDS}), run
 
 
 def layer_state(model, index: int) -> dict[str, torch.Tensor]:
@@ -35,13 +40,14 @@ def layer_state(model, index: int) -> dict[str, torch.Tensor]:
 )
 def test_config_errors(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
-        small_config(tmp_path, **overrides).validate()
+        for config in small_config(tmp_path, **overrides):
+            config.validate()
 
 
 def test_layer_out_of_range_is_a_clear_error(tmp_path):
     model, tokenizer = load_model("tiny")
     with pytest.raises(ValueError, match="out of range"):
-        GRPOTrainer(model, tokenizer, ArithmeticTask(), small_config(tmp_path, layer=7))
+        GRPOTrainer(model, tokenizer, ArithmeticTask(), *small_config(tmp_path, layer=7))
 
 
 def test_nan_reward_is_an_error():
@@ -84,7 +90,7 @@ def test_completion_mask_covers_up_to_first_eos():
 def test_training_changes_only_the_target_layer(tmp_path):
     model, tokenizer = load_model("tiny")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = GRPOTrainer(model, tokenizer, ArithmeticTask(), small_config(tmp_path))
+    trainer = GRPOTrainer(model, tokenizer, ArithmeticTask(), *small_config(tmp_path))
     records = trainer.train()
     assert len(records) == 2 and all(math.isfinite(r["loss"]) for r in records)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
@@ -95,13 +101,13 @@ def test_training_changes_only_the_target_layer(tmp_path):
 @pytest.mark.parametrize("mode", ["single", "full"])
 def test_resume_continues_the_run_exactly(tmp_path, mode):
     model, tokenizer = load_model("tiny")
-    straight = GRPOTrainer(model, tokenizer, ArithmeticTask(), small_config(tmp_path / "a", mode=mode, max_steps=4))
+    straight = GRPOTrainer(model, tokenizer, ArithmeticTask(), *small_config(tmp_path / "a", mode=mode, max_steps=4))
     straight.train()
 
     model, tokenizer = load_model("tiny")
-    GRPOTrainer(model, tokenizer, ArithmeticTask(), small_config(tmp_path / "b", mode=mode, max_steps=2)).train()
+    GRPOTrainer(model, tokenizer, ArithmeticTask(), *small_config(tmp_path / "b", mode=mode, max_steps=2)).train()
     model, tokenizer = load_model("tiny")  # a fresh process would start from the base model again
-    resumed = GRPOTrainer(model, tokenizer, ArithmeticTask(), small_config(tmp_path / "b", mode=mode, max_steps=4))
+    resumed = GRPOTrainer(model, tokenizer, ArithmeticTask(), *small_config(tmp_path / "b", mode=mode, max_steps=4))
     assert resumed.step == 2
     resumed.train()
     for key, value in straight.model.state_dict().items():
@@ -120,18 +126,18 @@ def test_interrupt_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     task = ArithmeticTask()
     task.reward_funcs, task.reward_weights = [interrupt_on_third_step], [1.0]
     model, tokenizer = load_model("tiny")
-    trainer = GRPOTrainer(model, tokenizer, task, small_config(tmp_path, max_steps=4, save_steps=100))
+    trainer = GRPOTrainer(model, tokenizer, task, *small_config(tmp_path, max_steps=4, save_steps=100))
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     model, tokenizer = load_model("tiny")
-    resumed = GRPOTrainer(model, tokenizer, ArithmeticTask(), small_config(tmp_path, max_steps=4, save_steps=100))
+    resumed = GRPOTrainer(model, tokenizer, ArithmeticTask(), *small_config(tmp_path, max_steps=4, save_steps=100))
     assert resumed.step == 2
 
 
 def test_flash_attention_only_with_cuda_and_flash_attn(monkeypatch):
     import importlib.util
 
-    from onelayer_fast import presets
+    from onelayer_fast.models import presets
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
