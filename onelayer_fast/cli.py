@@ -116,7 +116,7 @@ def _run_sweep(args: argparse.Namespace) -> None:
     from .sweep import SweepConfig, print_table, run_sweep
 
     config = SweepConfig(model=args.model, out=args.out, task=args.task, task_path=args.task_path, layers=args.layers,
-                         algo=args.algo, grpo=config_from_args(GRPOConfig, args), eval_size=args.eval_size,
+                         grpo=config_from_args(GRPOConfig, args), eval_size=args.eval_size,
                          eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size, metric=args.metric,
                          device=args.device, dtype=args.dtype, progress=args.progress, save_steps=args.save_steps,
                          save_total_limit=args.save_total_limit)

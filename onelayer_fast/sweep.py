@@ -120,7 +120,6 @@ class SweepConfig:
     task: str = "arithmetic"
     task_path: str | None = None
     layers: str = "middle"  # see parse_layers
-    algo: str | None = None  # None: grpo.algo (or "grpo" where GRPOConfig has no algo field yet)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval_size: int = 200  # held-out examples (eval split), the same for every run
     eval_seed: int = 0
@@ -145,21 +144,9 @@ class SweepConfig:
 
 
 def run_config(config: SweepConfig) -> GRPOConfig:
-    """The sweep's GRPOConfig with `algo` applied (when the trainer has algorithms), validated."""
-    grpo = config.grpo
-    has_algo = any(f.name == "algo" for f in dataclasses.fields(GRPOConfig))
-    if config.algo is not None:
-        if has_algo:
-            grpo = dataclasses.replace(grpo, algo=config.algo)
-        elif config.algo != "grpo":
-            raise ValueError(f"algo {config.algo!r} is not available: this trainer's GRPOConfig has no algo field "
-                             "and only runs 'grpo'")
-    grpo.validate()
-    return grpo
-
-
-def algo_of(grpo: GRPOConfig) -> str:
-    return str(getattr(grpo, "algo", "grpo"))
+    """The sweep's GRPOConfig, validated (the algorithm is its `algo` field)."""
+    config.grpo.validate()
+    return config.grpo
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -338,7 +325,7 @@ class _Sweep:
         grpo = dataclasses.asdict(self.grpo)
         c = self.config
         return {"format_version": FORMAT_VERSION, "model": c.model, "task": c.task, "task_path": c.task_path,
-                "algo": algo_of(self.grpo), "layer_spec": c.layers, "layers": layers, "num_layers": num_layers,
+                "algo": self.grpo.algo, "layer_spec": c.layers, "layers": layers, "num_layers": num_layers,
                 "eval_size": c.eval_size, "eval_seed": c.eval_seed, "eval_examples": eval_n,
                 "eval_max_new_tokens": self.max_new_tokens, "dtype": c.dtype, "grpo": grpo}
 
