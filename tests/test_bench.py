@@ -91,7 +91,10 @@ def test_quick_iteration_benchmark_writes_json_csv_png(run_quick, tmp_path):
     assert sum("[MATCH]" in line for line in record["crosscheck"]) == 3
     for run in (r for c in contenders.values() for r in c["runs"]):
         assert run["warmup_history"][0]["generate_s"] > 0 and run["warmup_history"][0]["update_s"] > 0
-    assert record["git"]["commit"] and record["date"] and record["device"] and record["shapes"]["quick"]
+    # The commit the bench ran from: HEAD of a git checkout, None in a copy of the tree outside git.
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    assert record["git"]["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    assert record["date"] and record["device"] and record["shapes"]["quick"]
     assert record["versions"]["torch"] and "trl" in record["versions"]
 
     with (tmp_path / "iteration-cpu.csv").open() as f:
