@@ -8,7 +8,8 @@ Whoever builds the batch states the grouping once; nothing downstream re-derives
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -65,8 +66,6 @@ class RolloutBatch:
     rewards: Tensor  # (B,)
     group_size: int | None = None
     advantages: Tensor | None = None  # (B,)
-    _packing_problem: str | None = field(default=None, init=False, repr=False)
-    _packing_checked: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.prompt_ids.dim() != 2 or self.prompt_mask.shape != self.prompt_ids.shape:
@@ -104,13 +103,10 @@ class RolloutBatch:
     def attention_mask(self) -> Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask.to(self.prompt_mask.dtype)], dim=1)
 
-    @property
+    @cached_property
     def packing_problem(self) -> str | None:
         """Why the rows cannot run in a packed layout, or None (computed once per batch)."""
-        if not self._packing_checked:
-            self._packing_problem = packing_problem(self.prompt_mask, self.completion_mask)
-            self._packing_checked = True
-        return self._packing_problem
+        return packing_problem(self.prompt_mask, self.completion_mask)
 
     def to(self, device: torch.device | str) -> "RolloutBatch":
         moved = {name: getattr(self, name).to(device) for name in
