@@ -133,6 +133,7 @@ class SweepConfig:
     save_total_limit: int = 2
 
     def validate(self) -> None:
+        self.grpo.validate()
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.dtype not in DTYPES:
@@ -141,12 +142,6 @@ class SweepConfig:
             raise ValueError(f"eval_size and eval_batch_size must be >= 1, got {self.eval_size} and {self.eval_batch_size}")
         if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
             raise ValueError(f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}")
-
-
-def run_config(config: SweepConfig) -> GRPOConfig:
-    """The sweep's GRPOConfig, validated (the algorithm is its `algo` field)."""
-    config.grpo.validate()
-    return config.grpo
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -302,7 +297,7 @@ class _Sweep:
     def __init__(self, config: SweepConfig):
         config.validate()
         self.config = config
-        self.grpo = run_config(config)
+        self.grpo = config.grpo
         self.out = Path(config.out)
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.task = get_task(config.task, config.task_path)
