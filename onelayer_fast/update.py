@@ -36,6 +36,23 @@ def prefix_cache(policy, batch: RolloutBatch, config: UpdateConfig) -> PrefixCac
     return policy.prefix_layout(layout)
 
 
+@torch.no_grad()
+def reference_logps(policy, cache, batch: RolloutBatch, config: UpdateConfig):
+    """(B, C) log-probs of the completion tokens under the reference policy; None when beta is 0.
+
+    Only unmasked tokens get one; the rest stay 0 and are ignored by the loss. They are taken with the
+    loss's backend, in the states' precision (at least float32).
+    """
+    if config.loss.beta == 0.0:
+        return None
+    states = policy.completion_states(cache, reference=True)
+    valid = batch.completion_mask.bool()
+    logps = torch.zeros(valid.shape, dtype=torch.promote_types(states.dtype, torch.float32), device=states.device)
+    logps[valid] = token_logprobs(states[valid], policy.lm_head_weight, batch.completion_ids[valid],
+                                  config.loss.temperature, backend=config.loss_backend)
+    return logps
+
+
 def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, config: UpdateConfig) -> list[dict[str, float]]:
     """Run `num_iterations` optimizer steps on one rollout batch; return one metrics dict per iteration.
 
@@ -45,15 +62,7 @@ def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, c
     """
     cache = prefix_cache(policy, batch, config)
     weight = policy.lm_head_weight
-    ref_logps = None
-    if config.loss.beta != 0.0:
-        with torch.no_grad():
-            ref_states = policy.completion_states(cache, reference=True)
-            # Only unmasked tokens need a reference log-prob; the rest stay 0 and are ignored by the loss.
-            valid = batch.completion_mask.bool()
-            ref_logps = torch.zeros(valid.shape, dtype=torch.float32, device=ref_states.device)
-            ref_logps[valid] = token_logprobs(ref_states[valid], weight, batch.completion_ids[valid],
-                                              config.loss.temperature)
+    ref_logps = reference_logps(policy, cache, batch, config)
     if batch.advantages is None:
         advantage_args = {"rewards": batch.rewards, "group_size": batch.group_size}
     else:
@@ -75,4 +84,54 @@ def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, c
         record["loss"] = float(result.loss.detach())
         record["grad_norm"] = float(grad_norm)
         history.append(record)
+    return history
+
+
+def lanes_update(policy, optimizers: list[torch.optim.Optimizer], batch: RolloutBatch,
+                 config: UpdateConfig) -> list[list[dict[str, float]]]:
+    """`grpo_update` for every lane of a LanePolicy at once: one prefix, one reference pass, and per iteration
+    one suffix and one backward over all lanes; each lane's loss is normalized over its own rows exactly as
+    if it ran alone, its gradient clipped and its optimizer stepped on its own.
+
+    batch: rows laid out lane by lane in `policy.lanes` order, the same number per lane. optimizers[k]
+    steps lane k's layer. Returns, per lane, one metrics dict per iteration.
+    """
+    from .lanes import lane_rows  # lanes imports policy, which this module otherwise needs only by type
+
+    lanes = policy.num_lanes
+    if len(optimizers) != lanes:
+        raise ValueError(f"{lanes} lanes need {lanes} optimizers, got {len(optimizers)}")
+    layout, starts = policy.layout_of(batch, config.layout)
+    cache = policy.prefix_layout(layout, starts)
+    weight = policy.lm_head_weight
+    rows = batch.batch_size // lanes
+    parts = [lane_rows(batch, k, rows) for k in range(lanes)]
+    all_ref_logps = reference_logps(policy, cache, batch, config)
+    ref_logps = [None] * lanes if all_ref_logps is None else list(all_ref_logps.split(rows))
+    old_logps: list = [None] * lanes
+    history: list[list[dict[str, float]]] = [[] for _ in range(lanes)]
+    for _ in range(config.num_iterations):
+        states = policy.completion_states(cache).split(rows)
+        results = []
+        for k, part in enumerate(parts):
+            if part.advantages is None:
+                advantage_args = {"rewards": part.rewards, "group_size": part.group_size}
+            else:
+                advantage_args = {"advantages": part.advantages}
+            results.append(grpo_loss(states[k], weight, part.completion_ids, part.completion_mask, **advantage_args,
+                                     old_logps=old_logps[k], ref_logps=ref_logps[k], config=config.loss,
+                                     backend=config.loss_backend))
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        # Lanes share no trainable weight, so the gradient of the sum is each lane's own gradient.
+        torch.stack([r.loss for r in results]).sum().backward()
+        for k, (result, optimizer) in enumerate(zip(results, optimizers)):
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(k), config.max_grad_norm or float("inf"))
+            optimizer.step()
+            if old_logps[k] is None:
+                old_logps[k] = result.token_logps
+            record = {name: float(v) for name, v in result.metrics.items()}
+            record["loss"] = float(result.loss.detach())
+            record["grad_norm"] = float(grad_norm)
+            history[k].append(record)
     return history

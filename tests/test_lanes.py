@@ -1,0 +1,173 @@
+"""Lanes: a lane trained inside a many-lane batch gets exactly the update of its layer trained alone.
+
+The expected side is the plain single-layer path (OneLayerPolicy + grpo_update, itself held to a plain HF
+model in test_policy.py) on the lane's own rollouts; the actual side is LanePolicy + lanes_update over the
+rows of every lane at once. Loss, metrics, gradients and updated weights must agree: to rel 1e-10 in
+float64 (the "reference" loss backend, which keeps float64), to rel 1e-5 in float32.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import onelayer_fast as olf
+from onelayer_fast.batch import RolloutBatch
+from onelayer_fast.kernels.grpo_loss import LossConfig
+from onelayer_fast.lanes import Lane, LanePolicy, lane_rows, resolve_lanes, stack_batches
+from onelayer_fast.update import UpdateConfig, grpo_update, lanes_update
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+GROUP_SIZE = 3
+GROUPS = 2
+
+
+def make_batch(vocab: int, generator: torch.Generator, prompt_width: int, completion_width: int) -> RolloutBatch:
+    """Random rollouts: left-padded prompts of random lengths, completions cut at random lengths."""
+    rows = GROUPS * GROUP_SIZE
+    prompt_lengths = torch.randint(1, prompt_width + 1, (GROUPS, 1), generator=generator)
+    prompt_mask = (torch.arange(prompt_width) >= prompt_width - prompt_lengths).long()
+    prompt_ids = torch.randint(1, vocab, (GROUPS, prompt_width), generator=generator) * prompt_mask
+    completion_lengths = torch.randint(0, completion_width + 1, (rows, 1), generator=generator)
+    completion_lengths[0] = completion_width  # the widest row fills the width
+    completion_mask = (torch.arange(completion_width) < completion_lengths).long()
+    completion_ids = torch.randint(1, vocab, (rows, completion_width), generator=generator) * completion_mask
+    rewards = torch.rand(rows, generator=generator, dtype=torch.float64).float()
+    return RolloutBatch(prompt_ids.repeat_interleave(GROUP_SIZE, 0), prompt_mask.repeat_interleave(GROUP_SIZE, 0),
+                        completion_ids, completion_mask, rewards, group_size=GROUP_SIZE)
+
+
+def config(layout: str, beta: float, backend: str) -> UpdateConfig:
+    loss = LossConfig(beta=beta, epsilon_low=0.1, epsilon_high=0.1, loss_type="dapo")
+    return UpdateConfig(loss=loss, num_iterations=2, max_grad_norm=0.5, loss_backend=backend, layout=layout)
+
+
+def optimizer_for(params, lr: float) -> torch.optim.Optimizer:
+    """AdamW in float64. In float32, SGD with momentum: Adam divides each gradient component by its own
+    magnitude, so float32 noise in a near-zero component becomes a visible step, and the next iteration's
+    gradients inherit it; SGD moves the weights linearly in the gradient, so equal gradients stay equal."""
+    params = list(params)
+    if params[0].dtype == torch.float64:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    return torch.optim.SGD(params, lr=lr * 1000, momentum=0.9)
+
+
+class Recorder:
+    """The gradients of `params` at every optimizer step (after clipping)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params):
+        self.params, self.grads = list(params), []
+        optimizer.register_step_pre_hook(lambda *_: self.grads.append([p.grad.detach().clone() for p in self.params]))
+
+
+def run_alone(model, lane: Lane, batch: RolloutBatch, update: UpdateConfig, lr: float):
+    policy = olf.OneLayerPolicy(model, layer=lane.layer)
+    optimizer = optimizer_for(policy.trainable_parameters(), lane.learning_rate or lr)
+    recorder = Recorder(optimizer, policy.trainable_parameters())
+    history = grpo_update(policy, optimizer, batch, update)
+    return history, recorder.grads, [p.detach().clone() for p in policy.trainable_parameters()]
+
+
+def run_lanes(model, lanes: list[Lane], batches: dict[Lane, RolloutBatch], update: UpdateConfig, lr: float):
+    policy = LanePolicy(model, lanes)
+    optimizers = [optimizer_for(policy.trainable_parameters(k), lane.learning_rate or lr) for k, lane in enumerate(policy.lanes)]
+    recorders = [Recorder(o, policy.trainable_parameters(k)) for k, o in enumerate(optimizers)]
+    batch = stack_batches([batches[lane] for lane in policy.lanes])
+    history = lanes_update(policy, optimizers, batch, update)
+    weights = [[p.detach().clone() for p in policy.trainable_parameters(k)] for k in range(policy.num_lanes)]
+    return {lane: (history[k], recorders[k].grads, weights[k]) for k, lane in enumerate(policy.lanes)}
+
+
+def lane_set(num_layers: int) -> list[Lane]:
+    """First and last layer, and two lanes on one middle layer with different learning rates."""
+    middle = num_layers // 2
+    return [Lane(middle, learning_rate=3e-5), Lane(0), Lane(-1), Lane(middle, learning_rate=3e-4)]
+
+
+CASES = [("qwen2", "padded", 0.04), ("qwen2", "packed", 0.0), ("qwen2", "shared_prompt", 0.04),
+         ("qwen3", "padded", 0.0), ("qwen3", "shared_prompt", 0.04), ("qwen3", "packed", 0.04),
+         ("llama", "padded", 0.04), ("llama", "packed", 0.04), ("llama", "shared_prompt", 0.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("arch, layout, beta", CASES, ids=[f"{a}-{l}-b{b}" for a, l, b in CASES])
+def test_lane_update_equals_alone(arch, layout, beta, dtype, tiny_model, relative_error):
+    model = tiny_model(arch).to(dtype)
+    num_layers = model.config.num_hidden_layers
+    lanes = resolve_lanes(lane_set(num_layers), num_layers)
+    generator = torch.Generator().manual_seed(7)
+    # Each lane its own rollouts, of different widths: the lane batch pads them to common widths.
+    batches = {lane: make_batch(model.config.vocab_size, generator, 4 + k, 3 + 2 * k) for k, lane in enumerate(lanes)}
+    update = config(layout, beta, "reference" if dtype == torch.float64 else "chunked")
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    lr = 1e-4
+    together = run_lanes(copy.deepcopy(model), lanes, batches, update, lr)
+    for lane in lanes:
+        e_hist, e_grads, e_weights = run_alone(copy.deepcopy(model), lane, batches[lane], update, lr)
+        a_hist, a_grads, a_weights = together[lane]
+        assert len(a_hist) == len(e_hist) == 2
+        for it, (a, e) in enumerate(zip(a_hist, e_hist)):
+            assert sorted(a) == sorted(e)
+            for key in e:
+                assert abs(a[key] - e[key]) <= tolerance * max(1.0, abs(e[key])), (lane, it, key, a[key], e[key])
+            for ga, ge in zip(a_grads[it], e_grads[it]):
+                assert relative_error(ga, ge) < tolerance, (lane, it)
+            assert max(g.abs().max().item() for g in e_grads[it]) > 1e-5  # not trivially zero
+        for wa, we in zip(a_weights, e_weights):
+            assert relative_error(wa, we) < tolerance, lane
+    # the two lanes on one layer moved differently (their learning rates differ)
+    middle = [lane for lane in lanes if lane.layer == num_layers // 2]
+    assert not torch.equal(together[middle[0]][2][0], together[middle[1]][2][0])
+
+
+def test_reference_suffix_is_the_shared_original(tiny_model, assert_close):
+    model = tiny_model("qwen3").double()
+    original = copy.deepcopy(model)
+    policy = LanePolicy(model, [Lane(1), Lane(3)])
+    with torch.no_grad():
+        for k in range(policy.num_lanes):
+            for p in policy.trainable_parameters(k):
+                p.add_(0.1)  # the lanes' copies moved; the shared model must not
+    generator = torch.Generator().manual_seed(0)
+    batches = [make_batch(model.config.vocab_size, generator, 5, 4) for _ in policy.lanes]
+    batch = stack_batches(batches)
+    cache = policy.prefix_lanes(batch, "padded")
+    reference = policy.completion_states(cache, reference=True)
+    trained = policy.completion_states(cache)
+    plain = olf.OneLayerPolicy(original, layer=1)
+    rows = batches[0].batch_size
+    for k in range(policy.num_lanes):
+        alone = plain.completion_states(plain.prefix_layout(olf.PaddedLayout.of_batch(lane_rows(batch, k, rows))))
+        assert_close(reference[k * rows:(k + 1) * rows], alone, rtol=1e-10, atol=1e-12)
+        assert (trained[k * rows:(k + 1) * rows] - alone).abs().max() > 1e-3
+    for p, q in zip(model.parameters(), original.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_bad_lanes(tiny_model):
+    model = tiny_model("qwen2")  # 3 layers
+    with pytest.raises(ValueError, match="at least one lane"):
+        LanePolicy(model, [])
+    with pytest.raises(ValueError, match="out of range"):
+        LanePolicy(model, [Lane(3)])
+    with pytest.raises(ValueError, match="out of range"):
+        LanePolicy(model, [Lane(-4)])
+    with pytest.raises(ValueError, match="duplicate lane"):
+        LanePolicy(model, [Lane(1), Lane(-2)])  # -2 is layer 1 of 3
+    with pytest.raises(ValueError, match="integer"):
+        LanePolicy(model, [Lane(1.0)])
+    with pytest.raises(ValueError, match="learning_rate"):
+        LanePolicy(model, [Lane(1, learning_rate=0.0)])
+    policy = LanePolicy(model, [Lane(0), Lane(1), Lane(2)])
+    generator = torch.Generator().manual_seed(0)
+    two_groups = make_batch(model.config.vocab_size, generator, 4, 3)
+    with pytest.raises(ValueError, match="same number of whole prompt groups"):
+        policy.prefix_lanes(stack_batches([two_groups, two_groups]), "padded")  # 4 groups for 3 lanes
+
+
+def test_lane_order_is_deepest_first(tiny_model):
+    policy = LanePolicy(tiny_model("qwen3"), [Lane(1), Lane(3), Lane(0), Lane(3, learning_rate=1e-3)])
+    assert [lane.layer for lane in policy.lanes] == [3, 3, 1, 0]
+    assert list(policy.lanes_at(3)) == [0, 1] and list(policy.lanes_at(2)) == [] and policy.lanes_above(0) == 3
