@@ -184,12 +184,7 @@ class PackedLayout:
             if kind not in ("full_attention", "sliding_attention"):
                 raise NotImplementedError(f"packed layouts do not support layer type {kind!r}")
             window = getattr(config, "sliding_window", None) if kind == "sliding_attention" else None
-            allowed = allowed_pairs(self, window)
-            if impl == "eager":  # eager adds the mask to the scores
-                masks[kind] = torch.zeros(allowed.shape, dtype=embeds.dtype, device=allowed.device).masked_fill_(
-                    ~allowed, torch.finfo(embeds.dtype).min)
-            else:  # sdpa: boolean "may attend", as transformers' create_causal_mask gives it
-                masks[kind] = allowed
+            masks[kind] = attention_mask_for(allowed_pairs(self, window), impl, embeds.dtype)
         return masks
 
     def completion_states(self, states: Tensor) -> Tensor:
@@ -246,6 +241,14 @@ def build_layout(batch: RolloutBatch, layout: str, token_budget: int | None = No
         completion_length=completion_width,
         padded_tokens=rows * (prompt_width + completion_width),
     )
+
+
+def attention_mask_for(allowed: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
+    """A bool (rows, 1, queries, keys) "may attend" tensor in the format the attention implementation takes:
+    itself for sdpa (as transformers' create_causal_mask gives it), additive 0 / finfo.min for eager."""
+    if impl == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return allowed
 
 
 def allowed_pairs(layout: PackedLayout, sliding_window: int | None = None) -> Tensor:

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .batch import first_mixed_group
+from .layout import attention_mask_for
+from .sampling import greedy_tokens, keyed_uniform, sample_tokens
 
 
 def encode_prompts(tokenizer, prompts: list[str], device: torch.device) -> tuple[Tensor, Tensor]:
@@ -105,3 +108,172 @@ def sample_completions(
     mask = completion_mask_after_eos(completion_ids, eos_token_id)
     completion_ids = completion_ids.masked_fill(mask == 0, pad_token_id)
     return completion_ids, mask
+
+
+# ------------------------------------------------------------------------------------------------ lanes
+class _KeyValues:
+    """The keys and values one decoder layer has seen for one block of rows: what its attention appends to
+    (the one cache method the decoder layers call is `update`)."""
+
+    def __init__(self) -> None:
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+
+    def update(self, keys: Tensor, values: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+        return self.keys, self.values
+
+    def repeat_rows(self, times: int) -> None:
+        self.keys = self.keys.repeat_interleave(times, dim=0)
+        self.values = self.values.repeat_interleave(times, dim=0)
+
+
+class _LaneDecoder:
+    """The forward of a LanePolicy's model with a KV cache per (layer, block of rows): at layer j the rows of
+    the lanes that train j run through their own copies, every other row through the shared layer j."""
+
+    def __init__(self, policy, rows_per_lane: int):
+        self.policy = policy
+        self.rows_per_lane = rows_per_lane
+        decoder = policy.decoder
+        self.cache_name = "cache" if "cache" in inspect.signature(decoder.layers[0].forward).parameters else "past_key_values"
+        self.impl = getattr(policy.model.config, "_attn_implementation", None) or "eager"
+        if self.impl not in ("sdpa", "eager"):
+            raise NotImplementedError(f"lane generation runs on attention implementations 'sdpa' and 'eager'; "
+                                      f"the model uses {self.impl!r}")
+        self.window = getattr(policy.model.config, "sliding_window", None)
+        self.caches = [dict() for _ in decoder.layers]
+
+    def repeat_rows(self, times: int) -> None:
+        """Every cached block repeated row by row (a group's prompt prefill shared by its rows)."""
+        self.rows_per_lane *= times
+        for per_layer in self.caches:
+            for kv in per_layer.values():
+                kv.repeat_rows(times)
+
+    def _masks(self, allowed: Tensor, key_positions: Tensor, query_positions: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+        masks = {}
+        for kind in set(self.policy.layer_types):
+            kind_allowed = allowed
+            if kind == "sliding_attention" and self.window is not None:
+                kind_allowed = allowed & ((query_positions[:, None, :, None] - key_positions[:, None, None, :]) < self.window)
+            elif kind not in ("full_attention", "sliding_attention"):
+                raise NotImplementedError(f"lane generation does not support layer type {kind!r}")
+            masks[kind] = attention_mask_for(kind_allowed, self.impl, dtype)
+        return masks
+
+    def forward(self, ids: Tensor, allowed: Tensor, positions: Tensor, key_positions: Tensor) -> Tensor:
+        """ids (R, q) new tokens; allowed (R, 1, q, keys) which keys each may see; positions (R, q) theirs and
+        key_positions (R, keys) all keys'. Returns the normed hidden state of each row's last new token."""
+        policy, rows = self.policy, self.rows_per_lane
+        hidden = policy.decoder.embed_tokens(ids)
+        cos, sin = policy.decoder.rotary_emb(hidden, positions)
+        masks = self._masks(allowed, key_positions, positions, hidden.dtype)
+        for j, layer in enumerate(policy.decoder.layers):
+            kind = policy.layer_types[j]
+            own = policy.lanes_at(j)
+            a, b = own.start * rows, own.stop * rows
+            blocks = [(k, policy.lane_layers[k], slice(k * rows, (k + 1) * rows)) for k in own]
+            if a < b:
+                outside = [s for s in (slice(0, a), slice(b, hidden.shape[0])) if s.start < s.stop]
+                take = (lambda x: torch.cat([x[s] for s in outside])) if len(outside) > 1 else (lambda x: x[outside[0]]) if outside else None
+            else:
+                take = lambda x: x  # noqa: E731 - every row runs through the shared layer
+            outputs = {}
+            for k, module, rows_k in blocks:
+                outputs[k] = self._call(module, j, k, hidden[rows_k], masks[kind][rows_k], cos[rows_k], sin[rows_k], positions[rows_k])
+            shared = None
+            if take is not None:
+                shared = self._call(layer, j, "shared", take(hidden), take(masks[kind]), take(cos), take(sin), take(positions))
+            if not blocks:
+                hidden = shared
+            else:
+                parts = [] if shared is None else [shared[:a]]
+                parts += [outputs[k] for k in own]
+                if shared is not None:
+                    parts.append(shared[a:])
+                hidden = torch.cat([p for p in parts if p.shape[0]])
+        return policy.decoder.norm(hidden[:, -1])
+
+    def _call(self, module, j: int, block, hidden: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> Tensor:
+        kv = self.caches[j].setdefault(block, _KeyValues())
+        out = module(hidden, attention_mask=mask, position_ids=positions, position_embeddings=(cos, sin),
+                     use_cache=True, **{self.cache_name: kv})
+        return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass(frozen=True)
+class DrawKeys:
+    """What keys each sampled token's random draw (sampling.keyed_uniform): every lane's seed and the step;
+    a row's prompt group and place in it come from where it sits among its lane's rows."""
+
+    seeds: tuple[int, ...]  # one per lane, in the lane batch's order
+    step: int
+
+
+@torch.no_grad()
+def generate_lanes(policy, prompt_ids: Tensor, prompt_mask: Tensor, max_new_tokens: int, eos_token_id: int,
+                   pad_token_id: int, keys: DrawKeys | None = None, temperature: float = 1.0, top_p: float = 1.0,
+                   group_size: int = 1) -> tuple[Tensor, Tensor]:
+    """Completions of every lane of a LanePolicy at once: rows laid out lane by lane (policy.lanes order),
+    the same number per lane; keys=None decodes greedily. -> completion_ids (R, C) padded with pad_token_id,
+    completion_mask (R, C).
+
+    Each token is drawn by inverse-CDF sampling from keyed_uniform(lane seed, step, group, row in group,
+    position), so a lane gets the tokens it would get alone, wherever its rows sit. Groups of `group_size`
+    rows with one prompt prefill it once (the KV cache is then repeated to the group's rows).
+    """
+    rows_total = prompt_ids.shape[0]
+    lanes = policy.num_lanes
+    if rows_total % lanes != 0:
+        raise ValueError(f"{rows_total} rows do not split evenly into {lanes} lanes")
+    rows = rows_total // lanes
+    if keys is not None and len(keys.seeds) != lanes:
+        raise ValueError(f"{lanes} lanes need {lanes} seeds, got {len(keys.seeds)}")
+    device = prompt_ids.device
+    shared = group_size > 1 and rows % group_size == 0 and grouped_prompts(prompt_ids, prompt_mask, group_size)
+    repeat = group_size if shared else 1
+    decoder = _LaneDecoder(policy, rows // repeat)
+    # prefill: each real prompt token sees the real tokens up to it; a padding query sees itself only, so no
+    # attention row is empty (its output is never read)
+    ids, mask = prompt_ids[::repeat], prompt_mask[::repeat].bool()
+    width = ids.shape[1]
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    allowed = (causal & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
+    state = decoder.forward(ids, allowed[:, None], positions, positions)
+    if repeat > 1:
+        decoder.repeat_rows(repeat)
+        state = state.repeat_interleave(repeat, dim=0)
+        mask, positions = prompt_mask.bool(), (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+    weight = policy.lm_head_weight
+    if keys is not None:
+        row = torch.arange(rows_total, device=device)
+        seed = torch.tensor(keys.seeds, device=device).repeat_interleave(rows)
+        group, in_group = (row % rows) // group_size, row % group_size
+    next_position = mask.long().sum(-1)
+    tokens: list[Tensor] = []
+    finished = torch.zeros(rows_total, dtype=torch.bool, device=device)
+    for t in range(max_new_tokens):
+        logits = state @ weight.T
+        if keys is None:
+            token = greedy_tokens(logits)
+        else:
+            token = sample_tokens(logits, keyed_uniform(seed, keys.step, group, in_group, t), temperature, top_p)
+        token = token.masked_fill(finished, pad_token_id)
+        tokens.append(token)
+        finished |= token == eos_token_id
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        query = next_position[:, None]
+        positions = torch.cat([positions, query], dim=1)
+        next_position = next_position + 1
+        state = decoder.forward(token[:, None], mask[:, None, None, :], query, positions)
+    completion_ids = torch.stack(tokens, dim=1)
+    completion_mask = completion_mask_after_eos(completion_ids, eos_token_id)
+    return completion_ids.masked_fill(completion_mask == 0, pad_token_id), completion_mask

@@ -16,6 +16,7 @@ import onelayer_fast as olf
 from onelayer_fast.batch import RolloutBatch
 from onelayer_fast.kernels.grpo_loss import LossConfig
 from onelayer_fast.lanes import Lane, LanePolicy, lane_rows, resolve_lanes, stack_batches
+from onelayer_fast import rollout as olf_rollout
 from onelayer_fast.update import UpdateConfig, grpo_update, lanes_update
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -171,3 +172,80 @@ def test_lane_order_is_deepest_first(tiny_model):
     policy = LanePolicy(tiny_model("qwen3"), [Lane(1), Lane(3), Lane(0), Lane(3, learning_rate=1e-3)])
     assert [lane.layer for lane in policy.lanes] == [3, 3, 1, 0]
     assert list(policy.lanes_at(3)) == [0, 1] and list(policy.lanes_at(2)) == [] and policy.lanes_above(0) == 3
+
+
+# --------------------------------------------------------------------------------------------------
+# generation
+# --------------------------------------------------------------------------------------------------
+def perturbed_lanes(model, lanes: list[Lane], scale: float = 0.05) -> LanePolicy:
+    """A LanePolicy whose lanes' layers have moved away from the shared originals (as after training)."""
+    policy = LanePolicy(model, lanes)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for k in range(policy.num_lanes):
+            for p in policy.trainable_parameters(k):
+                p.add_(scale * torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.dtype))
+    return policy
+
+
+def lane_prompts(vocab: int, lanes: int, groups: int, group_size: int, generator: torch.Generator):
+    """Left-padded prompts, `groups` per lane, each repeated group_size times; lanes get different prompts."""
+    width = 6
+    lengths = torch.randint(1, width + 1, (lanes * groups, 1), generator=generator)
+    mask = (torch.arange(width) >= width - lengths).long()
+    ids = torch.randint(3, vocab, (lanes * groups, width), generator=generator) * mask
+    return ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_generation_in_lanes_equals_alone(arch, sampled, tiny_model):
+    model = tiny_model(arch).double()
+    layers = model.config.num_hidden_layers
+    policy = perturbed_lanes(model, [Lane(1), Lane(0), Lane(layers - 1), Lane(1, learning_rate=1e-3)])
+    group_size, groups = 3, 2
+    generator = torch.Generator().manual_seed(11)
+    ids, mask = lane_prompts(model.config.vocab_size, policy.num_lanes, groups, group_size, generator)
+    seeds = (5, 6, 7, 8)
+    kwargs = dict(max_new_tokens=7, eos_token_id=1, pad_token_id=0, temperature=0.9, top_p=0.95, group_size=group_size)
+    keys = olf_rollout.DrawKeys(seeds, step=4) if sampled else None
+    together, together_mask = olf_rollout.generate_lanes(policy, ids, mask, keys=keys, **kwargs)
+    rows = groups * group_size
+    distinct = set()
+    for k in range(policy.num_lanes):
+        own = slice(k * rows, (k + 1) * rows)
+        alone_keys = olf_rollout.DrawKeys((seeds[k],), step=4) if sampled else None
+        alone, alone_mask = olf_rollout.generate_lanes(policy.subset([k]), ids[own], mask[own], keys=alone_keys, **kwargs)
+        width = alone.shape[1]
+        assert torch.equal(together_mask[own, :width], alone_mask) and not together_mask[own, width:].any()
+        assert torch.equal(together[own, :width], alone), k
+        distinct.add(tuple(alone.flatten().tolist()))
+    assert len(distinct) == policy.num_lanes  # the lanes really generate different tokens
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_lane_greedy_generation_matches_hf_generate(arch, tiny_model):
+    """A lane alone decodes greedily as HF generate does on the model with the lane's layer put in."""
+    model = tiny_model(arch).double()
+    policy = perturbed_lanes(model, [Lane(1)])
+    generator = torch.Generator().manual_seed(2)
+    ids, mask = lane_prompts(model.config.vocab_size, 1, 4, 1, generator)
+    ours, ours_mask = olf_rollout.generate_lanes(policy, ids, mask, max_new_tokens=6, eos_token_id=1, pad_token_id=0)
+    edited = copy.deepcopy(model)
+    edited.model.layers[1].load_state_dict(policy.lane_layers[0].state_dict())
+    theirs, theirs_mask = olf_rollout.sample_completions(edited, ids, mask, 6, eos_token_id=1, pad_token_id=0, do_sample=False)
+    width = ours.shape[1]
+    assert torch.equal(ours, theirs[:, :width]) and torch.equal(ours_mask, theirs_mask[:, :width])
+    assert not theirs_mask[:, width:].any()
+
+
+def test_sampling_follows_seed_and_step(tiny_model):
+    model = tiny_model("qwen3").double()
+    policy = perturbed_lanes(model, [Lane(2)])
+    ids, mask = lane_prompts(model.config.vocab_size, 1, 2, 4, torch.Generator().manual_seed(0))
+    draw = lambda seed, step: olf_rollout.generate_lanes(  # noqa: E731
+        policy, ids, mask, 8, eos_token_id=1, pad_token_id=0, keys=olf_rollout.DrawKeys((seed,), step), group_size=4)[0]
+    assert torch.equal(draw(1, 0), draw(1, 0))
+    assert not torch.equal(draw(1, 0), draw(2, 0)) and not torch.equal(draw(1, 0), draw(1, 1))
+    tokens = draw(1, 0)
+    assert len({tuple(r) for r in tokens.tolist()}) > 1  # rows of one group differ
