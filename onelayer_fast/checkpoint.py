@@ -264,7 +264,26 @@ def load_layer(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
         target, where = model, "the model"
     else:
         raise ValueError(f"checkpoint {path} has unknown mode {meta['mode']!r}")
+    _copy_checkpoint_into(target, path, where, type(model).__name__)
+    return meta
 
+
+def load_lane_layer(layer: nn.Module, path: str | os.PathLike, layer_index: int) -> dict[str, Any]:
+    """Copy a single-layer checkpoint of layer `layer_index` into `layer` (a lane's own copy of it, not
+    the shared model's); return meta. Strict as load_layer."""
+    path = resolve_checkpoint(path)
+    meta = read_meta(path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format_version {meta.get('format_version')!r}, "
+                         f"this version reads {FORMAT_VERSION}")
+    if meta.get("mode") != "single" or meta.get("layer") != layer_index:
+        raise ValueError(f"checkpoint {path} was written by a {meta.get('mode')} run of layer {meta.get('layer')}, "
+                         f"not a single-layer run of layer {layer_index}")
+    _copy_checkpoint_into(layer, path, f"layer {layer_index}", type(layer).__name__)
+    return meta
+
+
+def _copy_checkpoint_into(target: nn.Module, path: Path, where: str, owner: str) -> None:
     tensors = _read_tensors(path)
     dest = target.state_dict()  # detached views of the live parameters/buffers: copy_ writes through
     problems = []
@@ -282,12 +301,11 @@ def load_layer(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
         if conflicts := sorted(k for k, src in model_aliases.items() if not torch.equal(tensors[k], tensors[src])):
             problems.append(f"tied in the model but different in the checkpoint: {conflicts}")
     if problems:
-        raise ValueError(f"checkpoint {path} does not fit {where} of {type(model).__name__}: " + "; ".join(problems))
+        raise ValueError(f"checkpoint {path} does not fit {where} of {owner}: " + "; ".join(problems))
 
     with torch.no_grad():
         for key, value in dest.items():
             value.copy_(tensors[key])
-    return meta
 
 
 def load_training_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer) -> tuple[int, dict[str, Any]]:

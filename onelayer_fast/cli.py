@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", default="arithmetic", help="arithmetic | jsonl")
     train.add_argument("--task-path", default=None, help="the JSONL file for --task jsonl")
     train.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --output-dir")
+    _add_dtype_flag(train)
     add_dataclass_flags(train, RunSpec)
     add_dataclass_flags(train, GRPOConfig)
 
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--metric", default="accuracy", choices=["accuracy", "mean_reward"],
                        help="what Base / Full / Single(i) and the contribution are measured in")
     sweep.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    sweep.add_argument("--lanes", type=_lanes_value, default="auto",
+                       help="single-layer runs trained at once on one shared model: N, or auto (as many as "
+                            "--memory-budget-mib allows, in waves; default). 1: one after another")
+    sweep.add_argument("--memory-budget-mib", type=float, default=None,
+                       help="memory the auto lanes may plan into (default: 80%% of free CUDA memory, half the free RAM)")
     # Each run's output directory, mode and layer come from the sweep; only the checkpoint cadence is the user's.
     add_dataclass_flags(sweep, RunSpec, only=("save_steps", "save_total_limit"))
     add_dataclass_flags(sweep, GRPOConfig)
@@ -108,8 +114,24 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-seed", type=int, default=0, help="which held-out examples (default: 0)")
     parser.add_argument("--eval-batch-size", type=int, default=64, help="prompts per generate call (default: 64)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="the model's weights and compute dtype (default: float32)")
+    _add_dtype_flag(parser)
+
+
+def _add_dtype_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
+                        help="the model's weights and compute dtype (default: float32; float64: exact CPU checks)")
+
+
+def _lanes_value(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or auto, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or auto, got {value}")
+    return value
 
 
 def _run_sweep(args: argparse.Namespace) -> None:
@@ -119,7 +141,8 @@ def _run_sweep(args: argparse.Namespace) -> None:
                          grpo=config_from_args(GRPOConfig, args), eval_size=args.eval_size,
                          eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size, metric=args.metric,
                          device=args.device, dtype=args.dtype, progress=args.progress, save_steps=args.save_steps,
-                         save_total_limit=args.save_total_limit)
+                         save_total_limit=args.save_total_limit, lanes=args.lanes,
+                         memory_budget_mib=args.memory_budget_mib)
     result = run_sweep(config)
     print_table(result)
     print(f"results: {result.out / 'results.csv'}, {result.out / 'results.json'}"
@@ -167,9 +190,11 @@ def main(argv: list[str] | None = None) -> int:
             from .tasks import get_task
             from .trainer import GRPOTrainer
 
+            from .sweep import DTYPES
+
             config = config_from_args(GRPOConfig, args)
             run = config_from_args(RunSpec, args)
-            model, tokenizer = load_model(args.model, seed=config.seed)
+            model, tokenizer = load_model(args.model, seed=config.seed, dtype=DTYPES[args.dtype])
             task = get_task(args.task, args.task_path)
             trainer = GRPOTrainer(model, tokenizer, task, config, run, base_model=args.model, resume=not args.no_resume)
             records = trainer.train()

@@ -103,3 +103,42 @@ def _evaluate_environment(model, tokenizer, task, examples, batch_size, max_new_
     rewards = torch.from_numpy(score(task, transcripts, examples))
     return EvalResult(accuracy=correct / len(examples), mean_reward=float(rewards.mean()), n=len(examples),
                       seconds=time.perf_counter() - started)
+
+
+def evaluate_lanes(policy, tokenizer, task: Task, examples: list[Example], batch_size: int = 64,
+                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, progress: bool = True) -> list[EvalResult]:
+    """`evaluate` for every lane of a LanePolicy at once (one EvalResult per lane, in policy.lanes order):
+    each batch of `batch_size` examples runs once per lane in one greedy generation (rollout.generate_lanes).
+    Each lane's `seconds` is its share of the wall time. Single-turn tasks only."""
+    from .rollout import generate_lanes
+
+    if not examples:
+        raise ValueError("evaluate needs at least one example")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    if is_environment_task(task):
+        raise ValueError(f"lanes evaluate single-turn tasks; {task.name!r} is an environment task")
+    started = time.perf_counter()
+    lanes = policy.num_lanes
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
+    completions = [[""] * len(examples) for _ in range(lanes)]
+    device = policy.lm_head_weight.device
+    with tqdm(total=len(examples), desc=f"eval {lanes} lanes", unit="ex", disable=not progress, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            prompt_ids, prompt_mask = encode_prompts(tokenizer, [examples[i].prompt for i in chunk], device)
+            ids, _ = generate_lanes(policy, prompt_ids.repeat(lanes, 1), prompt_mask.repeat(lanes, 1), max_new_tokens,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+            for k in range(lanes):
+                for i, text in zip(chunk, texts[k * len(chunk):(k + 1) * len(chunk)]):
+                    completions[k][i] = text
+            bar.update(len(chunk))
+    seconds = (time.perf_counter() - started) / lanes
+    results = []
+    for lane_completions in completions:
+        correct = sum(bool(task.correct(c, e)) for c, e in zip(lane_completions, examples))
+        rewards = torch.from_numpy(score(task, lane_completions, examples))
+        results.append(EvalResult(accuracy=correct / len(examples), mean_reward=float(rewards.mean()),
+                                  n=len(examples), seconds=seconds))
+    return results

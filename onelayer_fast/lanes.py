@@ -129,6 +129,7 @@ class LanePolicy(_LayerStackPolicy):
         num_layers = len(self.decoder.layers)
         resolved = resolve_lanes(lanes, num_layers)
         order = execution_order(resolved)
+        self.order = order  # self.lanes[k] is lanes[order[k]] (resolved)
         self.lanes: list[Lane] = [resolved[k] for k in order]
         model.requires_grad_(False)
         if lane_layers is None:  # a fresh copy of each lane's layer, trainable

@@ -1,7 +1,8 @@
 """Public loss functions: argument checks, then dispatch to `onelayer_fast.kernels`.
 
 Backends (`backend=`):
-- `"auto"`: `"chunked"` on every device. The Triton path becomes the CUDA default only once a GPU run
+- `"auto"`: `"chunked"` on every device, except `"reference"` for float64 states (the chunked path computes in
+  float32; float64 runs exist to test equalities exactly, on small shapes). The Triton path becomes the CUDA default only once a GPU run
   has validated and timed it against the chunked path (README.md, Performance, says where that stands).
 - `"triton"`: the Triton kernels. `grpo_loss` runs the fused path of `kernels/grpo_loss_triton.py`
   (lm_head log-prob kernel -> loss kernel with in-kernel group advantages -> recompute backward kernels);
@@ -63,7 +64,7 @@ def token_logprobs(
     """
     _check_choice("backend", backend, BACKENDS)
     _check_lm_head(hidden, lm_head_weight, token_ids, temperature)
-    backend = _resolve_backend(backend)
+    backend = _resolve_backend(backend, hidden.dtype)
     if backend == "reference":
         return token_logprobs_ref(hidden, lm_head_weight, token_ids.long(), temperature)
     if backend == "triton":
@@ -72,9 +73,11 @@ def token_logprobs(
     return flat.view(token_ids.shape)
 
 
-def _resolve_backend(backend: str) -> str:
+def _resolve_backend(backend: str, dtype: torch.dtype) -> str:
     # One place decides what "auto" means (see the module docstring for why it is not Triton on CUDA yet).
-    return "chunked" if backend == "auto" else backend
+    if backend != "auto":
+        return backend
+    return "reference" if dtype == torch.float64 else "chunked"
 
 
 def _triton_token_logprobs(hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float) -> Tensor:
@@ -175,7 +178,7 @@ def grpo_loss(
     _check_per_token("ref_logps", ref_logps, completion_ids.shape)
     if config.beta > 0 and ref_logps is None:
         raise ValueError("beta > 0 needs ref_logps (the KL term would silently be zero without them)")
-    backend = _resolve_backend(backend)
+    backend = _resolve_backend(backend, hidden.dtype)
     if backend == "triton":  # advantages, loss, gradient and metrics all in the Triton kernels
         _check_advantage_inputs(rewards, group_size, advantages, batch)
         from .kernels.grpo_loss_triton import grpo_loss_triton

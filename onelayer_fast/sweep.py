@@ -9,6 +9,11 @@ Layout of a sweep directory DIR:
     runs/<name>/result.json    the run's evaluated result, written atomically when the run finishes
     results.csv, results.json  the table (one row per layer); contribution.png (needs matplotlib)
 
+Lanes: the single-layer runs train as lanes of one LaneTrainer (lanes.py), as many at once as `lanes`
+says (`auto`: as many as a memory budget allows, see plan_lanes), in waves; `lanes=1` runs them one after
+another. Every lane writes the same files as a single run, and lanes compute what they would alone, so the
+table does not depend on `lanes`. Base is evaluated as loaded; Full (every weight trains) is its own run.
+
 Resume: a rerun of the same sweep skips runs that have a result.json and lets the trainer resume a
 half-finished run from its latest checkpoint, so a kill loses at most the steps since that checkpoint.
 """
@@ -21,6 +26,7 @@ import gc
 import io
 import json
 import os
+import random
 import re
 import sys
 import tempfile
@@ -31,16 +37,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .evaluate import evaluate
+from .episodes import is_environment_task
+from .evaluate import evaluate, evaluate_lanes
+from .lane_trainer import LaneRun, LaneTrainer
+from .lanes import Lane
 from .memory import PeakMemory
 from .models import load_model
 from .policy import decoder_of
+from .rollout import encode_prompts
 from .tasks import eval_examples, get_task
 from .trainer import GRPOConfig, GRPOTrainer, RunSpec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: single-layer runs sample with keyed draws (sampling.py), as lanes
 METRICS = ("accuracy", "mean_reward")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 SETTINGS_NAME = "sweep.json"
 RESULT_NAME = "result.json"
 CSV_COLUMNS = (
@@ -131,9 +141,15 @@ class SweepConfig:
     progress: bool = True
     save_steps: int = 50  # checkpoint cadence of every run (does not change what a run computes)
     save_total_limit: int = 2
+    lanes: int | str = "auto"  # single-layer runs trained at once: a number, or "auto" (plan_lanes)
+    memory_budget_mib: float | None = None  # what "auto" lanes may use; None: a share of the free memory
 
     def validate(self) -> None:
         self.grpo.validate()
+        if self.lanes != "auto" and (not isinstance(self.lanes, int) or isinstance(self.lanes, bool) or self.lanes < 1):
+            raise ValueError(f"lanes must be an integer >= 1 or 'auto', got {self.lanes!r}")
+        if self.memory_budget_mib is not None and not self.memory_budget_mib > 0:
+            raise ValueError(f"memory_budget_mib must be > 0, got {self.memory_budget_mib}")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.dtype not in DTYPES:
@@ -278,6 +294,67 @@ def _training_cost(run_dir: Path, max_steps: int) -> tuple[float, int, int]:
     return seconds, tokens, len(records)
 
 
+# ------------------------------------------------------------------------------------------- lanes
+
+@dataclass(frozen=True)
+class LanePlan:
+    """How the single-layer runs of a sweep train: `lanes` at once, in `waves` waves."""
+
+    lanes: int
+    waves: int
+    per_lane_mib: float  # estimate of what one lane adds (lane_memory_mib)
+    budget_mib: float | None  # what "auto" planned against; None when the number of lanes was given
+
+    def describe(self, runs: int) -> str:
+        text = (f"lanes: {runs} single-layer run(s) as {self.waves} wave(s) of up to {self.lanes} lane(s) at once, "
+                f"about {self.per_lane_mib:.0f} MiB per lane")
+        return text + (f" of a {self.budget_mib:.0f} MiB budget" if self.budget_mib is not None else "")
+
+
+def lane_memory_mib(model, grpo: GRPOConfig, prompt_tokens: int) -> float:
+    """An upper estimate of what one more lane costs: its layer copy with gradient and two AdamW moments;
+    over its rows (per_device_train_batch_size x (prompt + max_completion_length) tokens) the activations
+    a backward through every layer keeps (the deepest-reaching lane, layer 0) and the generation KV cache;
+    the float64 sampling buffers of its rows over the vocabulary. No reference copy: a lane's reference
+    is the shared original layer."""
+    config = model.config
+    decoder = decoder_of(model)
+    size = next(model.parameters()).element_size()
+    layer_params = sum(p.numel() for p in decoder.layers[0].parameters())
+    layers, hidden = len(decoder.layers), config.hidden_size
+    tokens = grpo.per_device_train_batch_size * (prompt_tokens + grpo.max_completion_length)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    activations = tokens * layers * (8 * hidden + 4 * config.intermediate_size) * size
+    kv_cache = tokens * layers * 2 * heads * head_dim * size
+    sampling = grpo.per_device_train_batch_size * config.vocab_size * 8 * 3
+    return (4 * layer_params * size + activations + kv_cache + sampling) / 2**20
+
+
+def _free_memory_mib(device: torch.device) -> float:
+    """Memory a sweep may plan lanes into: 80 % of the free CUDA memory, or half of the host's available."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.8 * free / 2**20
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return 0.5 * int(info["MemAvailable"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return 4096.0
+
+
+def plan_lanes(lanes: int | str, runs: int, per_lane_mib: float, budget_mib: float | None) -> LanePlan:
+    """`lanes` runs at once ("auto": as many as fit `budget_mib`, at least 1), in ceil(runs / lanes) waves."""
+    if runs == 0:
+        return LanePlan(lanes=0, waves=0, per_lane_mib=per_lane_mib, budget_mib=None)
+    if lanes == "auto":
+        at_once = max(1, min(runs, int(budget_mib // per_lane_mib)))
+    else:
+        at_once, budget_mib = min(runs, lanes), None
+    return LanePlan(lanes=at_once, waves=-(-runs // at_once), per_lane_mib=per_lane_mib, budget_mib=budget_mib)
+
+
 # ------------------------------------------------------------------------------------------- runs
 
 @dataclass(frozen=True)
@@ -346,6 +423,32 @@ class _Sweep:
                          memory_kind=memory.kind)
 
 
+    def execute_wave(self, runs: list[_Run], examples) -> list[RunResult]:
+        """Train single-layer runs as lanes of one LaneTrainer on a fresh model, evaluate them all at once.
+        Their peak memory is the wave's; train and eval seconds are each lane's share."""
+        model, tokenizer = self.fresh_model()
+        dirs = {run.layer: self.out / "runs" / run.name for run in runs}
+        with PeakMemory(self.device) as memory:
+            trainer = LaneTrainer(model, tokenizer, self.task, self.grpo,
+                                  [LaneRun(Lane(run.layer), str(dirs[run.layer])) for run in runs],
+                                  base_model=self.config.model, save_steps=self.config.save_steps,
+                                  save_total_limit=self.config.save_total_limit, progress=self.config.progress)
+            trainer.train()
+            scores = evaluate_lanes(trainer.policy, tokenizer, self.task, examples, batch_size=self.config.eval_batch_size,
+                                    max_new_tokens=self.max_new_tokens, progress=self.config.progress)
+        by_layer = {lane.layer: score for lane, score in zip(trainer.policy.lanes, scores)}
+        del trainer, model
+        results = []
+        for run in runs:
+            seconds, tokens, steps = _training_cost(dirs[run.layer], self.grpo.max_steps)
+            score = by_layer[run.layer]
+            results.append(RunResult(name=run.name, mode=run.mode, layer=run.layer, accuracy=score.accuracy,
+                                     mean_reward=score.mean_reward, n=score.n, eval_seconds=score.seconds,
+                                     train_seconds=seconds, steps=steps, tokens=tokens, peak_memory_mib=memory.peak_mib,
+                                     memory_kind=memory.kind))
+        return results
+
+
 def _load_result(path: Path, run: _Run) -> RunResult:
     data = json.loads(path.read_text(encoding="utf-8"))
     result = RunResult(**data)
@@ -382,22 +485,44 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             results[run.name] = _load_result(path, run)
         else:
             pending.append(run)
+    singles = [run for run in pending if run.mode == "single"]
+    waves: list[list[_Run]] = []
+    if singles and is_environment_task(sweep.task):
+        print(f"lanes: {sweep.task.name!r} is an environment task; its single-layer runs train one at a time")
+        pending = [run for run in pending if run.mode != "single"] + singles
+    elif singles:
+        sample = sweep.task.sample(random.Random(config.grpo.seed), 16)
+        prompt_tokens = encode_prompts(tokenizer, [e.prompt for e in sample], torch.device("cpu"))[0].shape[1]
+        budget = config.memory_budget_mib or _free_memory_mib(sweep.device)
+        plan = plan_lanes(config.lanes, len(singles), lane_memory_mib(model, config.grpo, prompt_tokens), budget)
+        print(plan.describe(len(singles)))
+        waves = [singles[i:i + plan.lanes] for i in range(0, len(singles), plan.lanes)]
+        pending = [run for run in pending if run.mode != "single"]
     bar = tqdm(total=len(runs), initial=len(results), desc="sweep", unit="run", disable=not config.progress)
     # Everything alive now (imported modules, the base model) outlives the sweep; freezing it keeps the
     # full collections between runs from rescanning those hundreds of thousands of objects each time.
     gc.freeze()
+
+    def record(result: RunResult) -> None:
+        _write_json(sweep.out / "runs" / result.name / RESULT_NAME, dataclasses.asdict(result))
+        results[result.name] = result
+        bar.update(1)
+
     try:
         for run in pending:
             bar.set_postfix_str(run.name)
             if run.mode == "base":  # the model loaded above is untouched: evaluate it as Base
-                result = sweep.execute(run, examples, model, tokenizer)
+                record(sweep.execute(run, examples, model, tokenizer))
             else:
                 model = tokenizer = None
                 _release(sweep.device)
-                result = sweep.execute(run, examples)
-            _write_json(sweep.out / "runs" / run.name / RESULT_NAME, dataclasses.asdict(result))
-            results[run.name] = result
-            bar.update(1)
+                record(sweep.execute(run, examples))
+        for wave in waves:
+            bar.set_postfix_str(f"{len(wave)} lanes: " + ",".join(str(run.layer) for run in wave))
+            model = tokenizer = None
+            _release(sweep.device)
+            for result in sweep.execute_wave(wave, examples):
+                record(result)
     finally:
         bar.close()
         gc.unfreeze()

@@ -12,6 +12,7 @@ import pytest
 from onelayer_fast import sweep as sweep_module
 from onelayer_fast.cli import main
 from onelayer_fast.sweep import CSV_COLUMNS, SweepConfig, contribution, middle_layers, parse_layers, run_sweep
+from onelayer_fast.lane_trainer import LaneTrainer
 from onelayer_fast.trainer import GRPOConfig, GRPOTrainer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -43,20 +44,32 @@ def deterministic(result_json: dict) -> list[dict]:
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records (mode, layer, step at start) of every GRPOTrainer.train call and counts evaluations."""
+    """Records (mode, layer, step at start) of every run a GRPOTrainer or LaneTrainer (one entry per lane, by
+    ascending layer) starts training, and counts evaluations (one per lane for a lane evaluation)."""
     calls = {"train": [], "evaluate": 0}
-    train, evaluate = GRPOTrainer.train, sweep_module.evaluate
+    train, lanes_train = GRPOTrainer.train, LaneTrainer.train
+    evaluate, evaluate_lanes = sweep_module.evaluate, sweep_module.evaluate_lanes
 
     def spy_train(self):
         calls["train"].append((self.run.mode, self.run.layer if self.run.mode == "single" else None, self.step))
         return train(self)
 
+    def spy_lanes_train(self):
+        calls["train"].extend(sorted(("single", lane.layer, step) for lane, step in zip(self.policy.lanes, self.steps)))
+        return lanes_train(self)
+
     def spy_evaluate(*args, **kwargs):
         calls["evaluate"] += 1
         return evaluate(*args, **kwargs)
 
+    def spy_evaluate_lanes(policy, *args, **kwargs):
+        calls["evaluate"] += policy.num_lanes
+        return evaluate_lanes(policy, *args, **kwargs)
+
     monkeypatch.setattr(GRPOTrainer, "train", spy_train)
+    monkeypatch.setattr(LaneTrainer, "train", spy_lanes_train)
     monkeypatch.setattr(sweep_module, "evaluate", spy_evaluate)
+    monkeypatch.setattr(sweep_module, "evaluate_lanes", spy_evaluate_lanes)
     return calls
 
 
@@ -173,25 +186,31 @@ def test_print_table_says_when_contribution_is_undefined(cli_sweep, capsys):
     run_sweep(sweep_config(cli_sweep))  # put the mean_reward tables back for the other tests
 
 
+def kill_at_step_1_of_layer_1(monkeypatch) -> None:
+    """Ctrl-C as layer 1 is about to take its second step: the trainer saves step 1 of every lane."""
+    train_step = LaneTrainer.train_step
+
+    def killed_in_layer_1(self, active):
+        if any(self.policy.lanes[k].layer == 1 and self.steps[k] == 1 for k in active):
+            raise KeyboardInterrupt
+        return train_step(self, active)
+
+    monkeypatch.setattr(LaneTrainer, "train_step", killed_in_layer_1)
+
+
 def test_resume_after_a_kill_runs_only_what_is_missing(cli_sweep, tmp_path, monkeypatch, spy):
+    """One lane at a time (--lanes 1): layer 1, then layer 3."""
     reference = deterministic(json.loads((cli_sweep / "results.json").read_text()))
     out = tmp_path / "sweep"
-    train_step = GRPOTrainer.train_step
-
-    def killed_in_layer_1(self):
-        if self.run.mode == "single" and self.run.layer == 1 and self.step == 1:
-            raise KeyboardInterrupt  # the trainer saves step 1, as on Ctrl-C
-        return train_step(self)
-
-    monkeypatch.setattr(GRPOTrainer, "train_step", killed_in_layer_1)
-    with pytest.raises(KeyboardInterrupt):
-        run_sweep(sweep_config(out))
-    monkeypatch.setattr(GRPOTrainer, "train_step", train_step)
+    with monkeypatch.context() as patch:
+        kill_at_step_1_of_layer_1(patch)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(sweep_config(out, lanes=1))
     assert spy["train"] == [("full", None, 0), ("single", 1, 0)]
     assert not (out / "runs" / "layer-1" / "result.json").exists() and not (out / "results.csv").exists()
 
     spy["train"].clear(), spy.update(evaluate=0)
-    run_sweep(sweep_config(out))
+    run_sweep(sweep_config(out, lanes=1))
     # Base and Full are not redone; layer 1 resumes from its step-1 checkpoint; layer 3 starts fresh.
     assert spy["train"] == [("single", 1, 1), ("single", 3, 0)] and spy["evaluate"] == 2
     assert deterministic(json.loads((out / "results.json").read_text())) == reference
@@ -199,14 +218,31 @@ def test_resume_after_a_kill_runs_only_what_is_missing(cli_sweep, tmp_path, monk
     # A lost result.json (killed during evaluation): the finished run is only re-evaluated.
     (out / "runs" / "layer-3" / "result.json").unlink()
     spy["train"].clear(), spy.update(evaluate=0)
-    run_sweep(sweep_config(out))
+    run_sweep(sweep_config(out, lanes=1))
     assert spy["train"] == [("single", 3, 2)] and spy["evaluate"] == 1
     assert deterministic(json.loads((out / "results.json").read_text())) == reference
 
     # Everything finished: nothing runs, the tables are rewritten the same.
     spy["train"].clear(), spy.update(evaluate=0)
-    run_sweep(sweep_config(out))
+    run_sweep(sweep_config(out, lanes=1))
     assert spy["train"] == [] and spy["evaluate"] == 0
+
+
+def test_resume_after_a_kill_with_lanes(cli_sweep, tmp_path, monkeypatch, spy):
+    """Both layers as lanes of one wave: the kill stops both at step 1, the rerun resumes both."""
+    reference = deterministic(json.loads((cli_sweep / "results.json").read_text()))
+    out = tmp_path / "sweep"
+    with monkeypatch.context() as patch:
+        kill_at_step_1_of_layer_1(patch)
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(sweep_config(out, lanes=2))
+    assert spy["train"] == [("full", None, 0), ("single", 1, 0), ("single", 3, 0)]
+    for name in ("layer-1", "layer-3"):
+        assert (out / "runs" / name / "checkpoint-000001").is_dir() and not (out / "runs" / name / "result.json").exists()
+    spy["train"].clear(), spy.update(evaluate=0)
+    run_sweep(sweep_config(out, lanes=2))
+    assert spy["train"] == [("single", 1, 1), ("single", 3, 1)] and spy["evaluate"] == 2
+    assert deterministic(json.loads((out / "results.json").read_text())) == reference
 
 
 def test_refuses_a_directory_made_with_other_settings(cli_sweep, tmp_path, spy, capsys):

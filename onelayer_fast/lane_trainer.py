@@ -1,0 +1,192 @@
+"""Training many single-layer runs at once: one LanePolicy, one rollout batch and one update per step.
+
+Each lane is a run of its own as far as its files go: its output_dir holds log.jsonl and atomic
+checkpoints exactly as GRPOTrainer writes them for a single-layer run (`onelayer-fast merge` and `eval`
+read them), and it resumes from its own latest checkpoint. Lanes step in lockstep; lanes a kill left at
+different steps (one checkpointed, another not yet) simply step apart until they meet again, which
+changes nothing they compute: prompts come from (lane seed, step) and every sampled token from
+(lane seed, step, group, row, position), never from a shared random stream.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .advantages import apply_algorithm
+from .batch import RolloutBatch
+from .episodes import is_environment_task
+from .lanes import Lane, LanePolicy
+from .rollout import DrawKeys, encode_prompts, generate_lanes
+from .tasks import Example, Task
+from .tasks.rewards import score
+from .trainer import GRPOConfig
+from .update import lanes_update
+
+
+@dataclass(frozen=True)
+class LaneRun:
+    """One lane and where it writes."""
+
+    lane: Lane
+    output_dir: str
+
+
+class LaneTrainer:
+    """GRPO for several single-layer runs of one model at once.
+
+    trainer = LaneTrainer(model, tokenizer, task, GRPOConfig(max_steps=20),
+                          [LaneRun(Lane(3), "runs/l3"), LaneRun(Lane(5, learning_rate=3e-6), "runs/l5")])
+    trainer.train()
+    trainer.policy.lane_layers[k]   # lane k's trained layer (policy.lanes order; runs[trainer.policy.order[k]])
+    """
+
+    def __init__(self, model, tokenizer, task: Task, config: GRPOConfig, runs: list[LaneRun], base_model: str = "",
+                 save_steps: int = 50, save_total_limit: int = 2, progress: bool = True):
+        config.validate()
+        if is_environment_task(task):
+            raise ValueError(f"lanes train single-turn tasks; {task.name!r} is an environment task "
+                             "(train its layers one run at a time)")
+        if save_steps < 1 or save_total_limit < 1:
+            raise ValueError(f"save_steps and save_total_limit must be >= 1, got {save_steps} and {save_total_limit}")
+        if len({str(Path(r.output_dir).resolve()) for r in runs}) != len(runs):
+            raise ValueError("every lane needs its own output_dir")
+        self.config = apply_algorithm(config)
+        self.update_config = self.config.update_config()
+        self.model, self.tokenizer, self.task, self.base_model = model, tokenizer, task, base_model
+        self.save_steps, self.save_total_limit, self.progress = save_steps, save_total_limit, progress
+        self.policy = LanePolicy(model, [r.lane for r in runs])
+        self.runs = [runs[k] for k in self.policy.order]  # policy.lanes order from here on
+        self.optimizers = [
+            torch.optim.AdamW(self.policy.trainable_parameters(k), lr=lane.learning_rate or self.config.learning_rate,
+                              betas=(self.config.adam_beta1, self.config.adam_beta2), eps=self.config.adam_epsilon,
+                              weight_decay=self.config.weight_decay)
+            for k, lane in enumerate(self.policy.lanes)
+        ]
+        self.steps = [0] * self.policy.num_lanes
+        self._saved = [0] * self.policy.num_lanes
+        self._updating: list[int] = []  # lanes whose weights may be ahead of their step count right now
+        for k, run in enumerate(self.runs):
+            Path(run.output_dir).mkdir(parents=True, exist_ok=True)
+            if checkpoint.latest_checkpoint(run.output_dir) is not None:
+                self._resume(k)
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.lm_head_weight.device
+
+    def seed(self, k: int) -> int:
+        lane = self.policy.lanes[k]
+        return self.config.seed if lane.seed is None else lane.seed
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def _resume(self, k: int) -> None:
+        path = checkpoint.latest_checkpoint(self.runs[k].output_dir)
+        layer = self.policy.lanes[k].layer
+        checkpoint.load_lane_layer(self.policy.lane_layers[k], path, layer)
+        self.steps[k], _ = checkpoint.load_training_state(path, self.optimizers[k])
+        self._saved[k] = self.steps[k]
+
+    def _save(self, k: int) -> Path:
+        lane = self.policy.lanes[k]
+        view = SimpleNamespace(model=self.model, layer_index=lane.layer, target_layer=self.policy.lane_layers[k])
+        run = {"output_dir": self.runs[k].output_dir, "mode": "single", "layer": lane.layer,
+               "lane": dataclasses.asdict(lane), "save_steps": self.save_steps, "save_total_limit": self.save_total_limit}
+        path = checkpoint.save_checkpoint(
+            self.runs[k].output_dir, policy=view, optimizer=self.optimizers[k], step=self.steps[k],
+            metadata={"base_model": self.base_model, "config": dataclasses.asdict(self.config), "run": run,
+                      "task": self.task.name},
+            trainer_state={}, keep_last=self.save_total_limit,
+        )
+        self._saved[k] = self.steps[k]
+        return path
+
+    # ------------------------------------------------------------------------------------- a step
+    def prompts_for_step(self, k: int, step: int) -> list[Example]:
+        # The same draw as GRPOTrainer.prompts_for_step, from the lane's seed.
+        rng = random.Random(self.seed(k) * 1_000_003 + step)
+        return self.task.sample(rng, self.config.per_device_train_batch_size // self.config.num_generations)
+
+    def train_step(self, active: list[int]) -> list[dict[str, float]]:
+        """One step of the lanes `active` (all at the same step); returns their log records."""
+        config, group = self.config, self.config.num_generations
+        step = self.steps[active[0]]
+        policy = self.policy if len(active) == self.policy.num_lanes else self.policy.subset(active)
+        started = time.perf_counter()
+        examples = [e for k in active for e in self.prompts_for_step(k, step) for _ in range(group)]
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [e.prompt for e in examples], self.device)
+        completion_ids, completion_mask = generate_lanes(
+            policy, prompt_ids, prompt_mask, config.max_completion_length, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id, keys=DrawKeys(tuple(self.seed(k) for k in active), step),
+            temperature=config.temperature, top_p=config.top_p, group_size=group)
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        rewards = torch.from_numpy(score(self.task, texts, examples)).to(self.device)
+        batch = RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards, group_size=group)
+        generated = time.perf_counter()
+        self._updating = list(active)
+        histories = lanes_update(policy, [self.optimizers[k] for k in active], batch, self.update_config)
+        finished = time.perf_counter()
+        rows = config.per_device_train_batch_size
+        share = len(active)  # each lane's share of the step's wall time
+        records = []
+        for i, (k, history) in enumerate(zip(active, histories)):
+            self.steps[k] += 1
+            own = slice(i * rows, (i + 1) * rows)
+            record = {name: sum(h[name] for h in history) / len(history) for name in history[0]}
+            lane_rewards = rewards[own]
+            tokens = int(batch.attention_mask[own].sum())
+            record.update(
+                step=self.steps[k], reward_mean=float(lane_rewards.mean()),
+                reward_std=float(lane_rewards.view(-1, group).std(dim=1).mean()),
+                completion_length=float(completion_mask[own].sum(1).float().mean()),
+                generate_time=(generated - started) / share, update_time=(finished - generated) / share,
+                step_time=(finished - started) / share, tokens_per_second=tokens * share / (finished - started),
+                lanes=len(active),
+            )
+            records.append(record)
+        self._updating = []
+        return records
+
+    # ------------------------------------------------------------------------------------- the loop
+    def train(self) -> list[list[dict[str, float]]]:
+        """Run every lane to max_steps; per lane (policy.lanes order) the records of the steps run now.
+
+        A KeyboardInterrupt between steps saves every lane that moved since its last checkpoint; one that
+        lands inside an update saves nothing for the lanes being updated (their weights may be half a
+        step ahead of their step count), so their last checkpoint stands.
+        """
+        lanes = self.policy.num_lanes
+        records: list[list[dict[str, float]]] = [[] for _ in range(lanes)]
+        total = self.config.max_steps * lanes
+        bar = tqdm(total=total, initial=sum(self.steps), desc=f"{self.config.algo} {lanes} lanes", unit="lane-step",
+                   disable=not self.progress)
+        try:
+            while pending := [k for k in range(lanes) if self.steps[k] < self.config.max_steps]:
+                step = min(self.steps[k] for k in pending)
+                active = [k for k in pending if self.steps[k] == step]
+                step_records = self.train_step(active)
+                for k, record in zip(active, step_records):
+                    records[k].append(record)
+                    with (Path(self.runs[k].output_dir) / "log.jsonl").open("a") as log:
+                        log.write(json.dumps(record) + "\n")
+                    if self.steps[k] % self.save_steps == 0 or self.steps[k] == self.config.max_steps:
+                        self._save(k)
+                bar.update(len(active))
+                bar.set_postfix(reward=f"{sum(r['reward_mean'] for r in step_records) / len(step_records):.3f}")
+        except KeyboardInterrupt:
+            saved = [k for k in range(lanes) if k not in self._updating and self.steps[k] > self._saved[k]]
+            for k in saved:
+                self._save(k)
+            print(f"\ninterrupted: saved {len(saved)} lane(s); run the same command to resume")
+            raise
+        finally:
+            bar.close()
+        return records
