@@ -209,13 +209,16 @@ def test_quick_sweep_workload_runs_and_verifies_every_layer(capsys):
     # in-process workers, one measured sweep each (quick: `tiny`, 4 layers, 1 GRPO step per run)
     workload = WORKLOADS["sweep"]
     runs = [harness.run_worker(workload, name, steps=1, quick=True, seed=0) for name in workload.contenders]
-    for run in runs:
+    accuracies = {"full_accuracy", "base_accuracy", "mean_single_accuracy"}
+    for name, run in zip(workload.contenders, runs):
         assert run["num_layers"] == 4 and run["weights_updated_every_step"]  # the probe: every layer trained
         assert run["metrics_finite"] and run["times_s"][0] > 0
-        assert set(run["warmup_history"][0]) == {"full_accuracy", "base_accuracy", "mean_single_accuracy"}
+        parts = {"singles_seconds", "full_seconds"} if name.startswith("onelayer_fast") else set()
+        assert set(run["warmup_history"][0]) == accuracies | parts
     agg = harness.aggregate(workload, workload.shapes(True), runs)
     assert all(c["valid"] for c in agg["contenders"].values())
     assert "time:naive_per_layer/onelayer_fast" in agg["ratios"] and agg["targets"]
+    assert "time:onelayer_fast/onelayer_fast_lanes" in agg["ratios"]
     report.print_report(workload, workload.shapes(True), agg)
     assert "workload sweep" in capsys.readouterr().out
 

@@ -1,5 +1,9 @@
-"""Workload `sweep`: a whole layer sweep (Base, Full and one run per layer, each evaluated) with onelayer_fast's
-run_sweep against one independent naive TRL-style run per layer.
+"""Workload `sweep`: a whole layer sweep (Base, Full and one run per layer, each evaluated): onelayer_fast's
+run_sweep with its single-layer runs as lanes (`onelayer_fast_lanes`, --lanes auto) and one at a time
+(`onelayer_fast`, --lanes 1), against one independent naive TRL-style run per layer.
+
+Each step also records `singles_seconds`: the single-layer part of the sweep (training + evaluation of every
+layer's run), whose ratio between the two run_sweep contenders is what lanes change.
 """
 from __future__ import annotations
 
@@ -79,15 +83,17 @@ def sweep_setup(contender: str, shapes: dict[str, Any], seed: int) -> Runner:
                                f"({len(sums_by_layer)} of {num_layers} layers trained)")
         probe.add_(len(sums_by_layer))
 
-    if contender == "onelayer_fast":
+    if contender in ("onelayer_fast", "onelayer_fast_lanes"):
         from onelayer_fast import checkpoint
         from onelayer_fast.sweep import SweepConfig, run_sweep
+
+        lanes = "auto" if contender == "onelayer_fast_lanes" else 1
 
         def step() -> list[dict[str, float]]:
             out = scratch_dir("bench-sweep-")
             config = SweepConfig(model=shapes["model"], out=str(out), task=shapes["task"], layers=shapes["layers"],
                                  grpo=sweep_grpo_config(shapes), eval_size=shapes["eval_size"],
-                                 save_steps=SAVE_STEPS, progress=False)
+                                 save_steps=SAVE_STEPS, progress=False, lanes=lanes)
             result = run_sweep(config)
             sums = {}
             for single in result.singles:  # inside the timed step, as for naive_per_layer: a few ms per layer
@@ -95,7 +101,9 @@ def sweep_setup(contender: str, shapes: dict[str, Any], seed: int) -> Runner:
                 sums[single.layer] = checksum(list(decoder_of(base_model).layers[single.layer].parameters()))
             verify(sums)
             return [{"full_accuracy": result.full.accuracy, "base_accuracy": result.base.accuracy,
-                     "mean_single_accuracy": sum(r.accuracy for r in result.singles) / len(result.singles)}]
+                     "mean_single_accuracy": sum(r.accuracy for r in result.singles) / len(result.singles),
+                     "singles_seconds": sum(r.train_seconds + r.eval_seconds for r in result.singles),
+                     "full_seconds": result.full.train_seconds + result.full.eval_seconds}]
 
         return Runner(step, [probe], [], {"num_layers": num_layers})
 
@@ -161,13 +169,16 @@ def sweep_description(s: dict[str, Any]) -> str:
 SWEEP = Workload(
     name="sweep",
     description=sweep_description,
-    contenders=("onelayer_fast", "naive_per_layer"),
+    contenders=("onelayer_fast", "onelayer_fast_lanes", "naive_per_layer"),
     shapes=sweep_shapes,
     setup=sweep_setup,
     tokens_per_step=lambda s: 0,  # a sweep's token count depends on EOS; time per sweep is the measure
     tokens_definition="not defined for a sweep (tokens/s shows 0); compare the sweep times",
-    targets=(Target("time naive_per_layer / onelayer_fast", "time", "naive_per_layer", "onelayer_fast", ">=", 1.5),),
-    ratios=(("time", "naive_per_layer", "onelayer_fast"), ("memory", "onelayer_fast", "naive_per_layer")),
+    targets=(Target("time naive_per_layer / onelayer_fast", "time", "naive_per_layer", "onelayer_fast", ">=", 1.5),
+             Target("time onelayer_fast (lanes 1) / onelayer_fast_lanes", "time", "onelayer_fast", "onelayer_fast_lanes",
+                    ">=", 3.0)),
+    ratios=(("time", "naive_per_layer", "onelayer_fast"), ("time", "onelayer_fast", "onelayer_fast_lanes"),
+            ("memory", "onelayer_fast", "naive_per_layer"), ("memory", "onelayer_fast_lanes", "onelayer_fast")),
     memory_definition="working_mib: peak RSS during the measured sweeps minus RSS after loading the base model; "
                       "sampled every 5 ms (no tensor_peak_mib: profiling one more whole sweep would cost a sweep)",
     profile_tensor_peak=False,
