@@ -5,8 +5,10 @@ Public API:
     PaddedLayout, PackedLayout, build_layout           (layout.py)
     OneLayerPolicy, FullModelPolicy, PrefixCache       (policy.py)
     grpo_loss, token_logprobs, LossConfig, LossResult  (loss.py)
-    UpdateConfig, grpo_update                          (update.py)
+    UpdateConfig, grpo_update, lanes_update            (update.py)
+    Lane, LanePolicy                                   (lanes.py)
     GRPOConfig, RunSpec, GRPOTrainer                   (trainer.py)
+    LaneTrainer, LaneRun                               (lane_trainer.py)
     evaluate, EvalResult                               (evaluate.py)
     run_sweep, SweepConfig, parse_layers, contribution (sweep.py)
     load_layer, merge_checkpoint                       (checkpoint.py)
@@ -16,6 +18,8 @@ Public API:
 from .checkpoint import load_layer, merge_checkpoint
 from .evaluate import EvalResult, evaluate
 from .batch import RolloutBatch
+from .lane_trainer import LaneRun, LaneTrainer
+from .lanes import Lane, LanePolicy
 from .layout import PackedLayout, PaddedLayout, build_layout, position_ids_from_mask
 from .loss import LossConfig, LossResult, grpo_loss, token_logprobs
 from .policy import FullModelPolicy, OneLayerPolicy, PrefixCache
@@ -23,7 +27,7 @@ from .models import load_model
 from .sweep import SweepConfig, contribution, parse_layers, run_sweep
 from .tasks import get_task
 from .trainer import GRPOConfig, GRPOTrainer, RunSpec
-from .update import UpdateConfig, grpo_update
+from .update import UpdateConfig, grpo_update, lanes_update
 
 __version__ = "0.1.0"
 
@@ -33,6 +37,10 @@ __all__ = [
     "OneLayerPolicy",
     "PrefixCache",
     "GRPOConfig",
+    "Lane",
+    "LanePolicy",
+    "LaneRun",
+    "LaneTrainer",
     "LossConfig",
     "LossResult",
     "PackedLayout",
@@ -42,6 +50,7 @@ __all__ = [
     "UpdateConfig",
     "build_layout",
     "grpo_update",
+    "lanes_update",
     "GRPOTrainer",
     "SweepConfig",
     "contribution",
