@@ -233,6 +233,15 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------- load
 
+def _readable_meta(path: Path) -> dict[str, Any]:
+    """meta.json of a checkpoint this version can read (ValueError for another format_version)."""
+    meta = read_meta(path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format_version {meta.get('format_version')!r}, "
+                         f"this version reads {FORMAT_VERSION}")
+    return meta
+
+
 def _read_tensors(path: Path) -> dict[str, Tensor]:
     file = str(path / WEIGHTS_NAME)
     tensors = load_file(file, device="cpu")
@@ -250,10 +259,7 @@ def load_layer(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     before anything is modified.
     """
     path = resolve_checkpoint(path)
-    meta = read_meta(path)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path} has format_version {meta.get('format_version')!r}, "
-                         f"this version reads {FORMAT_VERSION}")
+    meta = _readable_meta(path)
     layers = decoder_of(model).layers
     if meta["num_layers"] != len(layers):
         raise ValueError(f"checkpoint {path} was saved from a model with {meta['num_layers']} decoder layers, "
@@ -272,10 +278,7 @@ def load_lane_layer(layer: nn.Module, path: str | os.PathLike, layer_index: int)
     """Copy a single-layer checkpoint of layer `layer_index` into `layer` (a lane's own copy of it, not
     the shared model's); return meta. Strict as load_layer."""
     path = resolve_checkpoint(path)
-    meta = read_meta(path)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path} has format_version {meta.get('format_version')!r}, "
-                         f"this version reads {FORMAT_VERSION}")
+    meta = _readable_meta(path)
     if meta.get("mode") != "single" or meta.get("layer") != layer_index:
         raise ValueError(f"checkpoint {path} was written by a {meta.get('mode')} run of layer {meta.get('layer')}, "
                          f"not a single-layer run of layer {layer_index}")

@@ -50,6 +50,21 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
     return tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
 
 
+def _check_eval_args(examples: list[Example], batch_size: int, max_new_tokens: int) -> None:
+    if not examples:
+        raise ValueError("evaluate needs at least one example")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+
+
+def _scored(task: Task, completions: list[str], examples: list[Example], seconds: float) -> EvalResult:
+    """Accuracy (task.correct) and mean reward (the trainer's weighted reward sum) of one completion per example."""
+    correct = sum(bool(task.correct(c, e)) for c, e in zip(completions, examples))
+    rewards = torch.from_numpy(score(task, completions, examples))  # torch's float32 mean, as before
+    return EvalResult(accuracy=correct / len(examples), mean_reward=float(rewards.mean()), n=len(examples),
+                      seconds=seconds)
+
+
 def evaluate(
     model,
     tokenizer,
@@ -65,10 +80,7 @@ def evaluate(
     the order of `examples`. Environment tasks (episodes.is_environment_task: `make_env`, `prompt`) play
     one greedy episode per example instead, each turn's action at most max_new_tokens tokens. Raises ValueError for no examples or a batch_size / max_new_tokens < 1.
     """
-    if not examples:
-        raise ValueError("evaluate needs at least one example")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    _check_eval_args(examples, batch_size, max_new_tokens)
     if is_environment_task(task):  # multi-turn: make_env() -> env with reset / step
         return _evaluate_environment(model, tokenizer, task, examples, batch_size, max_new_tokens, progress)
     started = time.perf_counter()
@@ -81,10 +93,7 @@ def evaluate(
             for i, text in zip(chunk, texts):
                 completions[i] = text
             bar.update(len(chunk))
-    correct = sum(bool(task.correct(c, e)) for c, e in zip(completions, examples))
-    rewards = torch.from_numpy(score(task, completions, examples))  # torch's float32 mean, as before
-    return EvalResult(accuracy=correct / len(examples), mean_reward=float(rewards.mean()), n=len(examples),
-                      seconds=time.perf_counter() - started)
+    return _scored(task, completions, examples, time.perf_counter() - started)
 
 
 def _evaluate_environment(model, tokenizer, task, examples, batch_size, max_new_tokens, progress) -> EvalResult:
@@ -99,10 +108,7 @@ def _evaluate_environment(model, tokenizer, task, examples, batch_size, max_new_
                                     max_completion_length=max_new_tokens, do_sample=False, device=_device_of(model))
             transcripts.extend(episodes.transcripts)
             bar.update(len(chunk))
-    correct = sum(bool(task.correct(t, e)) for t, e in zip(transcripts, examples))
-    rewards = torch.from_numpy(score(task, transcripts, examples))
-    return EvalResult(accuracy=correct / len(examples), mean_reward=float(rewards.mean()), n=len(examples),
-                      seconds=time.perf_counter() - started)
+    return _scored(task, transcripts, examples, time.perf_counter() - started)
 
 
 def evaluate_lanes(policy, tokenizer, task: Task, examples: list[Example], batch_size: int = 64,
@@ -112,10 +118,7 @@ def evaluate_lanes(policy, tokenizer, task: Task, examples: list[Example], batch
     Each lane's `seconds` is its share of the wall time. Single-turn tasks only."""
     from .rollout import generate_lanes
 
-    if not examples:
-        raise ValueError("evaluate needs at least one example")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    _check_eval_args(examples, batch_size, max_new_tokens)
     if is_environment_task(task):
         raise ValueError(f"lanes evaluate single-turn tasks; {task.name!r} is an environment task")
     started = time.perf_counter()
@@ -135,10 +138,4 @@ def evaluate_lanes(policy, tokenizer, task: Task, examples: list[Example], batch
                     completions[k][i] = text
             bar.update(len(chunk))
     seconds = (time.perf_counter() - started) / lanes
-    results = []
-    for lane_completions in completions:
-        correct = sum(bool(task.correct(c, e)) for c, e in zip(lane_completions, examples))
-        rewards = torch.from_numpy(score(task, lane_completions, examples))
-        results.append(EvalResult(accuracy=correct / len(examples), mean_reward=float(rewards.mean()),
-                                  n=len(examples), seconds=seconds))
-    return results
+    return [_scored(task, lane_completions, examples, seconds) for lane_completions in completions]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from .lanes import Lane, LanePolicy
 from .rollout import DrawKeys, encode_prompts, generate_lanes
 from .tasks import Example, Task
 from .tasks.rewards import score
-from .trainer import GRPOConfig
+from .trainer import GRPOConfig, step_prompts
 from .update import lanes_update
 
 
@@ -111,9 +110,8 @@ class LaneTrainer:
 
     # ------------------------------------------------------------------------------------- a step
     def prompts_for_step(self, k: int, step: int) -> list[Example]:
-        # The same draw as GRPOTrainer.prompts_for_step, from the lane's seed.
-        rng = random.Random(self.seed(k) * 1_000_003 + step)
-        return self.task.sample(rng, self.config.per_device_train_batch_size // self.config.num_generations)
+        return step_prompts(self.task, self.seed(k), step,
+                            self.config.per_device_train_batch_size // self.config.num_generations)
 
     def train_step(self, active: list[int]) -> list[dict[str, float]]:
         """One step of the lanes `active` (all at the same step); returns their log records."""

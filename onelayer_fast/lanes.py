@@ -230,11 +230,6 @@ class LanePolicy(_LayerStackPolicy):
     def completion_states(self, cache: LaneCache, reference: bool = False) -> Tensor:
         return cache.layout.completion_states(self.suffix(cache, reference=reference))
 
-    def layer_for_rows(self, j: int) -> tuple[range, list[nn.Module]]:
-        """At layer j: the lanes that train it and their modules (generation's per-layer split)."""
-        own = self.lanes_at(j)
-        return own, [self.lane_layers[k] for k in own]
-
 
 # ---------------------------------------------------------------------------------------- batches
 def _rows_per_lane(batch: RolloutBatch, num_lanes: int) -> int:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .batch import first_mixed_group
-from .layout import attention_mask_for
+from .layout import attention_mask_for, position_ids_from_mask
 from .sampling import greedy_tokens, keyed_uniform, sample_tokens
 
 
@@ -140,7 +140,7 @@ class _LaneDecoder:
         self.policy = policy
         self.rows_per_lane = rows_per_lane
         decoder = policy.decoder
-        self.cache_name = "cache" if "cache" in inspect.signature(decoder.layers[0].forward).parameters else "past_key_values"
+        self.cache_name = cache_argument(policy.model)  # the layers take the cache under the model's name for it
         self.impl = getattr(policy.model.config, "_attn_implementation", None) or "eager"
         if self.impl not in ("sdpa", "eager"):
             raise NotImplementedError(f"lane generation runs on attention implementations 'sdpa' and 'eager'; "
@@ -176,27 +176,19 @@ class _LaneDecoder:
         for j, layer in enumerate(policy.decoder.layers):
             kind = policy.layer_types[j]
             own = policy.lanes_at(j)
+            inputs = (hidden, masks[kind], cos, sin, positions)
+            if not own:
+                hidden = self._call(layer, j, "shared", *inputs)
+                continue
+            # The lanes training j hold rows a:b; every other row runs through the shared layer j in one call.
             a, b = own.start * rows, own.stop * rows
-            blocks = [(k, policy.lane_layers[k], slice(k * rows, (k + 1) * rows)) for k in own]
-            if a < b:
-                outside = [s for s in (slice(0, a), slice(b, hidden.shape[0])) if s.start < s.stop]
-                take = (lambda x: torch.cat([x[s] for s in outside])) if len(outside) > 1 else (lambda x: x[outside[0]]) if outside else None
-            else:
-                take = lambda x: x  # noqa: E731 - every row runs through the shared layer
-            outputs = {}
-            for k, module, rows_k in blocks:
-                outputs[k] = self._call(module, j, k, hidden[rows_k], masks[kind][rows_k], cos[rows_k], sin[rows_k], positions[rows_k])
-            shared = None
-            if take is not None:
-                shared = self._call(layer, j, "shared", take(hidden), take(masks[kind]), take(cos), take(sin), take(positions))
-            if not blocks:
-                hidden = shared
-            else:
-                parts = [] if shared is None else [shared[:a]]
-                parts += [outputs[k] for k in own]
-                if shared is not None:
-                    parts.append(shared[a:])
-                hidden = torch.cat([p for p in parts if p.shape[0]])
+            spans = [s for s in (slice(0, a), slice(b, hidden.shape[0])) if s.start < s.stop]
+            parts = [self._call(policy.lane_layers[k], j, k, *(x[k * rows:(k + 1) * rows] for x in inputs)) for k in own]
+            if spans:
+                take = (lambda x: x[spans[0]]) if len(spans) == 1 else (lambda x: torch.cat([x[s] for s in spans]))
+                shared = self._call(layer, j, "shared", *(take(x) for x in inputs))
+                parts = [shared[:a], *parts, shared[a:]]
+            hidden = torch.cat(parts)
         return policy.decoder.norm(hidden[:, -1])
 
     def _call(self, module, j: int, block, hidden: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> Tensor:
@@ -242,14 +234,14 @@ def generate_lanes(policy, prompt_ids: Tensor, prompt_mask: Tensor, max_new_toke
     # attention row is empty (its output is never read)
     ids, mask = prompt_ids[::repeat], prompt_mask[::repeat].bool()
     width = ids.shape[1]
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids_from_mask(mask)
     causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
     allowed = (causal & mask[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)
     state = decoder.forward(ids, allowed[:, None], positions, positions)
     if repeat > 1:
         decoder.repeat_rows(repeat)
         state = state.repeat_interleave(repeat, dim=0)
-        mask, positions = prompt_mask.bool(), (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)
+        mask, positions = prompt_mask.bool(), position_ids_from_mask(prompt_mask)
     weight = policy.lm_head_weight
     if keys is not None:
         row = torch.arange(rows_total, device=device)

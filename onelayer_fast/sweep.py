@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .episodes import is_environment_task
-from .evaluate import evaluate, evaluate_lanes
+from .evaluate import EvalResult, evaluate, evaluate_lanes
 from .lane_trainer import LaneRun, LaneTrainer
 from .lanes import Lane
 from .memory import PeakMemory
@@ -416,7 +416,11 @@ class _Sweep:
                 del trainer  # the trainer holds the policy (and in full mode a reference copy)
             scores = evaluate(model, tokenizer, self.task, examples, batch_size=self.config.eval_batch_size,
                               max_new_tokens=self.max_new_tokens, progress=self.config.progress)
-        seconds, tokens, steps = _training_cost(run_dir, self.grpo.max_steps)
+        return self.run_result(run, scores, memory)
+
+    def run_result(self, run: _Run, scores: EvalResult, memory: PeakMemory) -> RunResult:
+        """A finished run's result: its scores, its training cost from its log, the memory it ran in."""
+        seconds, tokens, steps = _training_cost(self.out / "runs" / run.name, self.grpo.max_steps)
         return RunResult(name=run.name, mode=run.mode, layer=run.layer, accuracy=scores.accuracy,
                          mean_reward=scores.mean_reward, n=scores.n, eval_seconds=scores.seconds,
                          train_seconds=seconds, steps=steps, tokens=tokens, peak_memory_mib=memory.peak_mib,
@@ -427,10 +431,9 @@ class _Sweep:
         """Train single-layer runs as lanes of one LaneTrainer on a fresh model, evaluate them all at once.
         Their peak memory is the wave's; train and eval seconds are each lane's share."""
         model, tokenizer = self.fresh_model()
-        dirs = {run.layer: self.out / "runs" / run.name for run in runs}
         with PeakMemory(self.device) as memory:
             trainer = LaneTrainer(model, tokenizer, self.task, self.grpo,
-                                  [LaneRun(Lane(run.layer), str(dirs[run.layer])) for run in runs],
+                                  [LaneRun(Lane(run.layer), str(self.out / "runs" / run.name)) for run in runs],
                                   base_model=self.config.model, save_steps=self.config.save_steps,
                                   save_total_limit=self.config.save_total_limit, progress=self.config.progress)
             trainer.train()
@@ -438,15 +441,7 @@ class _Sweep:
                                     max_new_tokens=self.max_new_tokens, progress=self.config.progress)
         by_layer = {lane.layer: score for lane, score in zip(trainer.policy.lanes, scores)}
         del trainer, model
-        results = []
-        for run in runs:
-            seconds, tokens, steps = _training_cost(dirs[run.layer], self.grpo.max_steps)
-            score = by_layer[run.layer]
-            results.append(RunResult(name=run.name, mode=run.mode, layer=run.layer, accuracy=score.accuracy,
-                                     mean_reward=score.mean_reward, n=score.n, eval_seconds=score.seconds,
-                                     train_seconds=seconds, steps=steps, tokens=tokens, peak_memory_mib=memory.peak_mib,
-                                     memory_kind=memory.kind))
-        return results
+        return [self.run_result(run, by_layer[run.layer], memory) for run in runs]
 
 
 def _load_result(path: Path, run: _Run) -> RunResult:
@@ -487,9 +482,8 @@ def run_sweep(config: SweepConfig) -> SweepResult:
             pending.append(run)
     singles = [run for run in pending if run.mode == "single"]
     waves: list[list[_Run]] = []
-    if singles and is_environment_task(sweep.task):
+    if singles and is_environment_task(sweep.task):  # they stay in `pending`, run one by one
         print(f"lanes: {sweep.task.name!r} is an environment task; its single-layer runs train one at a time")
-        pending = [run for run in pending if run.mode != "single"] + singles
     elif singles:
         sample = sweep.task.sample(random.Random(config.grpo.seed), 16)
         prompt_tokens = encode_prompts(tokenizer, [e.prompt for e in sample], torch.device("cpu"))[0].shape[1]

@@ -131,6 +131,12 @@ class RunSpec:
             raise ValueError(f"save_steps must be >= 1, got {self.save_steps}")
 
 
+def step_prompts(task: Task, seed: int, step: int, count: int) -> list[Example]:
+    """The `count` training examples of step `step` of a run seeded `seed`: drawn from (seed, step) alone, so
+    a resumed run, and a lane among other lanes, sees exactly the prompts it would have seen."""
+    return task.sample(random.Random(seed * 1_000_003 + step), count)
+
+
 class GRPOTrainer:
     """Single-layer (or full-parameter) GRPO on a task, with atomic checkpoints and resume.
 
@@ -193,9 +199,8 @@ class GRPOTrainer:
         )
 
     def prompts_for_step(self, step: int) -> list[Example]:
-        # Drawn from (seed, step) alone, so a resumed run sees exactly the prompts it would have seen.
-        rng = random.Random(self.config.seed * 1_000_003 + step)
-        return self.task.sample(rng, self.config.per_device_train_batch_size // self.config.num_generations)
+        return step_prompts(self.task, self.config.seed, step,
+                            self.config.per_device_train_batch_size // self.config.num_generations)
 
     def make_episodes(self, examples: list[Example]) -> tuple[RolloutBatch, Episodes]:
         """Environment tasks: G episodes per example, one batch row per step (see episodes.py)."""

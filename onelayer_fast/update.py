@@ -4,9 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from .batch import RolloutBatch
 from .kernels.grpo_loss import LossConfig
+from .lanes import lane_rows
 from .layout import check_layout, make_layout
 from .loss import BACKENDS, grpo_loss, token_logprobs
 from .policy import PrefixCache
@@ -53,6 +55,20 @@ def reference_logps(policy, cache, batch: RolloutBatch, config: UpdateConfig):
     return logps
 
 
+def _advantage_args(batch: RolloutBatch) -> dict:
+    """The loss's advantage inputs: per-row advantages when the batch carries them, else rewards in groups."""
+    if batch.advantages is None:
+        return {"rewards": batch.rewards, "group_size": batch.group_size}
+    return {"advantages": batch.advantages}
+
+
+def _record(result, grad_norm: Tensor) -> dict[str, float]:
+    record = {name: float(v) for name, v in result.metrics.items()}
+    record["loss"] = float(result.loss.detach())
+    record["grad_norm"] = float(grad_norm)
+    return record
+
+
 def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, config: UpdateConfig) -> list[dict[str, float]]:
     """Run `num_iterations` optimizer steps on one rollout batch; return one metrics dict per iteration.
 
@@ -63,10 +79,7 @@ def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, c
     cache = prefix_cache(policy, batch, config)
     weight = policy.lm_head_weight
     ref_logps = reference_logps(policy, cache, batch, config)
-    if batch.advantages is None:
-        advantage_args = {"rewards": batch.rewards, "group_size": batch.group_size}
-    else:
-        advantage_args = {"advantages": batch.advantages}
+    advantage_args = _advantage_args(batch)
     params = policy.trainable_parameters()
     old_logps = None
     history = []
@@ -80,10 +93,7 @@ def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, c
         optimizer.step()
         if old_logps is None:
             old_logps = result.token_logps
-        record = {k: float(v) for k, v in result.metrics.items()}
-        record["loss"] = float(result.loss.detach())
-        record["grad_norm"] = float(grad_norm)
-        history.append(record)
+        history.append(_record(result, grad_norm))
     return history
 
 
@@ -96,8 +106,6 @@ def lanes_update(policy, optimizers: list[torch.optim.Optimizer], batch: Rollout
     batch: rows laid out lane by lane in `policy.lanes` order, the same number per lane. optimizers[k]
     steps lane k's layer. Returns, per lane, one metrics dict per iteration.
     """
-    from .lanes import lane_rows  # lanes imports policy, which this module otherwise needs only by type
-
     lanes = policy.num_lanes
     if len(optimizers) != lanes:
         raise ValueError(f"{lanes} lanes need {lanes} optimizers, got {len(optimizers)}")
@@ -114,11 +122,7 @@ def lanes_update(policy, optimizers: list[torch.optim.Optimizer], batch: Rollout
         states = policy.completion_states(cache).split(rows)
         results = []
         for k, part in enumerate(parts):
-            if part.advantages is None:
-                advantage_args = {"rewards": part.rewards, "group_size": part.group_size}
-            else:
-                advantage_args = {"advantages": part.advantages}
-            results.append(grpo_loss(states[k], weight, part.completion_ids, part.completion_mask, **advantage_args,
+            results.append(grpo_loss(states[k], weight, part.completion_ids, part.completion_mask, **_advantage_args(part),
                                      old_logps=old_logps[k], ref_logps=ref_logps[k], config=config.loss,
                                      backend=config.loss_backend))
         for optimizer in optimizers:
@@ -130,8 +134,5 @@ def lanes_update(policy, optimizers: list[torch.optim.Optimizer], batch: Rollout
             optimizer.step()
             if old_logps[k] is None:
                 old_logps[k] = result.token_logps
-            record = {name: float(v) for name, v in result.metrics.items()}
-            record["loss"] = float(result.loss.detach())
-            record["grad_norm"] = float(grad_norm)
-            history[k].append(record)
+            history[k].append(_record(result, grad_norm))
     return history

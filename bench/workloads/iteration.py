@@ -45,11 +45,11 @@ def iteration_tokens(shapes: dict[str, Any]) -> int:
 
 
 def iteration_prompts(task, shapes: dict[str, Any], seed: int, step: int) -> list:
-    """The examples of iteration `step`: exactly onelayer_fast's GRPOTrainer.prompts_for_step(step) for seed
-    `seed` (the cross-check catches a drift), so that every contender trains on the same prompts."""
-    import random
+    """The examples of iteration `step`: onelayer_fast's own draw for seed `seed` (trainer.step_prompts), so
+    that every contender trains on the same prompts."""
+    from onelayer_fast.trainer import step_prompts
 
-    return task.sample(random.Random(seed * 1_000_003 + step), shapes["num_prompts"])
+    return step_prompts(task, seed, step, shapes["num_prompts"])
 
 
 def iteration_record(history: list[dict[str, float]], rewards, completion_mask, generate_s: float,
