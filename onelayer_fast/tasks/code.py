@@ -1,37 +1,38 @@
 """Python programming problems from a local JSONL file, rewarded by running their tests in the sandbox.
 
-Each line is {"prompt": ..., "tests": "assert f(1) == 2\\n...", "entry_point": "f" (optional)}. The
-program run for a completion is
+Each line is {"prompt": ..., "tests": "assert f(1) == 2\\n...", "entry_point": "f" (optional)}. For a
+completion, the sandbox (`onelayer_fast.sandbox.run_python(solution, tests=...)`) runs the solution (the
+completion, markdown fences stripped) and then the tests, as two separate programs in one interpreter,
+both sent through a pipe and never written to a file. The reward is 1.0 when the tests ran to their end
+and the process exited cleanly within the time limit, else 0.0. Whether the tests ran to their end is
+told by a per-run secret marker that the sandbox's bootstrap writes to a pipe of its own after they
+return, and that user code cannot read (see the sandbox's module docstring for how, and for the limits):
+a completion that calls `sys.exit(0)` or `os._exit(0)` before the tests, or reads its own source, its
+frames or the process memory to find the marker, gets 0. What still gets through is what the tests let
+through: an object whose `__eq__` is always True, or a check too weak to tell a right answer from a
+wrong one.
 
-    <completion, markdown fences stripped>
-    <tests>
-    print(<random marker>)
-
-and the reward is 1.0 when it exits cleanly within the time limit AND prints the marker, else 0.0. The
-marker, new on every run, is what stops the cheapest reward hack: a completion that calls `sys.exit(0)`
-or `os._exit(0)` before the tests would otherwise exit cleanly and "pass". (Code that reads its own
-source file to find the marker, or returns an object whose `__eq__` is always True, still gets through:
-tests decide what they check.)
+The code task refuses to start when the machine offers no kernel isolation (no bubblewrap, no user
+namespaces) unless ONELAYER_FAST_UNSAFE_SANDBOX=1 (or `allow_unsafe_sandbox=True`) accepts the risk.
 
 HumanEval-style prompts (a signature and docstring the model continues) work too: when an
 `entry_point` is given, the completion does not define it and the prompt does, the prompt is put in
 front of the completion.
 
-Cost: rewards run one sandboxed `python -I` process per completion, sequentially (the trainer calls
-reward functions one completion at a time): an interpreter start-up per completion (tens of ms) plus
-the tests' own run time, so seconds for a batch of 64, and up to `timeout_s` for each completion that
-loops forever. `correct()` on a completion that was just
-rewarded costs nothing: results are cached by program text.
+Cost: rewards run one sandboxed `python -I -S` process per completion, sequentially (the trainer calls
+reward functions one completion at a time): namespace set-up and an interpreter start-up per completion
+(about 50-100 ms) plus the tests' own run time, so seconds for a batch of 64, and up to `timeout_s` for
+each completion that loops forever. `correct()` on a completion that was just rewarded costs nothing:
+results are cached by solution and tests.
 """
 from __future__ import annotations
 
 import random
 import re
-import secrets
 from collections import OrderedDict
 from pathlib import Path
 
-from ..sandbox import run_python
+from ..sandbox import check_backend, run_python
 from .base import SPLITS, Example, check_split, parse_jsonl_object, read_jsonl_examples, split_of
 
 # ```python ... ``` (or ```py, ```python3, bare ```); the closing fence may be missing in a truncated
@@ -56,13 +57,17 @@ class CodeTask:
 
     name = "code"
 
-    def __init__(self, path: str | Path, timeout_s: float = 5.0, memory_mb: int = 512, cache_size: int = 4096):
+    def __init__(self, path: str | Path, timeout_s: float = 5.0, memory_mb: int = 512, cache_size: int = 4096,
+                 allow_unsafe_sandbox: bool = False):
         self.path, self.timeout_s, self.memory_mb, self.cache_size = Path(path), timeout_s, memory_mb, cache_size
+        self.allow_unsafe_sandbox = allow_unsafe_sandbox
         self.examples: list[Example] = read_jsonl_examples(path, self._parse_line, what="problem")
         self.splits = self._split(self.examples)
+        # Before any training starts: no kernel isolation and no opt-in is an error now, not mid-run.
+        self.sandbox_backend = check_backend(allow_unsafe_sandbox)
         self.reward_funcs = [self.tests_reward]
         self.reward_weights = [1.0]
-        self._results: OrderedDict[str, bool] = OrderedDict()
+        self._results: OrderedDict[tuple[str, str], bool] = OrderedDict()
 
     @staticmethod
     def _parse_line(path: Path, number: int, line: str) -> Example:
@@ -90,25 +95,31 @@ class CodeTask:
             raise ValueError("task file has a single distinct prompt; it needs at least 2 for both train and eval")
         return splits
 
-    def program(self, completion: str, example: Example, marker: str = "") -> str:
-        """The script the sandbox runs for this completion: solution code, the tests, then (when given)
-        a line that prints `marker`, reached only if the tests ran to the end."""
+    def solution(self, completion: str, example: Example) -> str:
+        """The code the sandbox runs before the tests: the completion, markdown fences stripped, with the
+        prompt put in front when it continues the prompt's function (HumanEval style)."""
         code = strip_code_fences(completion)
         entry_point = example.meta.get("entry_point")
         defines = rf"\bdef\s+{re.escape(entry_point)}\s*\(" if entry_point else None
         if defines and not re.search(defines, code) and re.search(defines, example.prompt):
             code = example.prompt + code  # HumanEval style: the completion continues the prompt's function
-        program = f"{code.rstrip()}\n\n\n{example.answer.rstrip()}\n"
-        return program + (f"\n\nprint({marker!r})\n" if marker else "")
+        return code
+
+    def program(self, completion: str, example: Example) -> str:
+        """Solution and tests as one script, for reading or for running by hand (the reward runs them
+        apart, see the module docstring)."""
+        return f"{self.solution(completion, example).rstrip()}\n\n\n{example.answer.rstrip()}\n"
 
     def passes(self, completion: str, example: Example) -> bool:
-        key = self.program(completion, example)
+        key = (self.solution(completion, example), example.answer)
         if key in self._results:
             self._results.move_to_end(key)
             return self._results[key]
-        marker = f"olf-tests-done-{secrets.token_hex(16)}"
-        result = run_python(self.program(completion, example, marker), timeout_s=self.timeout_s, memory_mb=self.memory_mb)
-        passed = result.passed and marker in result.stdout
+        result = run_python(
+            key[0], timeout_s=self.timeout_s, memory_mb=self.memory_mb,
+            tests=example.answer, allow_unsafe=self.allow_unsafe_sandbox,
+        )
+        passed = result.passed and result.tests_passed is True
         self._results[key] = passed
         if len(self._results) > self.cache_size:
             self._results.popitem(last=False)
