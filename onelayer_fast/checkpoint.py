@@ -4,9 +4,15 @@ Layout of one checkpoint (`output_dir/checkpoint-000123/`):
     layer.safetensors   the trained tensors only: the target layer's state_dict (keys relative to the
                         layer, e.g. `self_attn.q_proj.weight`) in single-layer mode, the whole model's in
                         full mode (tied aliases such as `lm_head.weight` stored once, see `_dedupe`)
-    meta.json           {"format_version", "mode", "layer", "num_layers", "step", **metadata}
+    meta.json           {"format_version", "mode", "layer", "num_layers", "step", **metadata, "sha256"}
     optimizer.pt        torch.save({"optimizer": ..., "trainer_state": ...}) for resuming
 `output_dir/latest` holds the name of the newest complete checkpoint.
+
+Integrity: meta.json's "sha256" holds {file name: hex digest} of layer.safetensors and optimizer.pt, taken at
+save and checked at load (read_meta hides it). `latest_checkpoint` skips a damaged checkpoint (warning with
+a CorruptCheckpointWarning) for the newest intact one; loading one damaged checkpoint by its path is a
+ValueError naming the file. Checkpoints written before the digests were recorded have none and still load:
+they get a structural check only (a safetensors header that fits the file, a complete zip for optimizer.pt).
 
 Crash safety: a checkpoint is built in a `.tmp-checkpoint-*` directory, fsynced, and renamed into
 place, so `checkpoint-*` directories are always complete; `latest` is replaced atomically after the
@@ -15,16 +21,20 @@ rename, so it never names a partial checkpoint. One writer per output_dir is ass
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -37,12 +47,27 @@ OPTIMIZER_NAME = "optimizer.pt"
 LATEST_NAME = "latest"
 _TMP_PREFIX = ".tmp-checkpoint-"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-_RESERVED_META_KEYS = ("format_version", "mode", "layer", "num_layers", "step")
+CHECKSUMS_KEY = "sha256"  # meta.json: {file name: sha256 hex digest} of the tensor files
+_CHECKSUMMED = (WEIGHTS_NAME, OPTIMIZER_NAME)
+_META_KEYS = ("format_version", "mode", "layer", "num_layers", "step")
+_RESERVED_META_KEYS = (*_META_KEYS, CHECKSUMS_KEY)
 # safetensors header key holding {dropped_key: kept_key} for tensors that share storage (tied weights).
 _ALIASES_KEY = "onelayer_fast.aliases"
 
 
+class CorruptCheckpointWarning(UserWarning):
+    """A damaged checkpoint (or `latest` pointer) was skipped for an older intact one."""
+
+
 # ----------------------------------------------------------------------------------------- helpers
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
 
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
@@ -63,10 +88,6 @@ def _fsync_dir(path: Path) -> None:
 def _checkpoint_step(path: Path) -> int | None:
     match = _CHECKPOINT_RE.match(path.name)
     return int(match.group(1)) if match and path.is_dir() else None
-
-
-def _is_complete(path: Path) -> bool:
-    return path.is_dir() and (path / WEIGHTS_NAME).is_file() and (path / META_NAME).is_file()
 
 
 def _dedupe(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -123,7 +144,7 @@ def save_checkpoint(
             "layer": int(policy.layer_index) if single else None, "num_layers": num_layers,
             "step": step, **metadata}
     try:  # fail before touching the disk if the metadata is not JSON
-        meta_text = json.dumps(meta, indent=2, sort_keys=False)
+        json.dumps(meta)
     except TypeError as err:
         raise TypeError(f"checkpoint metadata must be JSON-serializable: {err}") from err
 
@@ -139,9 +160,12 @@ def save_checkpoint(
     displaced: Path | None = None
     try:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=header)
-        (tmp / META_NAME).write_text(meta_text + "\n", encoding="utf-8")
         torch.save({"format_version": FORMAT_VERSION, "step": step,
                     "optimizer": optimizer.state_dict(), "trainer_state": trainer_state}, tmp / OPTIMIZER_NAME)
+        # Digests of the bytes as written (read back from the page cache), into meta.json, written last.
+        meta_text = json.dumps({**meta, CHECKSUMS_KEY: {name: _sha256(tmp / name) for name in _CHECKSUMMED}},
+                               indent=2, sort_keys=False)
+        (tmp / META_NAME).write_text(meta_text + "\n", encoding="utf-8")
         for name in (WEIGHTS_NAME, META_NAME, OPTIMIZER_NAME):
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
@@ -192,20 +216,59 @@ def _prune(output_dir: Path, keep_last: int, step: int) -> None:
 # ---------------------------------------------------------------------------------------- discovery
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint named by `output_dir/latest`; if that is missing or broken, the highest-step
-    complete `checkpoint-*` directory; None if there is none. Temp directories are never returned."""
+    """The checkpoint named by `output_dir/latest`, else the highest-step `checkpoint-*` directory, that is
+    intact (verify_checkpoint); each damaged one passed over is reported with a CorruptCheckpointWarning.
+    None if there is no checkpoint; ValueError naming the damage if there are only damaged ones. Temp
+    directories are never returned."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
+    found = sorted(((s, p) for p in output_dir.iterdir() if (s := _checkpoint_step(p)) is not None), reverse=True)
+    candidates = [p for _, p in found]
+    named = _read_latest(output_dir)
+    if named is not None:  # `latest` first; it is lost only by a crash between a rename and its update
+        candidates = [named] + [p for p in candidates if p != named]
+    problems = []
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+        except (ValueError, FileNotFoundError) as error:
+            problems.append(str(error))
+            warnings.warn(f"skipping checkpoint {path}: {error}", CorruptCheckpointWarning, stacklevel=2)
+            continue
+        return path
+    if problems:
+        raise ValueError(f"no intact checkpoint in {output_dir}: {'; '.join(problems)}")
+    return None
+
+
+def _read_latest(output_dir: Path) -> Path | None:
+    """The checkpoint `output_dir/latest` names, or None (with a warning when the pointer is unreadable)."""
     pointer = output_dir / LATEST_NAME
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8").strip()
-        candidate = output_dir / name
-        if _CHECKPOINT_RE.match(name) and _is_complete(candidate):
-            return candidate
-    # `latest` lost (crash between the rename and its update) or pointing at a deleted directory.
-    found = sorted((s, p) for p in output_dir.iterdir() if (s := _checkpoint_step(p)) is not None and _is_complete(p))
-    return found[-1][1] if found else None
+    if not pointer.is_file():
+        return None
+    try:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not _CHECKPOINT_RE.match(name):
+        warnings.warn(f"ignoring {pointer}: it does not hold a checkpoint name", CorruptCheckpointWarning, stacklevel=3)
+        return None
+    if not (output_dir / name).is_dir():
+        warnings.warn(f"ignoring {pointer}: it names {name}, which does not exist", CorruptCheckpointWarning,
+                      stacklevel=3)
+        return None
+    return output_dir / name
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """ValueError (FileNotFoundError for a missing file) naming the file and the damage, unless every file of
+    the checkpoint at `path` is intact: a meta.json this version reads, and tensor files whose sha256 is the
+    one recorded at save (reads them all: a resume reads them anyway)."""
+    path = Path(path)
+    meta = _readable_meta(path)
+    for name in _CHECKSUMMED:
+        _verify_file(path, name, meta)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -228,26 +291,78 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((resolve_checkpoint(path) / META_NAME).read_text(encoding="utf-8"))
+    """The checkpoint's meta.json (without the file digests); ValueError naming the file if it is damaged."""
+    meta = _load_meta(resolve_checkpoint(path))
+    meta.pop(CHECKSUMS_KEY, None)
+    return meta
+
+
+def _load_meta(path: Path) -> dict[str, Any]:
+    file = path / META_NAME
+    try:
+        meta = json.loads(file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"checkpoint file {file} is corrupt: not JSON ({error})") from None
+    missing = [key for key in _META_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise ValueError(f"checkpoint file {file} is corrupt: no {', '.join(missing)}")
+    if not isinstance(meta.get(CHECKSUMS_KEY, {}), dict):
+        raise ValueError(f"checkpoint file {file} is corrupt: {CHECKSUMS_KEY} is not a table of digests")
+    return meta
 
 
 # -------------------------------------------------------------------------------------------- load
 
 def _readable_meta(path: Path) -> dict[str, Any]:
-    """meta.json of a checkpoint this version can read (ValueError for another format_version)."""
-    meta = read_meta(path)
+    """meta.json (digests included) of a checkpoint this version can read (ValueError for another
+    format_version or a damaged meta.json)."""
+    meta = _load_meta(resolve_checkpoint(path))
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has format_version {meta.get('format_version')!r}, "
                          f"this version reads {FORMAT_VERSION}")
     return meta
 
 
+def _verify_file(path: Path, name: str, meta: dict[str, Any]) -> None:
+    """ValueError naming the file unless it is the one save_checkpoint wrote (FileNotFoundError if missing)."""
+    if (damage := _file_damage(path, name, meta)) is not None:
+        raise ValueError(damage)
+
+
+def _file_damage(path: Path, name: str, meta: dict[str, Any]) -> str | None:
+    """What is wrong with one file of a checkpoint, naming it; None if it is intact."""
+    file = path / name
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {name}")
+    expected = meta.get(CHECKSUMS_KEY, {}).get(name)
+    if expected is not None:
+        actual = _sha256(file)
+        if actual == expected:
+            return None
+        return (f"checkpoint file {file} is corrupt: its sha256 is {actual[:16]}..., not the {expected[:16]}... "
+                f"recorded at save ({file.stat().st_size} bytes)")
+    # A checkpoint from before digests were recorded: catch at least a truncated or emptied file.
+    try:
+        if name == WEIGHTS_NAME:
+            with safe_open(str(file), framework="pt"):  # checks that the header fits and the file holds its data
+                pass
+        elif not zipfile.is_zipfile(file):  # torch.save writes a zip; a torn one has no central directory
+            return f"checkpoint file {file} is corrupt: not a complete torch.save archive"
+    except (SafetensorError, OSError) as error:
+        return f"checkpoint file {file} is corrupt: {error}"
+    return None
+
+
 def _read_tensors(path: Path) -> dict[str, Tensor]:
     file = str(path / WEIGHTS_NAME)
-    tensors = load_file(file, device="cpu")
-    with safe_open(file, framework="pt") as f:
-        header = f.metadata() or {}
-    for alias, source in json.loads(header.get(_ALIASES_KEY, "{}")).items():
+    try:
+        tensors = load_file(file, device="cpu")
+        with safe_open(file, framework="pt") as f:
+            header = f.metadata() or {}
+        aliases = json.loads(header.get(_ALIASES_KEY, "{}"))
+    except (SafetensorError, json.JSONDecodeError) as error:  # past the digest: a damaged pre-digest file
+        raise ValueError(f"checkpoint file {file} is corrupt: {error}") from None
+    for alias, source in aliases.items():
         tensors[alias] = tensors[source]
     return tensors
 
@@ -260,6 +375,8 @@ def load_layer(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """
     path = resolve_checkpoint(path)
     meta = _readable_meta(path)
+    damage = _file_damage(path, WEIGHTS_NAME, meta)
+    meta.pop(CHECKSUMS_KEY, None)
     layers = decoder_of(model).layers
     if meta["num_layers"] != len(layers):
         raise ValueError(f"checkpoint {path} was saved from a model with {meta['num_layers']} decoder layers, "
@@ -270,7 +387,7 @@ def load_layer(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
         target, where = model, "the model"
     else:
         raise ValueError(f"checkpoint {path} has unknown mode {meta['mode']!r}")
-    _copy_checkpoint_into(target, path, where, type(model).__name__)
+    _copy_checkpoint_into(target, path, where, type(model).__name__, damage)
     return meta
 
 
@@ -279,14 +396,18 @@ def load_lane_layer(layer: nn.Module, path: str | os.PathLike, layer_index: int)
     the shared model's); return meta. Strict as load_layer."""
     path = resolve_checkpoint(path)
     meta = _readable_meta(path)
+    damage = _file_damage(path, WEIGHTS_NAME, meta)
+    meta.pop(CHECKSUMS_KEY, None)
     if meta.get("mode") != "single" or meta.get("layer") != layer_index:
         raise ValueError(f"checkpoint {path} was written by a {meta.get('mode')} run of layer {meta.get('layer')}, "
                          f"not a single-layer run of layer {layer_index}")
-    _copy_checkpoint_into(layer, path, f"layer {layer_index}", type(layer).__name__)
+    _copy_checkpoint_into(layer, path, f"layer {layer_index}", type(layer).__name__, damage)
     return meta
 
 
-def _copy_checkpoint_into(target: nn.Module, path: Path, where: str, owner: str) -> None:
+def _copy_checkpoint_into(target: nn.Module, path: Path, where: str, owner: str, damage: str | None) -> None:
+    """`damage`: what _file_damage found wrong with the tensor file. It is reported after the fit checks, so a
+    file rewritten with other tensors is told as what does not fit (and that its digest differs)."""
     tensors = _read_tensors(path)
     dest = target.state_dict()  # detached views of the live parameters/buffers: copy_ writes through
     problems = []
@@ -304,7 +425,10 @@ def _copy_checkpoint_into(target: nn.Module, path: Path, where: str, owner: str)
         if conflicts := sorted(k for k, src in model_aliases.items() if not torch.equal(tensors[k], tensors[src])):
             problems.append(f"tied in the model but different in the checkpoint: {conflicts}")
     if problems:
-        raise ValueError(f"checkpoint {path} does not fit {where} of {owner}: " + "; ".join(problems))
+        raise ValueError(f"checkpoint {path} does not fit {where} of {owner}: " + "; ".join(problems)
+                         + (f" ({damage})" if damage else ""))
+    if damage:
+        raise ValueError(damage)
 
     with torch.no_grad():
         for key, value in dest.items():
@@ -317,11 +441,16 @@ def load_training_state(path: str | os.PathLike, optimizer: torch.optim.Optimize
     file = path / OPTIMIZER_NAME
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no {OPTIMIZER_NAME}: it cannot be resumed from")
+    meta = _readable_meta(path)
+    _verify_file(path, OPTIMIZER_NAME, meta)
     # weights_only=False: trainer_state may hold numpy RNG states, which the safe unpickler rejects.
     # optimizer.pt is written by save_checkpoint; as with any pickle, only resume from trusted checkpoints.
-    saved = torch.load(file, map_location="cpu", weights_only=False)
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:  # a damaged pre-digest file
+        raise ValueError(f"checkpoint file {file} is corrupt: {error}") from None
     optimizer.load_state_dict(saved["optimizer"])  # moves state to each param's device itself
-    return int(read_meta(path)["step"]), saved["trainer_state"]
+    return int(meta["step"]), saved["trainer_state"]
 
 
 def merge_checkpoint(model: nn.Module, path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: Any = None) -> Path:

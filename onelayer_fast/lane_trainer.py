@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -27,8 +28,8 @@ from .lanes import Lane, LanePolicy
 from .rollout import DrawKeys, encode_prompts, generate_lanes
 from .tasks import Example, Task
 from .tasks.rewards import score
-from .trainer import GRPOConfig, step_prompts
-from .update import lanes_update
+from .trainer import GRPOConfig, check_resume, step_prompts
+from .update import DivergenceError, lanes_update
 
 
 @dataclass(frozen=True)
@@ -73,10 +74,11 @@ class LaneTrainer:
         self.steps = [0] * self.policy.num_lanes
         self._saved = [0] * self.policy.num_lanes
         self._updating: list[int] = []  # lanes whose weights may be ahead of their step count right now
+        self._diverged = False  # once set, the lanes' live weights are suspect: nothing may be saved from them
         for k, run in enumerate(self.runs):
             Path(run.output_dir).mkdir(parents=True, exist_ok=True)
-            if checkpoint.latest_checkpoint(run.output_dir) is not None:
-                self._resume(k)
+            if (path := checkpoint.latest_checkpoint(run.output_dir)) is not None:
+                self._resume(k, path)
 
     @property
     def device(self) -> torch.device:
@@ -87,23 +89,29 @@ class LaneTrainer:
         return self.config.seed if lane.seed is None else lane.seed
 
     # -------------------------------------------------------------------------------- checkpoints
-    def _resume(self, k: int) -> None:
-        path = checkpoint.latest_checkpoint(self.runs[k].output_dir)
+    def _metadata(self, k: int) -> dict[str, Any]:
+        lane = self.policy.lanes[k]
+        run = {"output_dir": self.runs[k].output_dir, "mode": "single", "layer": lane.layer,
+               "lane": dataclasses.asdict(lane), "save_steps": self.save_steps, "save_total_limit": self.save_total_limit}
+        return {"base_model": self.base_model, "config": dataclasses.asdict(self.config), "run": run,
+                "task": self.task.name}
+
+    def _resume(self, k: int, path: Path) -> None:
         layer = self.policy.lanes[k].layer
+        # The lane's settings (its own learning rate and seed included) must be the checkpoint's.
+        check_resume(path, checkpoint.read_meta(path), {**self._metadata(k), "mode": "single", "layer": layer})
         checkpoint.load_lane_layer(self.policy.lane_layers[k], path, layer)
         self.steps[k], _ = checkpoint.load_training_state(path, self.optimizers[k])
         self._saved[k] = self.steps[k]
 
     def _save(self, k: int) -> Path:
+        if self._diverged:  # every lane's last good checkpoint must stand
+            raise DivergenceError(f"refusing to save {self.runs[k].output_dir}: this lane run diverged")
         lane = self.policy.lanes[k]
         view = SimpleNamespace(model=self.model, layer_index=lane.layer, target_layer=self.policy.lane_layers[k])
-        run = {"output_dir": self.runs[k].output_dir, "mode": "single", "layer": lane.layer,
-               "lane": dataclasses.asdict(lane), "save_steps": self.save_steps, "save_total_limit": self.save_total_limit}
         path = checkpoint.save_checkpoint(
             self.runs[k].output_dir, policy=view, optimizer=self.optimizers[k], step=self.steps[k],
-            metadata={"base_model": self.base_model, "config": dataclasses.asdict(self.config), "run": run,
-                      "task": self.task.name},
-            trainer_state={}, keep_last=self.save_total_limit,
+            metadata=self._metadata(k), trainer_state={}, keep_last=self.save_total_limit,
         )
         self._saved[k] = self.steps[k]
         return path
@@ -114,7 +122,13 @@ class LaneTrainer:
                             self.config.per_device_train_batch_size // self.config.num_generations)
 
     def train_step(self, active: list[int]) -> list[dict[str, float]]:
-        """One step of the lanes `active` (all at the same step); returns their log records."""
+        """One step of the lanes `active` (all at the same step); returns their log records.
+
+        DivergenceError if any lane diverges: then every lane stops (the others may be half a step ahead) and
+        nothing more is saved; each lane's last checkpoint stands, and a rerun resumes every lane from it.
+        """
+        if self._diverged:
+            raise DivergenceError("these lanes diverged; their weights are unusable (resume from the last checkpoints)")
         config, group = self.config, self.config.num_generations
         step = self.steps[active[0]]
         policy = self.policy if len(active) == self.policy.num_lanes else self.policy.subset(active)
@@ -130,7 +144,14 @@ class LaneTrainer:
         batch = RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards, group_size=group)
         generated = time.perf_counter()
         self._updating = list(active)
-        histories = lanes_update(policy, [self.optimizers[k] for k in active], batch, self.update_config)
+        try:
+            histories = lanes_update(policy, [self.optimizers[k] for k in active], batch, self.update_config)
+        except DivergenceError as error:
+            self._diverged = True
+            diverged = tuple(active[i] for i in error.lanes)  # error.lanes index the active lanes
+            runs = ", ".join(self.runs[k].output_dir for k in diverged)
+            raise DivergenceError(f"training diverged at step {step + 1} ({runs}): {error}. Nothing was saved from "
+                                  "it; every lane's last checkpoint, if any, is its last good state", diverged) from error
         finished = time.perf_counter()
         rows = config.per_device_train_batch_size
         share = len(active)  # each lane's share of the step's wall time
@@ -180,7 +201,9 @@ class LaneTrainer:
                 bar.update(len(active))
                 bar.set_postfix(reward=f"{sum(r['reward_mean'] for r in step_records) / len(step_records):.3f}")
         except KeyboardInterrupt:
-            saved = [k for k in range(lanes) if k not in self._updating and self.steps[k] > self._saved[k]]
+            # Nothing from a diverged trainer (train() called again after the error): its weights are unusable.
+            saved = [] if self._diverged else [k for k in range(lanes)
+                                                 if k not in self._updating and self.steps[k] > self._saved[k]]
             for k in saved:
                 self._save(k)
             print(f"\ninterrupted: saved {len(saved)} lane(s); run the same command to resume")

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -22,9 +24,18 @@ from .policy import FullModelPolicy, OneLayerPolicy, decoder_of
 from .rollout import encode_prompts, sample_completions
 from .tasks import Example, Task
 from .tasks.rewards import score
-from .update import UpdateConfig, grpo_update
+from .update import DivergenceError, UpdateConfig, grpo_update
 
 MODES = ("single", "full")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field (cli.py derives its flags from the field names this way)."""
+    return "--" + name.replace("_", "-")
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
 
 
 def option(default, help: str, choices: tuple[str, ...] | None = None, **kwargs):
@@ -92,8 +103,16 @@ class GRPOConfig:
         for name in ("max_steps", "max_completion_length", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not _positive(self.learning_rate):
+            raise ValueError(f"{flag('learning_rate')} must be a finite number > 0, got {self.learning_rate}")
+        # None means no clipping; a negative bound would flip the gradient (train against the reward).
+        if self.max_grad_norm is not None and not _positive(self.max_grad_norm):
+            raise ValueError(f"{flag('max_grad_norm')} must be a finite number > 0 (or none: no clipping), "
+                             f"got {self.max_grad_norm}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"{flag('top_p')} must be in (0, 1], got {self.top_p}")
+        if not _positive(self.temperature):
+            raise ValueError(f"{flag('temperature')} must be a finite number > 0, got {self.temperature}")
         if not 0.0 <= self.gigpo_gamma <= 1.0:
             raise ValueError(f"gigpo_gamma must be in [0, 1], got {self.gigpo_gamma}")
         if self.gigpo_omega < 0:
@@ -127,8 +146,48 @@ class RunSpec:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.save_steps < 1:
-            raise ValueError(f"save_steps must be >= 1, got {self.save_steps}")
+        # Checked here, not at the first save: a bad value would otherwise fail only after the first steps.
+        for name in ("save_steps", "save_total_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ValueError(f"{flag('output_dir')} {self.output_dir} is a file, not a directory")
+
+
+# Settings a resumed run may change, because they change nothing any step computes: max_steps only says where
+# the run stops (extending a finished run is what resuming is for); loss_backend and layout are implementations
+# of the same loss and gradients (equal up to float rounding). A RunSpec's output_dir, save_steps and
+# save_total_limit only say where and how often checkpoints are written, and are not compared at all. Every
+# other hyper-parameter, the task, the base model, the mode and the layer change the math, so a resume refuses
+# a change of any of them rather than silently mixing two runs in one output_dir.
+RESUMABLE_CHANGES = frozenset({"max_steps", "loss_backend", "layout"})
+
+
+def run_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint's run computed with: the settings a resume must keep (see RESUMABLE_CHANGES)."""
+    settings = {"mode": meta.get("mode"), "layer": meta.get("layer"), "task": meta.get("task")}
+    if meta.get("base_model"):  # "" means unknown (the library's default), never a difference
+        settings["base_model"] = meta["base_model"]
+    config = meta.get("config") or {}
+    settings.update({k: v for k, v in config.items() if k not in RESUMABLE_CHANGES})
+    # A lane's own learning rate and seed (LaneTrainer) replace the shared config's; None: the config's.
+    lane = (meta.get("run") or {}).get("lane") or {}
+    for key in ("learning_rate", "seed"):
+        if lane.get(key) is not None:
+            settings[key] = lane[key]
+    return settings
+
+
+def check_resume(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """ValueError naming each setting (old -> new) in which the run saved at `path` differs from the one that
+    would resume it. Settings one side lacks (a checkpoint written before the setting existed) are skipped."""
+    old = run_settings(saved)
+    new = run_settings(json.loads(json.dumps(current)))  # the form it takes on disk (tuples -> lists)
+    differing = [f"{key} {old[key]!r} -> {new[key]!r}" for key in new if key in old and old[key] != new[key]]
+    if differing:
+        raise ValueError(f"cannot resume {path}: it was trained with other settings ({'; '.join(differing)}); "
+                         "rerun with the settings it was trained with, or train into another output directory "
+                         "(or pass --no-resume)")
 
 
 def step_prompts(task: Task, seed: int, step: int, count: int) -> list[Example]:
@@ -173,28 +232,38 @@ class GRPOTrainer:
         self.output_dir = Path(run.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.step = 0
+        self._updating = False  # True while the weights may be ahead of self.step (inside an update)
+        self._diverged = False  # once set, the live weights are bad: nothing may be saved from them
         torch.manual_seed(config.seed)
-        if resume and checkpoint.latest_checkpoint(self.output_dir) is not None:
-            self._resume()
+        if resume and (path := checkpoint.latest_checkpoint(self.output_dir)) is not None:
+            self._resume(path)
 
     @property
     def device(self) -> torch.device:
         return self.policy.lm_head_weight.device
 
-    def _resume(self) -> None:
-        path = checkpoint.latest_checkpoint(self.output_dir)
-        meta = checkpoint.load_layer(self.model, path)
-        if meta.get("mode") != self.run.mode or (self.run.mode == "single" and meta.get("layer") != self.policy.layer_index):
+    def _layer(self) -> int | None:
+        return self.policy.layer_index if self.run.mode == "single" else None
+
+    def _metadata(self) -> dict[str, Any]:
+        return {"base_model": self.base_model, "config": dataclasses.asdict(self.config),
+                "run": dataclasses.asdict(self.run), "task": self.task.name}
+
+    def _resume(self, path: Path) -> None:
+        meta = checkpoint.read_meta(path)  # everything is checked before the model is touched
+        if meta.get("mode") != self.run.mode or (self.run.mode == "single" and meta.get("layer") != self._layer()):
             raise ValueError(f"checkpoint {path} was written by a {meta.get('mode')} run of layer {meta.get('layer')}; "
                              "use another output_dir or the same mode and layer")
+        check_resume(path, meta, {**self._metadata(), "mode": self.run.mode, "layer": self._layer()})
+        checkpoint.load_layer(self.model, path)
         self.step, state = checkpoint.load_training_state(path, self.optimizer)
         torch.set_rng_state(state["torch_rng"])
 
     def _save(self) -> Path:
+        if self._diverged:  # the last good checkpoint must stand
+            raise DivergenceError(f"refusing to save step {self.step}: this run diverged")
         return checkpoint.save_checkpoint(
-            self.output_dir, policy=self.policy, optimizer=self.optimizer, step=self.step,
-            metadata={"base_model": self.base_model, "config": dataclasses.asdict(self.config),
-                      "run": dataclasses.asdict(self.run), "task": self.task.name},
+            self.output_dir, policy=self.policy, optimizer=self.optimizer, step=self.step, metadata=self._metadata(),
             trainer_state={"torch_rng": torch.get_rng_state()}, keep_last=self.run.save_total_limit,
         )
 
@@ -231,6 +300,8 @@ class GRPOTrainer:
         return batch, texts
 
     def train_step(self) -> dict[str, float]:
+        if self._diverged:
+            raise DivergenceError("this run diverged; its weights are unusable (resume from the last checkpoint)")
         started = time.perf_counter()
         examples = self.prompts_for_step(self.step)
         if self.multi_turn:
@@ -240,9 +311,16 @@ class GRPOTrainer:
             batch, _ = self.make_rollouts(examples)
             returns = batch.rewards
         generated = time.perf_counter()
-        history = grpo_update(self.policy, self.optimizer, batch, self.update_config)
-        finished = time.perf_counter()
+        self._updating = True
+        try:
+            history = grpo_update(self.policy, self.optimizer, batch, self.update_config)
+        except DivergenceError as error:
+            self._diverged = True
+            raise DivergenceError(f"training diverged at step {self.step + 1}: {error}. Nothing was saved from it; "
+                                  f"the last checkpoint in {self.output_dir}, if any, is the last good state") from error
         self.step += 1
+        self._updating = False
+        finished = time.perf_counter()
         tokens = int(batch.attention_mask.sum())
         record = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
         grouped = returns.view(-1, self.config.num_generations)
@@ -260,7 +338,8 @@ class GRPOTrainer:
         return record
 
     def train(self) -> list[dict[str, float]]:
-        """Run until max_steps; a KeyboardInterrupt saves a checkpoint before it propagates."""
+        """Run until max_steps; a KeyboardInterrupt saves a checkpoint before it propagates, unless it lands
+        inside an update (the weights may be a step ahead of the step count) or after a divergence."""
         log_path = self.output_dir / "log.jsonl"
         records = []
         bar = tqdm(total=self.config.max_steps, initial=self.step, desc=f"{self.config.algo} {self.run.mode}", unit="step",
@@ -278,9 +357,12 @@ class GRPOTrainer:
                 if self.step % self.run.save_steps == 0 or self.step == self.config.max_steps:
                     self._save()
         except KeyboardInterrupt:
-            if self.step > 0:
+            if self.step > 0 and not (self._updating or self._diverged):
                 saved = self._save()
                 print(f"\ninterrupted: saved step {self.step} to {saved}; run the same command to resume")
+            elif self._updating:
+                print("\ninterrupted inside an update: nothing saved, the last checkpoint stands; "
+                      "run the same command to resume")
             raise
         finally:
             bar.close()

@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -210,7 +211,8 @@ def test_latest_checkpoint_fallbacks(tiny_model, tmp_path):
     (tmp_path / "latest").unlink()  # e.g. crash between the rename and the `latest` update
     assert ckpt.latest_checkpoint(tmp_path) == second
     (tmp_path / "latest").write_text("checkpoint-000099\n")  # stale pointer
-    assert ckpt.latest_checkpoint(tmp_path) == second
+    with pytest.warns(ckpt.CorruptCheckpointWarning, match="checkpoint-000099, which does not exist"):
+        assert ckpt.latest_checkpoint(tmp_path) == second
 
 
 def test_missing_files_raise_file_not_found(tiny_model, tmp_path):
@@ -312,3 +314,190 @@ def test_bad_arguments(tiny_model, tmp_path):
     # meta.json is plain JSON.
     path = _save(policy, optimizer, tmp_path, step=1)
     assert json.loads((path / "meta.json").read_text())["config"] == METADATA["config"]
+
+
+# ------------------------------------------------------------------------------------ integrity
+def _damage(file: Path, how: str) -> None:
+    data = file.read_bytes()
+    if how == "truncated":
+        file.write_bytes(data[: random.randrange(1, len(data) - 2)])  # meta.json: more than its last newline
+    elif how == "empty":
+        file.write_bytes(b"")
+    elif how == "bit-flipped":
+        flipped = bytearray(data)
+        flipped[random.randrange(len(data))] ^= 1 << random.randrange(8)
+        file.write_bytes(bytes(flipped))
+    else:  # garbage
+        file.write_bytes(random.randbytes(random.randrange(1, 200)))
+
+
+def _two_checkpoints(tiny_model, out):
+    """(base, policy, optimizer, first, second, logits at first): two checkpoints of different weights."""
+    base, policy, optimizer = _setup(tiny_model)
+    first = _save(policy, optimizer, out, step=1, keep_last=5)
+    expected = _logits(policy.model)
+    _train(policy, optimizer)
+    second = _save(policy, optimizer, out, step=2, keep_last=5)
+    return base, policy, optimizer, first, second, expected
+
+
+DAMAGES = [(name, how) for name in ("layer.safetensors", "optimizer.pt") for how in ("truncated", "empty", "bit-flipped")]
+DAMAGES += [("meta.json", "garbage"), ("meta.json", "truncated")]
+
+
+@pytest.mark.parametrize("name, how", DAMAGES, ids=[f"{n}-{h}" for n, h in DAMAGES])
+def test_damaged_latest_checkpoint_falls_back_with_a_warning(tiny_model, tmp_path, name, how):
+    base, policy, optimizer, first, second, expected = _two_checkpoints(tiny_model, tmp_path)
+    _damage(second / name, how)
+    damaged = re.escape(str(second / name))
+
+    with pytest.warns(ckpt.CorruptCheckpointWarning, match=f"skipping checkpoint .*{damaged}"):
+        assert ckpt.latest_checkpoint(tmp_path) == first
+    fresh = copy.deepcopy(base)
+    with pytest.warns(ckpt.CorruptCheckpointWarning, match=name):  # an output dir resolves to the intact one
+        assert ckpt.load_layer(fresh, tmp_path)["step"] == 1
+    assert torch.equal(_logits(fresh), expected)
+
+    # The damaged checkpoint itself, named explicitly (eval, merge): a clear error naming the file.
+    untouched = copy.deepcopy(base)
+    if name == "optimizer.pt":
+        with pytest.raises(ValueError, match=f"{damaged}.* corrupt"):
+            ckpt.load_training_state(second, torch.optim.AdamW(policy.trainable_parameters()))
+    else:
+        with pytest.raises(ValueError, match=f"{damaged}.* corrupt"):
+            ckpt.load_layer(untouched, second)
+        assert torch.equal(_logits(untouched), _logits(base))
+
+    # Nothing intact left: an error naming the damage, not a silent fresh start.
+    _damage(first / "layer.safetensors", "bit-flipped")
+    with pytest.warns(ckpt.CorruptCheckpointWarning), pytest.raises(ValueError, match="no intact checkpoint") as error:
+        ckpt.latest_checkpoint(tmp_path)
+    assert str(second / name) in str(error.value) and str(first / "layer.safetensors") in str(error.value)
+
+
+@pytest.mark.parametrize("pointer", ["garbage", "no name", "missing"])
+def test_bad_latest_pointer_falls_back_to_the_newest_intact(tiny_model, tmp_path, pointer):
+    *_, first, second, _ = _two_checkpoints(tiny_model, tmp_path)
+    latest = tmp_path / "latest"
+    if pointer == "garbage":
+        latest.write_bytes(b"\xff\xfe" + random.randbytes(30))  # not even UTF-8
+    elif pointer == "no name":
+        latest.write_text(f"checkpoint-{random.randrange(1000)}-x\n")
+    else:
+        latest.write_text("checkpoint-000099\n")
+    with pytest.warns(ckpt.CorruptCheckpointWarning, match="latest"):
+        assert ckpt.latest_checkpoint(tmp_path) == second
+    # The next save repairs the pointer.
+    _, policy, optimizer = _setup(tiny_model)
+    third = _save(policy, optimizer, tmp_path, step=3, keep_last=5)
+    assert (latest.read_text().strip(), ckpt.latest_checkpoint(tmp_path)) == (third.name, third)
+
+
+def test_digests_are_recorded_and_hidden(tiny_model, tmp_path):
+    import hashlib
+
+    _, policy, optimizer = _setup(tiny_model)
+    path = _save(policy, optimizer, tmp_path, step=1)
+    raw = json.loads((path / "meta.json").read_text())
+    assert raw["sha256"] == {name: hashlib.sha256((path / name).read_bytes()).hexdigest()
+                             for name in ("layer.safetensors", "optimizer.pt")}
+    assert "sha256" not in ckpt.read_meta(path)
+    with pytest.raises(ValueError, match="reserved"):
+        ckpt.save_checkpoint(tmp_path, policy=policy, optimizer=optimizer, step=2, metadata={"sha256": {}},
+                             trainer_state={})
+
+
+def _strip_digests(path: Path) -> None:
+    """What a checkpoint written before digests were recorded looks like."""
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["sha256"]
+    (path / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def test_old_checkpoint_without_digests_still_loads(tiny_model, tmp_path):
+    import warnings
+
+    base, policy, optimizer, first, second, _ = _two_checkpoints(tiny_model, tmp_path)
+    for path in (first, second):
+        _strip_digests(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning: nothing is wrong with it
+        assert ckpt.latest_checkpoint(tmp_path) == second
+        fresh = copy.deepcopy(base)
+        assert ckpt.load_layer(fresh, tmp_path)["step"] == 2
+        assert ckpt.load_training_state(tmp_path, torch.optim.AdamW(olf.OneLayerPolicy(fresh, layer=1).trainable_parameters()))[0] == 2
+    assert torch.equal(_logits(fresh), _logits(policy.model))
+
+    # Without a digest, a truncated file is still caught by its structure.
+    for name in ("layer.safetensors", "optimizer.pt"):
+        _damage(second / name, "truncated")
+        with pytest.warns(ckpt.CorruptCheckpointWarning, match=name):
+            assert ckpt.latest_checkpoint(tmp_path) == first
+        (second / name).write_bytes((first / name).read_bytes())  # repaired with step 1's (structurally fine)
+
+
+# ------------------------------------------------------------------------------- resume settings
+def _trainer(out, task=None, resume_steps: int = 1, **overrides):
+    from onelayer_fast.models import load_model
+    from onelayer_fast.tasks.arithmetic import ArithmeticTask
+    from onelayer_fast.trainer import GRPOConfig, GRPOTrainer, RunSpec
+
+    values = dict(max_steps=resume_steps, per_device_train_batch_size=4, num_generations=2, max_completion_length=3,
+                  learning_rate=1e-2, beta=0.04)
+    values.update(overrides)
+    run_fields = {"save_steps", "save_total_limit"}
+    run = RunSpec(output_dir=str(out), layer=1, **{k: v for k, v in values.items() if k in run_fields})
+    model, tokenizer = load_model("tiny")
+    return GRPOTrainer(model, tokenizer, task or ArithmeticTask(), GRPOConfig(**{k: v for k, v in values.items()
+                                                                               if k not in run_fields}), run,
+                       base_model="tiny", progress=False)
+
+
+def test_resume_refuses_other_training_settings(tmp_path):
+    from onelayer_fast.tasks.arithmetic import ArithmeticTask
+
+    _trainer(tmp_path).train()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    lr = random.choice([2e-2, 5e-3, 1e-1])
+    with pytest.raises(ValueError, match=rf"cannot resume .*learning_rate 0.01 -> {lr!r}"):
+        _trainer(tmp_path, learning_rate=lr)
+    with pytest.raises(ValueError, match=r"seed 42 -> 7"):
+        _trainer(tmp_path, seed=7)
+    with pytest.raises(ValueError, match=r"beta 0.04 -> 0.0"):
+        _trainer(tmp_path, beta=0.0)
+    other = ArithmeticTask()
+    other.name = "arithmetic-v2"
+    with pytest.raises(ValueError, match=r"task 'arithmetic' -> 'arithmetic-v2'"):
+        _trainer(tmp_path, task=other)
+    # Several at once: each is named.
+    with pytest.raises(ValueError) as error:
+        _trainer(tmp_path, learning_rate=lr, seed=7, temperature=0.5, max_grad_norm=None)
+    for setting in ("learning_rate", "seed 42 -> 7", "temperature 1.0 -> 0.5", "max_grad_norm 1.0 -> None"):
+        assert setting in str(error.value)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing touched
+
+    # What does not change the math may change: a longer run, another cadence, backend or layout.
+    resumed = _trainer(tmp_path, resume_steps=2, save_steps=2, save_total_limit=3, loss_backend="reference",
+                       layout="padded")
+    assert resumed.step == 1
+    assert [r["step"] for r in resumed.train()] == [2]
+
+
+def test_lane_resume_refuses_another_lane_learning_rate(tmp_path):
+    from onelayer_fast.lane_trainer import LaneRun, LaneTrainer
+    from onelayer_fast.lanes import Lane
+    from onelayer_fast.models import load_model
+    from onelayer_fast.tasks.arithmetic import ArithmeticTask
+    from onelayer_fast.trainer import GRPOConfig
+
+    def lanes(max_steps: int, lr: float | None):
+        model, tokenizer = load_model("tiny")
+        config = GRPOConfig(max_steps=max_steps, per_device_train_batch_size=4, num_generations=2,
+                            max_completion_length=3, learning_rate=1e-2)
+        runs = [LaneRun(Lane(1, learning_rate=lr), str(tmp_path / "a")), LaneRun(Lane(2), str(tmp_path / "b"))]
+        return LaneTrainer(model, tokenizer, ArithmeticTask(), config, runs, save_steps=1, progress=False)
+
+    lanes(1, 3e-3).train()
+    with pytest.raises(ValueError, match=r"learning_rate 0.003 -> 0.01"):
+        lanes(2, None)  # the lane's own rate dropped: it would now train at the config's
+    assert lanes(2, 3e-3).steps == [1, 1]

@@ -36,6 +36,11 @@ def layer_state(model, index: int) -> dict[str, torch.Tensor]:
         (dict(num_generations=1, per_device_train_batch_size=4), "num_generations"),
         (dict(mode="half"), "mode"),
         (dict(max_steps=0), "max_steps"),
+        (dict(learning_rate=math.nan), "--learning-rate must be a finite number > 0"),
+        (dict(max_grad_norm=-1.0), "--max-grad-norm must be a finite number > 0"),
+        (dict(top_p=0.0), r"--top-p must be in \(0, 1\]"),
+        (dict(temperature=math.inf), "--temperature must be a finite number > 0"),
+        (dict(save_total_limit=0), "--save-total-limit must be >= 1"),
     ],
 )
 def test_config_errors(tmp_path, overrides, message):
