@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import typing
 from typing import Any
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--lanes", type=_lanes_value, default="auto",
                        help="single-layer runs trained at once on one shared model: N, or auto (as many as "
                             "--memory-budget-mib allows, in waves; default). 1: one after another")
-    sweep.add_argument("--memory-budget-mib", type=float, default=None,
+    sweep.add_argument("--memory-budget-mib", type=_positive_float("memory_budget_mib"), default=None,
                        help="memory the auto lanes may plan into (default: 80%% of free CUDA memory, half the free RAM)")
     # Each run's output directory, mode and layer come from the sweep; only the checkpoint cadence is the user's.
     add_dataclass_flags(sweep, RunSpec, only=("save_steps", "save_total_limit"))
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=None,
                           help="the preset's init seed (default: the checkpoint's training seed, else "
                                f"{GRPOConfig.seed}, as train uses)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+    evaluate.add_argument("--max-new-tokens", type=_int_at_least(1, "max_new_tokens"), default=None,
                           help="default: the checkpoint's max_completion_length, else "
                                f"{GRPOConfig.max_completion_length}")
     _add_eval_flags(evaluate)
@@ -110,9 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--eval-size", type=int, default=200, help="held-out examples to evaluate (default: 200)")
+    parser.add_argument("--eval-size", type=_int_at_least(1, "eval_size"), default=200,
+                        help="held-out examples to evaluate (default: 200)")
     parser.add_argument("--eval-seed", type=int, default=0, help="which held-out examples (default: 0)")
-    parser.add_argument("--eval-batch-size", type=int, default=64, help="prompts per generate call (default: 64)")
+    parser.add_argument("--eval-batch-size", type=_int_at_least(1, "eval_batch_size"), default=64,
+                        help="prompts per generate call (default: 64)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
     _add_dtype_flag(parser)
 
@@ -120,6 +123,34 @@ def _add_eval_flags(parser: argparse.ArgumentParser) -> None:
 def _add_dtype_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"],
                         help="the model's weights and compute dtype (default: float32; float64: exact CPU checks)")
+
+
+# Checked while parsing, so argparse names the flag and exits 2 before anything loads. The message also
+# names the setting (eval_size, ...) as the library's own checks do.
+def _int_at_least(minimum: int, name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number > 0, got {text!r}") from None
+        if not (math.isfinite(value) and value > 0):  # nan and inf parse as floats but size nothing
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
+        return value
+
+    return parse
 
 
 def _lanes_value(text: str) -> int | str:
@@ -135,8 +166,9 @@ def _lanes_value(text: str) -> int | str:
 
 
 def _run_sweep(args: argparse.Namespace) -> None:
-    from .sweep import SweepConfig, print_table, run_sweep
+    from .sweep import SweepConfig, print_table, resolve_device, run_sweep
 
+    resolve_device(args.device, what="--device")  # SweepConfig checks it too, but cannot name the flag
     config = SweepConfig(model=args.model, out=args.out, task=args.task, task_path=args.task_path, layers=args.layers,
                          grpo=config_from_args(GRPOConfig, args), eval_size=args.eval_size,
                          eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size, metric=args.metric,
@@ -150,22 +182,25 @@ def _run_sweep(args: argparse.Namespace) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    import torch
-
     from . import checkpoint
     from .evaluate import evaluate
     from .models import load_model
-    from .sweep import DTYPES
+    from .models.presets import check_model_source
+    from .sweep import DTYPES, resolve_device
     from .tasks import eval_examples, get_task
 
+    device = resolve_device(args.device, what="--device")
+    check_model_source(args.model)
     meta = checkpoint.read_meta(args.checkpoint) if args.checkpoint else {}
     trained = meta.get("config", {})
     if meta.get("base_model") and meta["base_model"] != args.model:
         print(f"note: {args.checkpoint} was trained on {meta['base_model']!r}, evaluating on {args.model!r}", file=sys.stderr)
     seed = args.seed if args.seed is not None else trained.get("seed", GRPOConfig.seed)
-    max_new_tokens = args.max_new_tokens or trained.get("max_completion_length", GRPOConfig.max_completion_length)
+    if args.max_new_tokens is not None:  # not `or`: an explicit value is never replaced by the default
+        max_new_tokens = args.max_new_tokens
+    else:
+        max_new_tokens = trained.get("max_completion_length", GRPOConfig.max_completion_length)
     task = get_task(args.task or meta.get("task", "arithmetic"), args.task_path)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = load_model(args.model, seed=seed, dtype=DTYPES[args.dtype])
     if args.checkpoint:
         checkpoint.load_layer(model, args.checkpoint)
@@ -177,6 +212,29 @@ def _run_eval(args: argparse.Namespace) -> None:
           f"mean reward {result.mean_reward:.4f}, {result.seconds:.1f} s")
 
 
+# What a user's input can cause (a bad value, a missing, existing, wrong-kind or forbidden path, a sweep
+# directory already in use): reported as one error line and exit status 2, never a traceback. Anything
+# else is a bug, and its traceback is what a report needs.
+_USER_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _error_text(error: BaseException) -> str:
+    """An OSError raised by the OS reads "[Errno 17] File exists: 'x'"; say "x: File exists" instead."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
+def _check_merge_target(out: str) -> None:
+    """merge_checkpoint refuses these too, but only after the model is loaded."""
+    from pathlib import Path
+
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"--out {out}: already exists and is not an empty directory; merge writes a new model "
+                         "directory, choose a new path")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -184,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     from . import checkpoint
     from .models import load_model
+    from .models.presets import check_model_source
+    from .sweep import SweepBusyError
 
     try:
         if args.command == "train":
@@ -194,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
 
             config = config_from_args(GRPOConfig, args)
             run = config_from_args(RunSpec, args)
-            model, tokenizer = load_model(args.model, seed=config.seed, dtype=DTYPES[args.dtype])
+            # Everything that needs no model first: a bad setting, model name or task file fails at once.
+            config.validate()
+            run.validate()
+            check_model_source(args.model)
             task = get_task(args.task, args.task_path)
+            model, tokenizer = load_model(args.model, seed=config.seed, dtype=DTYPES[args.dtype])
             trainer = GRPOTrainer(model, tokenizer, task, config, run, base_model=args.model, resume=not args.no_resume)
             records = trainer.train()
             if records:
@@ -205,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"nothing to do: {run.output_dir} already holds step {trainer.step} of {config.max_steps}")
         elif args.command == "merge":
+            _check_merge_target(args.out)
+            check_model_source(args.model)
             # A preset is rebuilt from the seed it was trained with, or the layer lands on other weights.
             trained_seed = checkpoint.read_meta(args.checkpoint).get("config", {}).get("seed", GRPOConfig.seed)
             model, tokenizer = load_model(args.model, seed=trained_seed)
@@ -214,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             _run_sweep(args)
         elif args.command == "eval":
             _run_eval(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"onelayer-fast: error: {error}", file=sys.stderr)
+    except (ValueError, SweepBusyError, *_USER_OS_ERRORS) as error:
+        print(f"onelayer-fast: error: {_error_text(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

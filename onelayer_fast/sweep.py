@@ -5,6 +5,8 @@ evaluated greedily, combined into the paper's per-layer contribution
 
 Layout of a sweep directory DIR:
     sweep.json                 the settings; a rerun with different settings is refused
+    .sweep.lock                flocked while a sweep runs here, holding its pid: a second sweep into DIR
+                               fails at once; the kernel drops the lock when that process dies (even by kill -9)
     runs/<name>/               one GRPOTrainer output_dir per run (`full`, `layer-05`, ...): checkpoints, log.jsonl
     runs/<name>/result.json    the run's evaluated result, written atomically when the run finishes
     results.csv, results.json  the table (one row per layer); contribution.png (needs matplotlib)
@@ -16,15 +18,19 @@ table does not depend on `lanes`. Base is evaluated as loaded; Full (every weigh
 
 Resume: a rerun of the same sweep skips runs that have a result.json and lets the trainer resume a
 half-finished run from its latest checkpoint, so a kill loses at most the steps since that checkpoint.
+A directory holding only the leftovers of a kill during the very first settings write (a temp or a torn
+sweep.json, the lock file) ran nothing yet and starts over.
 """
 from __future__ import annotations
 
 import copy
+import fcntl
 import csv
 import dataclasses
 import gc
 import io
 import json
+import math
 import os
 import random
 import re
@@ -43,6 +49,7 @@ from .lane_trainer import LaneRun, LaneTrainer
 from .lanes import Lane
 from .memory import PeakMemory
 from .models import load_model
+from .models.presets import check_model_source
 from .policy import decoder_of
 from .rollout import encode_prompts
 from .tasks import eval_examples, get_task
@@ -52,6 +59,7 @@ FORMAT_VERSION = 2  # 2: single-layer runs sample with keyed draws (sampling.py)
 METRICS = ("accuracy", "mean_reward")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 SETTINGS_NAME = "sweep.json"
+LOCK_NAME = ".sweep.lock"
 RESULT_NAME = "result.json"
 CSV_COLUMNS = (
     "layer", "base", "full", "single", "contribution",
@@ -118,6 +126,34 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     return sorted(chosen)
 
 
+# ----------------------------------------------------------------------------------------- device
+
+def resolve_device(name: str | None, what: str = "device") -> torch.device:
+    """`name` as a device that exists on this machine (None: cuda when available, else cpu).
+
+    Raises ValueError (naming `what`, e.g. the CLI flag) for a malformed name or a device that is not
+    here, so that a typo fails before a model is loaded rather than at its first `.to(device)`.
+    """
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{what} {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what} {name!r}: CUDA is not available on this machine; use cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{what} {name!r}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        return device
+    if device.type == "mps" and torch.backends.mps.is_available():
+        return device
+    raise ValueError(f"{what} {name!r} is not available here; use cpu, cuda or cuda:N")
+
+
 # ----------------------------------------------------------------------------------------- config
 
 @dataclass
@@ -145,11 +181,19 @@ class SweepConfig:
     memory_budget_mib: float | None = None  # what "auto" lanes may use; None: a share of the free memory
 
     def validate(self) -> None:
+        """Every check that needs no model: a bad setting fails before anything loads or is written."""
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"sweep directory {self.out} exists and is not a directory")
         self.grpo.validate()
+        # The checkpoint cadence every run gets, checked as its RunSpec will be, but before Base is evaluated.
+        RunSpec(output_dir=str(Path(self.out) / "runs" / "full"), mode="full", save_steps=self.save_steps,
+                save_total_limit=self.save_total_limit).validate()
+        check_model_source(self.model)
+        resolve_device(self.device)
         if self.lanes != "auto" and (not isinstance(self.lanes, int) or isinstance(self.lanes, bool) or self.lanes < 1):
             raise ValueError(f"lanes must be an integer >= 1 or 'auto', got {self.lanes!r}")
-        if self.memory_budget_mib is not None and not self.memory_budget_mib > 0:
-            raise ValueError(f"memory_budget_mib must be > 0, got {self.memory_budget_mib}")
+        if self.memory_budget_mib is not None and not (math.isfinite(self.memory_budget_mib) and self.memory_budget_mib > 0):
+            raise ValueError(f"memory_budget_mib must be a finite number > 0, got {self.memory_budget_mib}")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
         if self.dtype not in DTYPES:
@@ -243,6 +287,21 @@ def _write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (a power cut could otherwise undo it); best effort."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -262,17 +321,103 @@ def _diff(stored: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if stored == current else [f"{prefix[:-1]}: {stored!r} -> {current!r}"]
 
 
+class SweepBusyError(RuntimeError):
+    """Another live process is running a sweep in the same directory."""
+
+
+class SweepLock:
+    """An exclusive, non-blocking flock on DIR/.sweep.lock, held while a sweep runs in DIR.
+
+    An flock belongs to the open file, so the kernel releases it when its process dies, even by SIGKILL:
+    a lock file left behind by a killed sweep is free and simply taken over; no pid liveness guesses.
+    The holder writes its pid into the file, for the message the next one gets. The file is never
+    deleted: unlinking a locked file lets two later processes lock two different inodes at once.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> "SweepLock":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise SweepBusyError(f"{self.directory} is in use by another sweep (pid {holder}); wait for it to "
+                                 "finish, or use another --out") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the last descriptor of the open file drops its flock
+
+    def __enter__(self) -> "SweepLock":
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _is_settings_scratch(name: str) -> bool:
+    """The lock file and the temp files of a settings write: what a kill before any run can leave."""
+    return name == LOCK_NAME or name.startswith(f".{SETTINGS_NAME}.tmp-")
+
+
+def _read_settings(path: Path) -> dict[str, Any] | None:
+    """The stored settings; None when the file is torn (not one JSON object)."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
+def _sweep_entries(out: Path) -> list[str]:
+    """What `out` holds besides the scratch files of a settings write."""
+    return sorted(p.name for p in out.iterdir() if not _is_settings_scratch(p.name)) if out.is_dir() else []
+
+
+def _not_a_sweep(out: Path) -> ValueError:
+    return ValueError(f"{out} is not empty and has no {SETTINGS_NAME}: not a sweep directory; use another --out")
+
+
+def _check_not_foreign(out: Path) -> None:
+    """Before the lock file is created in `out`: refuse a directory that is not (yet) a sweep's."""
+    if not (out / SETTINGS_NAME).is_file() and _sweep_entries(out):
+        raise _not_a_sweep(out)
+
+
 def _check_or_write_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Resume only what these settings made; start fresh in an empty directory, or in one that holds only
+    what a kill during the first settings write leaves (nothing has run yet, so nothing is lost)."""
     path = out / SETTINGS_NAME
     settings = json.loads(json.dumps(settings))  # the form it takes on disk (tuples -> lists)
+    others = _sweep_entries(out)
     if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if differences := _diff(stored, settings):
-            raise ValueError(f"{out} holds a sweep made with different settings ({'; '.join(differences)}); "
-                             "rerun with the same settings to resume it, or use another --out")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} is not empty and has no {SETTINGS_NAME}: not a sweep directory; use another --out")
+        stored = _read_settings(path)
+        if stored is not None:
+            if differences := _diff(stored, settings):
+                raise ValueError(f"{out} holds a sweep made with different settings ({'; '.join(differences)}); "
+                                 "rerun with the same settings to resume it, or use another --out")
+            return
+        if others != [SETTINGS_NAME]:  # runs were made under settings nobody can read back now
+            raise ValueError(f"{path} is damaged (not a JSON object), and {out} holds runs it describes; "
+                             "use another --out, or remove the directory to start over")
+    elif others:
+        raise _not_a_sweep(out)
+    for stale in out.glob(f".{SETTINGS_NAME}.tmp-*"):  # a killed writer's; the lock says none is writing now
+        stale.unlink(missing_ok=True)
     _write_json(path, settings)
 
 
@@ -311,22 +456,25 @@ class LanePlan:
         return text + (f" of a {self.budget_mib:.0f} MiB budget" if self.budget_mib is not None else "")
 
 
-def lane_memory_mib(model, grpo: GRPOConfig, prompt_tokens: int) -> float:
+def lane_memory_mib(model, grpo: GRPOConfig, prompt_tokens: int, shared_prompt: bool = False) -> float:
     """An upper estimate of what one more lane costs: its layer copy with gradient and two AdamW moments;
-    over its rows (per_device_train_batch_size x (prompt + max_completion_length) tokens) the activations
-    a backward through every layer keeps (the deepest-reaching lane, layer 0) and the generation KV cache;
-    the float64 sampling buffers of its rows over the vocabulary. No reference copy: a lane's reference
-    is the shared original layer."""
+    over its tokens (per_device_train_batch_size rows of prompt + max_completion_length, each prompt once
+    per group when `shared_prompt`) the activations a backward through every layer keeps (the
+    deepest-reaching lane, layer 0); the generation KV cache of every row; the float64 sampling buffers of
+    its rows over the vocabulary. No reference copy: a lane's reference is the shared original layer."""
     config = model.config
     decoder = decoder_of(model)
     size = next(model.parameters()).element_size()
     layer_params = sum(p.numel() for p in decoder.layers[0].parameters())
     layers, hidden = len(decoder.layers), config.hidden_size
-    tokens = grpo.per_device_train_batch_size * (prompt_tokens + grpo.max_completion_length)
+    rows = grpo.per_device_train_batch_size
+    # The shared-prompt layout runs each prompt once per group of num_generations rows.
+    prompt_rows = rows // grpo.num_generations if shared_prompt else rows
+    tokens = prompt_rows * prompt_tokens + rows * grpo.max_completion_length
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     activations = tokens * layers * (8 * hidden + 4 * config.intermediate_size) * size
-    kv_cache = tokens * layers * 2 * heads * head_dim * size
+    kv_cache = rows * (prompt_tokens + grpo.max_completion_length) * layers * 2 * heads * head_dim * size
     sampling = grpo.per_device_train_batch_size * config.vocab_size * 8 * 3
     return (4 * layer_params * size + activations + kv_cache + sampling) / 2**20
 
@@ -376,7 +524,7 @@ class _Sweep:
         self.config = config
         self.grpo = config.grpo
         self.out = Path(config.out)
-        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(config.device)
         self.task = get_task(config.task, config.task_path)
         self.max_new_tokens = config.eval_max_new_tokens or self.grpo.max_completion_length
         self._pristine = None  # (model on CPU, tokenizer): see fresh_model
@@ -461,8 +609,17 @@ def _release(device: torch.device) -> None:
 
 
 def run_sweep(config: SweepConfig) -> SweepResult:
-    """Run (or resume) the sweep in config.out; write results.csv, results.json and contribution.png."""
-    sweep = _Sweep(config)
+    """Run (or resume) the sweep in config.out; write results.csv, results.json and contribution.png.
+
+    Holds the directory's SweepLock throughout: a second sweep into the same directory raises
+    SweepBusyError at once instead of racing this one over the same runs and tables."""
+    sweep = _Sweep(config)  # validates the settings and reads the task first: a bad one fails before any work
+    _check_not_foreign(sweep.out)  # checked again under the lock; this spares a foreign directory the lock file
+    with SweepLock(sweep.out):
+        return _run_locked(sweep, config)
+
+
+def _run_locked(sweep: _Sweep, config: SweepConfig) -> SweepResult:
     model, tokenizer = sweep.fresh_model()
     num_layers = len(decoder_of(model).layers)
     layers = parse_layers(config.layers, num_layers)
@@ -488,7 +645,10 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         sample = sweep.task.sample(random.Random(config.grpo.seed), 16)
         prompt_tokens = encode_prompts(tokenizer, [e.prompt for e in sample], torch.device("cpu"))[0].shape[1]
         budget = config.memory_budget_mib or _free_memory_mib(sweep.device)
-        plan = plan_lanes(config.lanes, len(singles), lane_memory_mib(model, config.grpo, prompt_tokens), budget)
+        # what layout.resolve_layout picks for "auto" on prompt groups: shared_prompt on CPU
+        shared = config.grpo.layout == "shared_prompt" or (config.grpo.layout == "auto" and sweep.device.type == "cpu")
+        per_lane = lane_memory_mib(model, config.grpo, prompt_tokens, shared_prompt=shared)
+        plan = plan_lanes(config.lanes, len(singles), per_lane, budget)
         print(plan.describe(len(singles)))
         waves = [singles[i:i + plan.lanes] for i in range(0, len(singles), plan.lanes)]
         pending = [run for run in pending if run.mode != "single"]

@@ -83,3 +83,19 @@ def test_bool_fields_become_on_off_flags():
     assert config_from_args(Knobs, parser.parse_args([])) == Knobs()
     assert config_from_args(Knobs, parser.parse_args(["--mask-truncated", "--scale", "2"])) == Knobs(True, 2.0)
     assert config_from_args(Knobs, parser.parse_args(["--no-mask-truncated"])) == Knobs(False)
+
+
+def test_eval_keeps_an_explicit_max_new_tokens(monkeypatch):
+    """`--max-new-tokens N` reaches the evaluation as given (it used to pass through an `or`)."""
+    import importlib
+
+    evaluate_module = importlib.import_module("onelayer_fast.evaluate")  # the package re-exports the function
+    seen = {}
+
+    def spy(model, tokenizer, task, examples, batch_size, max_new_tokens, **kwargs):
+        seen["max_new_tokens"] = max_new_tokens
+        return evaluate_module.EvalResult(accuracy=0.0, mean_reward=0.0, n=len(examples), seconds=0.0)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", spy)
+    assert main(["eval", "--model", "tiny", "--eval-size", "2", "--max-new-tokens", "1", "--device", "cpu"]) == 0
+    assert seen == {"max_new_tokens": 1}

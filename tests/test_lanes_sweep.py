@@ -71,6 +71,25 @@ def test_plan_lanes():
     assert (plan_lanes(1, 5, 1.0, None).lanes, plan_lanes(1, 5, 1.0, None).waves) == (1, 5)
 
 
+
+def test_lane_memory_counts_each_prompt_once_per_group_in_the_shared_prompt_layout():
+    """The shared-prompt layout runs a group's prompt once: the estimate drops by the prompt activations of
+    (group - 1) rows of every group, exactly, while the KV cache (every row holds the prompt) stays."""
+    from onelayer_fast.models import load_model
+    from onelayer_fast.policy import decoder_of
+    from onelayer_fast.sweep import lane_memory_mib
+
+    model, _ = load_model("tiny", seed=0)
+    config = model.config
+    grpo = GRPOConfig(per_device_train_batch_size=12, num_generations=4, max_completion_length=7)
+    padded = lane_memory_mib(model, grpo, prompt_tokens=11)
+    shared = lane_memory_mib(model, grpo, prompt_tokens=11, shared_prompt=True)
+    layers = len(decoder_of(model).layers)
+    per_token = layers * (8 * config.hidden_size + 4 * config.intermediate_size) * 4 / 2**20
+    assert padded - shared == pytest.approx((12 - 3) * 11 * per_token, rel=1e-12)
+    one_per_group = GRPOConfig(per_device_train_batch_size=12, num_generations=1, max_completion_length=7)
+    assert lane_memory_mib(model, one_per_group, 11, shared_prompt=True) == lane_memory_mib(model, one_per_group, 11)
+
 @pytest.mark.parametrize("lanes", [0, -1, "many", 2.5, True])
 def test_bad_lanes_setting(tmp_path, lanes):
     with pytest.raises(ValueError, match="lanes must be"):

@@ -294,3 +294,10 @@ def test_contribution_is_never_negative_zero():
 
     value = contribution(0.5, 0.5, 0.25)  # single == base while full fell below base
     assert value == 0.0 and math.copysign(1.0, value) == 1.0
+
+
+def test_the_directory_lock_is_free_after_a_sweep(cli_sweep):
+    import os
+
+    with sweep_module.SweepLock(cli_sweep):  # raises SweepBusyError if a finished sweep still held it
+        assert (cli_sweep / sweep_module.LOCK_NAME).read_text().strip() == str(os.getpid())

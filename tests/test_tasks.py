@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from onelayer_fast.tasks import Example, eval_examples, get_task, split_of
+from onelayer_fast.tasks import eval_examples, get_task, split_of
 from onelayer_fast.tasks.arithmetic import ArithmeticTask
 from onelayer_fast.tasks.code import strip_code_fences
 from onelayer_fast.tasks.math_jsonl import answers_match, extract_answer, parse_number
@@ -63,6 +63,57 @@ def test_small_file_still_gets_both_splits(tmp_path):
     eval_questions = {e.meta["question"] for e in task.splits["eval"]}
     assert train_questions and eval_questions and train_questions.isdisjoint(eval_questions)
     assert sum(len(pool) for pool in task.splits.values()) == 4
+
+
+def train_prompts(n: int) -> list[str]:
+    """n prompts that the stable hash puts in the train split."""
+    return [p for p in (f"{i}*3=" for i in range(100)) if split_of(p) == "train"][:n]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl-math"])
+def test_duplicates_never_cross_splits(kind, tmp_path):
+    # Every prompt hashes to train, so the eval split must borrow one: all copies of the last move together.
+    first, last = train_prompts(2)
+    key = "prompt" if kind == "jsonl" else "question"
+    rows = [{key: first, "answer": "1"}, {key: last, "answer": "2"}, {key: last, "answer": "2"}]
+    task = get_task(kind, str(write_jsonl(tmp_path / "t.jsonl", rows)))
+    train, held_out = ([e.prompt for e in task.splits[s]] for s in ("train", "eval"))
+    assert set(train).isdisjoint(held_out) and len(train) + len(held_out) == 3
+    assert sorted(len(pool) for pool in (train, held_out)) == [1, 2]
+
+
+def test_jsonl_task_file_errors(tmp_path):
+    good = {"prompt": "1*3=", "answer": "3"}
+    with pytest.raises(ValueError, match=r"l\.jsonl:2: expected a JSON object, got list"):
+        get_task("jsonl", str(write_jsonl(tmp_path / "l.jsonl", [good, "[1, 2]"])))
+    with pytest.raises(ValueError, match=r"n\.jsonl:2: expected a JSON object, got int"):
+        get_task("jsonl-math", str(write_jsonl(tmp_path / "n.jsonl", [math_rows(1)[0], "7"])))
+    with pytest.raises(ValueError, match=r"single distinct prompt"):
+        get_task("jsonl", str(write_jsonl(tmp_path / "d.jsonl", [good, good])))
+    (tmp_path / "b.jsonl").write_bytes(json.dumps(good).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"b\.jsonl:2: not UTF-8"):
+        get_task("jsonl", str(tmp_path / "b.jsonl"))
+    with pytest.raises(ValueError, match="is a directory"):
+        get_task("code", str(tmp_path))
+    # A byte-order mark and CRLF line ends are fine (in the files read by the shared reader).
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(json.dumps(r).encode() for r in math_rows(2)))
+    assert len(get_task("jsonl-math", str(tmp_path / "bom.jsonl")).examples) == 2
+
+
+def test_line_length_bound(tmp_path):
+    from onelayer_fast.tasks import iter_jsonl_lines
+
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(b"1234\n\n12345\n123456\n")
+    lines = iter_jsonl_lines(path, max_line_bytes=5)
+    assert [next(lines), next(lines)] == [(1, "1234\n"), (3, "12345\n")]  # blank lines skipped, numbers kept
+    with pytest.raises(ValueError, match=r"t\.jsonl:4: line longer than 5 bytes"):
+        next(lines)
+    path.write_bytes(b"12345\n123456")  # the last line without its newline counts the same
+    with pytest.raises(ValueError, match=r"t\.jsonl:2: line longer than 5 bytes"):
+        list(iter_jsonl_lines(path, max_line_bytes=5))
+    path.write_bytes(b"12345\n12345")
+    assert [number for number, _ in iter_jsonl_lines(path, max_line_bytes=5)] == [1, 2]
 
 
 def test_eval_examples(math_task):
@@ -172,6 +223,16 @@ def test_unknown_task_lists_all():
 
 
 # ------------------------------------------------------------------------------------------ code
+
+@pytest.fixture(autouse=True)
+def _code_task_runs_without_isolation_too(monkeypatch):
+    """These tests check the code task's rewards, not its isolation (tests/test_sandbox_escapes.py does): on a
+    machine that cannot create namespaces they opt in to the unsafe sandbox instead of failing."""
+    from onelayer_fast.sandbox import UNSAFE_ENV, backend
+
+    if backend() == "none":
+        monkeypatch.setenv(UNSAFE_ENV, "1")
+
 
 @pytest.fixture
 def code_task(tmp_path):

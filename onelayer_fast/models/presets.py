@@ -6,6 +6,7 @@ trained preset is served from files: `toy-arith` from the weights shipped inside
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,6 +118,33 @@ def default_attn_implementation() -> str:
     return "sdpa"
 
 
+def check_model_source(name_or_path: str) -> None:
+    """Raise a clear error, before anything is loaded, when `name_or_path` is neither a preset nor a local
+    Hugging Face directory whose config.json is a JSON object naming its model_type."""
+    if name_or_path in PRESETS or name_or_path in TRAINED_PRESETS:
+        if name_or_path == "toy-arith":
+            _trained_preset_path(name_or_path)  # its shipped files are present
+        return
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a preset ({', '.join(sorted({*PRESETS, *TRAINED_PRESETS}))}) nor a local "
+            f"model directory" + (" (it is a file)" if path.exists() else ""))
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+    # transformers would fail on these deep inside from_pretrained, with a message that may not name the file.
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise ValueError(f"{config_path} has no 'model_type' (e.g. \"qwen2\", \"llama\"): "
+                         "not a Hugging Face model config")
+
+
 def load_model(name_or_path: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A preset name, or a local HF model directory -> (model, tokenizer).
 
@@ -127,20 +155,21 @@ def load_model(name_or_path: str, seed: int = 0, dtype: torch.dtype = torch.floa
         name_or_path = str(_trained_preset_path(name_or_path))
     elif name_or_path in PRESETS:
         return build_preset(name_or_path, seed=seed, dtype=dtype)
+    check_model_source(name_or_path)
     path = Path(name_or_path)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{name_or_path!r} is neither a preset ({', '.join(sorted({*PRESETS, *TRAINED_PRESETS}))}) nor a local model directory"
-        )
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=default_attn_implementation()).eval()
-    if (path / "char_tokenizer.json").exists():
-        tokenizer = CharTokenizer.from_pretrained(path)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+    # A directory that passed the checks above can still hold an unknown model type or lack its weights or
+    # tokenizer: transformers says which, but not always where; the error names the directory.
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                     attn_implementation=default_attn_implementation()).eval()
+        if (path / "char_tokenizer.json").exists():
+            tokenizer = CharTokenizer.from_pretrained(path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load the model in {path}: {error}") from error
     return model, tokenizer

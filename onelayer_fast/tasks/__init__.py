@@ -20,8 +20,10 @@ from .base import (
     Task,
     check_split,
     eval_examples,
+    iter_jsonl_lines,
     parse_jsonl_object,
     read_jsonl_examples,
+    split_by_key,
     split_of,
 )
 
@@ -33,19 +35,42 @@ __all__ = [
     "check_split",
     "eval_examples",
     "get_task",
+    "iter_jsonl_lines",
     "parse_jsonl_object",
     "read_jsonl_examples",
+    "split_by_key",
     "split_of",
 ]
+
+
+def _prompt_answer_line(path, number: int, line: str) -> Example:
+    """A `jsonl` task line as JsonlTask reads it ('prompt', else 'question', and 'answer'), checked."""
+    row = parse_jsonl_object(path, number, line, ("answer",))
+    prompt = row.get("prompt", row.get("question"))
+    if prompt is None:
+        raise ValueError(f"{path}:{number}: each line needs 'prompt' (or 'question') and 'answer'")
+    return Example(prompt=str(prompt), answer=str(row["answer"]).strip())
+
+
+def _jsonl_task(path: str) -> Task:
+    """JsonlTask with the checks every file task gets. JsonlTask reads its file whole and takes any JSON
+    value as a row, and for a small file moves one example into eval even when a duplicate of its prompt
+    stays in train; so the file is read once through the shared bounded, object-only reader first (errors
+    name file:line), and the splits are redone by prompt so that duplicates never cross them."""
+    from .jsonl import JsonlTask
+
+    read_jsonl_examples(path, _prompt_answer_line)
+    task = JsonlTask(path)
+    task.splits = split_by_key(task.examples, lambda e: e.prompt, what="prompt", source=f"task file {path}")
+    return task
 
 
 def get_task(name: str, path: str | None = None) -> Task:
     from .arithmetic import ArithmeticTask
     from .code import CodeTask
-    from .jsonl import JsonlTask
     from .math_jsonl import MathJsonlTask
 
-    file_tasks = {"jsonl": JsonlTask, "jsonl-math": MathJsonlTask, "code": CodeTask}
+    file_tasks = {"jsonl": _jsonl_task, "jsonl-math": MathJsonlTask, "code": CodeTask}
     if name == "arithmetic":
         return ArithmeticTask()
     if name == "agent":

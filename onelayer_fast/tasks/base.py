@@ -4,9 +4,11 @@ the JSONL readers. Task modules import these from here; the package re-exports t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
 
 SPLITS = ("train", "eval")
 
@@ -54,22 +56,77 @@ def eval_examples(task: Task, n: int, seed: int = 0) -> list[Example]:
     return list(seen.values())[:n]
 
 
+# A JSONL line longer than this is refused: no task prompt is megabytes long, and reading one whole would
+# make a corrupt or wrong file (a binary, one giant line) cost memory and minutes before failing anyway.
+MAX_LINE_BYTES = 1 << 20
+
+
+def _check_task_file(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"task file {path} is a directory, not a JSONL file")
+    if not path.is_file():
+        raise FileNotFoundError(f"task file {path} does not exist")
+
+
+def iter_jsonl_lines(path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line of a UTF-8 JSONL file; errors name file:line.
+
+    Lines end at "\n" only (as JSON Lines says), and a line over `max_line_bytes` is refused after
+    reading at most that much of it.
+    """
+    path = Path(path)
+    _check_task_file(path)
+    with path.open("rb") as file:
+        for number in itertools.count(1):
+            chunk = file.readline(max_line_bytes + 1)
+            if not chunk:
+                return
+            if len(chunk) > max_line_bytes and not chunk.endswith(b"\n"):
+                raise ValueError(f"{path}:{number}: line longer than {max_line_bytes} bytes; "
+                                 "each line must be one JSON object (is this a JSONL file?)")
+            try:
+                text = chunk.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (bad byte at offset {error.start})") from None
+            if number == 1:
+                text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
+            if text.strip():
+                yield number, text
+
+
 def read_jsonl_examples(path, parse_line: Callable[[object, int, str], Example], what: str = "example") -> list[Example]:
     """Examples from a local JSONL file, one `parse_line(path, line_number, line)` per non-empty line.
 
     Needs at least 2, so that both the train and the eval split get one.
     """
-    from pathlib import Path
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"task file {path} does not exist")
-    with path.open(encoding="utf-8") as file:
-        examples = [parse_line(path, number, line) for number, line in enumerate(file, start=1) if line.strip()]
+    examples = [parse_line(path, number, line) for number, line in iter_jsonl_lines(path)]
     if len(examples) < 2:
         raise ValueError(f"task file {path} holds {len(examples)} {what}(s); it needs at least 2 so that "
                          f"both the train and the eval split get one")
     return examples
+
+
+def split_by_key(examples: list[Example], key: Callable[[Example], str], what: str = "prompt",
+                 source: object = "task file") -> dict[str, list[Example]]:
+    """Train/eval split by the stable hash of `key(example)`, so equal keys (duplicates) share a split.
+
+    A small file may leave one split empty: then the other split's last key moves over with all its
+    duplicates, so the splits still never share a key. Fewer than 2 distinct keys is an error naming
+    `source` (one key cannot be in both splits).
+    """
+    splits: dict[str, list[Example]] = {split: [] for split in SPLITS}
+    for example in examples:
+        splits[split_of(key(example))].append(example)
+    for empty, full in (("eval", "train"), ("train", "eval")):
+        if not splits[empty] and splits[full]:
+            moved = key(splits[full][-1])
+            splits[empty] = [e for e in splits[full] if key(e) == moved]
+            splits[full] = [e for e in splits[full] if key(e) != moved]
+    if not splits["train"] or not splits["eval"]:
+        raise ValueError(f"{source} has a single distinct {what}; it needs at least 2 for both train and eval "
+                         "(equal ones always share a split)")
+    return splits
 
 
 def parse_jsonl_object(path, number: int, line: str, required: tuple[str, ...]) -> dict:

@@ -20,7 +20,7 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
-from .base import SPLITS, Example, check_split, parse_jsonl_object, read_jsonl_examples, split_of
+from .base import Example, check_split, parse_jsonl_object, read_jsonl_examples, split_by_key
 
 # A number as written in text: optional sign, digits with optional thousands commas, optional
 # decimals, optionally a fraction "a/b". Thousands groups are tried first so "1,234" is one number.
@@ -119,7 +119,9 @@ class MathJsonlTask:
             raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
         self.path, self.prompt_template, self.rel_tol = Path(path), prompt_template, rel_tol
         self.examples: list[Example] = read_jsonl_examples(path, self._parse_line)
-        self.splits = self._split(self.examples)
+        # By question (the prompt is the template around it): a question asked twice is in one split only.
+        self.splits = split_by_key(self.examples, lambda e: e.meta["question"], what="question",
+                                   source=f"task file {self.path}")
         self.reward_funcs = [self.answer_reward]
         self.reward_weights = [1.0]
 
@@ -140,24 +142,6 @@ class MathJsonlTask:
             answer=gold,
             meta={"question": question, "solution": solution, "line": number},
         )
-
-    @staticmethod
-    def _split(examples: list[Example]) -> dict[str, list[Example]]:
-        """Split by the question's stable hash; if one split comes out empty (small files), move the last
-        question of the other split over, with all its duplicates, so the splits still never overlap."""
-        splits: dict[str, list[Example]] = {split: [] for split in SPLITS}
-        for example in examples:
-            splits[split_of(example.meta["question"])].append(example)
-        for empty, full in (("eval", "train"), ("train", "eval")):
-            if not splits[empty]:
-                moved = splits[full][-1].meta["question"]
-                splits[empty] = [e for e in splits[full] if e.meta["question"] == moved]
-                splits[full] = [e for e in splits[full] if e.meta["question"] != moved]
-        if not splits["train"] or not splits["eval"]:
-            raise ValueError(
-                "task file has a single distinct question; it needs at least 2 for both train and eval"
-            )
-        return splits
 
     def answer_reward(self, completion: str, example: Example) -> float:
         return 1.0 if answers_match(extract_answer(completion), example.answer, self.rel_tol) else 0.0
