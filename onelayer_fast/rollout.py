@@ -113,21 +113,40 @@ def sample_completions(
 # ------------------------------------------------------------------------------------------------ lanes
 class _KeyValues:
     """The keys and values one decoder layer has seen for one block of rows: what its attention appends to
-    (the one cache method the decoder layers call is `update`)."""
+    (the one cache method the decoder layers call is `update`).
 
-    def __init__(self) -> None:
-        self.keys: Tensor | None = None
+    They live in a buffer with room for `capacity` positions, so that a decode step writes its one new
+    position in place instead of concatenating (which copies the whole cache at every step: quadratic in
+    the completion length); attention reads a view of the filled part.
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self.keys: Tensor | None = None  # (rows, heads, room, head_dim) buffers
         self.values: Tensor | None = None
 
+    def _grow(self, keys: Tensor, values: Tensor, room: int) -> None:
+        """New buffers like `keys` / `values` with `room` positions, holding what is filled so far."""
+        old_keys, old_values = self.keys, self.values
+        self.keys = keys.new_empty(*keys.shape[:-2], room, keys.shape[-1])
+        self.values = values.new_empty(*values.shape[:-2], room, values.shape[-1])
+        if old_keys is not None:
+            self.keys[..., :self.length, :] = old_keys[..., :self.length, :]
+            self.values[..., :self.length, :] = old_values[..., :self.length, :]
+
     def update(self, keys: Tensor, values: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if self.keys is None:
-            self.keys, self.values = keys, values
-        else:
-            self.keys = torch.cat([self.keys, keys], dim=-2)
-            self.values = torch.cat([self.values, values], dim=-2)
-        return self.keys, self.values
+        end = self.length + keys.shape[-2]
+        room = 0 if self.keys is None else self.keys.shape[-2]
+        if end > room:
+            self._grow(keys, values, max(end, self.capacity, 2 * room))
+        self.keys[..., self.length:end, :] = keys
+        self.values[..., self.length:end, :] = values
+        self.length = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
 
     def repeat_rows(self, times: int) -> None:
+        # the whole buffer, room included: one copy, and the repeated rows keep room to decode into
         self.keys = self.keys.repeat_interleave(times, dim=0)
         self.values = self.values.repeat_interleave(times, dim=0)
 
@@ -136,8 +155,9 @@ class _LaneDecoder:
     """The forward of a LanePolicy's model with a KV cache per (layer, block of rows): at layer j the rows of
     the lanes that train j run through their own copies, every other row through the shared layer j."""
 
-    def __init__(self, policy, rows_per_lane: int):
+    def __init__(self, policy, rows_per_lane: int, positions: int = 0):
         self.policy = policy
+        self.positions = positions  # the KV caches' room: prompt width + new tokens
         self.rows_per_lane = rows_per_lane
         decoder = policy.decoder
         self.cache_name = cache_argument(policy.model)  # the layers take the cache under the model's name for it
@@ -192,7 +212,9 @@ class _LaneDecoder:
         return policy.decoder.norm(hidden[:, -1])
 
     def _call(self, module, j: int, block, hidden: Tensor, mask: Tensor, cos: Tensor, sin: Tensor, positions: Tensor) -> Tensor:
-        kv = self.caches[j].setdefault(block, _KeyValues())
+        kv = self.caches[j].get(block)
+        if kv is None:
+            kv = self.caches[j][block] = _KeyValues(self.positions)
         out = module(hidden, attention_mask=mask, position_ids=positions, position_embeddings=(cos, sin),
                      use_cache=True, **{self.cache_name: kv})
         return out[0] if isinstance(out, tuple) else out
@@ -229,7 +251,7 @@ def generate_lanes(policy, prompt_ids: Tensor, prompt_mask: Tensor, max_new_toke
     device = prompt_ids.device
     shared = group_size > 1 and rows % group_size == 0 and grouped_prompts(prompt_ids, prompt_mask, group_size)
     repeat = group_size if shared else 1
-    decoder = _LaneDecoder(policy, rows // repeat)
+    decoder = _LaneDecoder(policy, rows // repeat, prompt_ids.shape[1] + max_new_tokens)
     # prefill: each real prompt token sees the real tokens up to it; a padding query sees itself only, so no
     # attention row is empty (its output is never read)
     ids, mask = prompt_ids[::repeat], prompt_mask[::repeat].bool()

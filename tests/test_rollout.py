@@ -77,3 +77,25 @@ def test_shared_prefill_applies_only_to_prompt_groups(tiny_model):
     # and sample_completions still works on all of these (plain prefill)
     out, out_mask = sample_completions(model, mixed, mask, 3, EOS, PAD, group_size=GROUP_SIZE)
     assert out.shape == out_mask.shape == (mixed.shape[0], 3)
+
+
+@pytest.mark.parametrize("capacity", [0, 3, 64])
+def test_lane_kv_cache_buffer_equals_concatenation(capacity):
+    """The lane decoder's preallocated KV buffer returns what concatenating every update gives, whether it
+    has room from the start (capacity 64), must grow once (3) or grows at every step (0); repeat_rows
+    repeats each row in place."""
+    from onelayer_fast.rollout import _KeyValues
+
+    torch.manual_seed(3)
+    cache, keys, values = _KeyValues(capacity), [], []
+    for width in (5, 1, 1, 2, 1):
+        k, v = torch.randn(3, 2, width, 4), torch.randn(3, 2, width, 4)
+        keys.append(k)
+        values.append(v)
+        got_k, got_v = cache.update(k, v, 0)
+        assert torch.equal(got_k, torch.cat(keys, dim=-2)) and torch.equal(got_v, torch.cat(values, dim=-2))
+    cache.repeat_rows(2)
+    k, v = torch.randn(6, 2, 1, 4), torch.randn(6, 2, 1, 4)
+    got_k, got_v = cache.update(k, v, 0)
+    assert torch.equal(got_k, torch.cat([torch.cat(keys, dim=-2).repeat_interleave(2, dim=0), k], dim=-2))
+    assert torch.equal(got_v, torch.cat([torch.cat(values, dim=-2).repeat_interleave(2, dim=0), v], dim=-2))
