@@ -145,6 +145,11 @@ class _KeyValues:
         self.length = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
+    def keep_rows(self, index: Tensor) -> None:
+        """Only the rows `index` (those still decoding) from now on."""
+        self.keys = self.keys.index_select(0, index)
+        self.values = self.values.index_select(0, index)
+
     def repeat_rows(self, times: int) -> None:
         # the whole buffer, room included: one copy, and the repeated rows keep room to decode into
         self.keys = self.keys.repeat_interleave(times, dim=0)
@@ -158,7 +163,8 @@ class _LaneDecoder:
     def __init__(self, policy, rows_per_lane: int, positions: int = 0):
         self.policy = policy
         self.positions = positions  # the KV caches' room: prompt width + new tokens
-        self.rows_per_lane = rows_per_lane
+        # lane k's rows are starts[k]:starts[k+1]; lanes lose rows as they finish (keep_rows)
+        self.starts = [k * rows_per_lane for k in range(policy.num_lanes + 1)]
         decoder = policy.decoder
         self.cache_name = cache_argument(policy.model)  # the layers take the cache under the model's name for it
         self.impl = getattr(policy.model.config, "_attn_implementation", None) or "eager"
@@ -170,10 +176,28 @@ class _LaneDecoder:
 
     def repeat_rows(self, times: int) -> None:
         """Every cached block repeated row by row (a group's prompt prefill shared by its rows)."""
-        self.rows_per_lane *= times
+        self.starts = [start * times for start in self.starts]
         for per_layer in self.caches:
             for kv in per_layer.values():
                 kv.repeat_rows(times)
+
+    def keep_rows(self, keep: Tensor) -> None:
+        """Drop the rows where `keep` (over the current rows) is False from every cached block, so that rows
+        which finished stop costing compute; each block keeps its own rows' share of `keep`."""
+        starts = self.starts
+        for j, per_layer in enumerate(self.caches):
+            own = self.policy.lanes_at(j)
+            a, b = starts[own.start], starts[own.stop]
+            for block, kv in per_layer.items():
+                if block == "shared":
+                    kept = torch.cat([keep[:a], keep[b:]]) if own else keep
+                else:
+                    kept = keep[starts[block]:starts[block + 1]]
+                kv.keep_rows(kept.nonzero().squeeze(1))
+        counts = [int(keep[starts[k]:starts[k + 1]].sum()) for k in range(len(starts) - 1)]
+        self.starts = [0]
+        for count in counts:
+            self.starts.append(self.starts[-1] + count)
 
     def _masks(self, allowed: Tensor, key_positions: Tensor, query_positions: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
         masks = {}
@@ -189,7 +213,7 @@ class _LaneDecoder:
     def forward(self, ids: Tensor, allowed: Tensor, positions: Tensor, key_positions: Tensor) -> Tensor:
         """ids (R, q) new tokens; allowed (R, 1, q, keys) which keys each may see; positions (R, q) theirs and
         key_positions (R, keys) all keys'. Returns the normed hidden state of each row's last new token."""
-        policy, rows = self.policy, self.rows_per_lane
+        policy, starts = self.policy, self.starts
         hidden = policy.decoder.embed_tokens(ids)
         cos, sin = policy.decoder.rotary_emb(hidden, positions)
         masks = self._masks(allowed, key_positions, positions, hidden.dtype)
@@ -201,9 +225,10 @@ class _LaneDecoder:
                 hidden = self._call(layer, j, "shared", *inputs)
                 continue
             # The lanes training j hold rows a:b; every other row runs through the shared layer j in one call.
-            a, b = own.start * rows, own.stop * rows
+            a, b = starts[own.start], starts[own.stop]
             spans = [s for s in (slice(0, a), slice(b, hidden.shape[0])) if s.start < s.stop]
-            parts = [self._call(policy.lane_layers[k], j, k, *(x[k * rows:(k + 1) * rows] for x in inputs)) for k in own]
+            parts = [self._call(policy.lane_layers[k], j, k, *(x[starts[k]:starts[k + 1]] for x in inputs))
+                     for k in own if starts[k] < starts[k + 1]]  # a lane whose rows all finished is skipped
             if spans:
                 take = (lambda x: x[spans[0]]) if len(spans) == 1 else (lambda x: torch.cat([x[s] for s in spans]))
                 shared = self._call(layer, j, "shared", *(take(x) for x in inputs))
@@ -239,8 +264,11 @@ def generate_lanes(policy, prompt_ids: Tensor, prompt_mask: Tensor, max_new_toke
 
     Each token is drawn by inverse-CDF sampling from keyed_uniform(lane seed, step, group, row in group,
     position), so a lane gets the tokens it would get alone, wherever its rows sit. Groups of `group_size`
-    rows with one prompt prefill it once (the KV cache is then repeated to the group's rows).
+    rows with one prompt prefill it once (the KV cache is then repeated to the group's rows). A row that
+    samples EOS leaves the batch (and the KV caches) at once, so decoding costs what the unfinished rows need.
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     rows_total = prompt_ids.shape[0]
     lanes = policy.num_lanes
     if rows_total % lanes != 0:
@@ -265,29 +293,34 @@ def generate_lanes(policy, prompt_ids: Tensor, prompt_mask: Tensor, max_new_toke
         state = state.repeat_interleave(repeat, dim=0)
         mask, positions = prompt_mask.bool(), position_ids_from_mask(prompt_mask)
     weight = policy.lm_head_weight
+    alive = torch.arange(rows_total, device=device)  # the rows still decoding, by their index in the batch
     if keys is not None:
-        row = torch.arange(rows_total, device=device)
         seed = torch.tensor(keys.seeds, device=device).repeat_interleave(rows)
-        group, in_group = (row % rows) // group_size, row % group_size
+        group, in_group = (alive % rows) // group_size, alive % group_size
     next_position = mask.long().sum(-1)
-    tokens: list[Tensor] = []
-    finished = torch.zeros(rows_total, dtype=torch.bool, device=device)
+    completion_ids = torch.full((rows_total, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         logits = state @ weight.T
         if keys is None:
             token = greedy_tokens(logits)
         else:
             token = sample_tokens(logits, keyed_uniform(seed, keys.step, group, in_group, t), temperature, top_p)
-        token = token.masked_fill(finished, pad_token_id)
-        tokens.append(token)
-        finished |= token == eos_token_id
-        if bool(finished.all()) or t == max_new_tokens - 1:
+        completion_ids[alive, t] = token
+        done = token == eos_token_id
+        if bool(done.all()) or t == max_new_tokens - 1:
             break
+        if bool(done.any()):  # finished rows leave the batch: no lane pays for another's long completions
+            keep = ~done
+            decoder.keep_rows(keep)
+            alive, token, state, mask, positions, next_position = (
+                x[keep] for x in (alive, token, state, mask, positions, next_position))
+            if keys is not None:
+                seed, group, in_group = seed[keep], group[keep], in_group[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         query = next_position[:, None]
         positions = torch.cat([positions, query], dim=1)
         next_position = next_position + 1
         state = decoder.forward(token[:, None], mask[:, None, None, :], query, positions)
-    completion_ids = torch.stack(tokens, dim=1)
+    completion_ids = completion_ids[:, :t + 1]
     completion_mask = completion_mask_after_eos(completion_ids, eos_token_id)
     return completion_ids.masked_fill(completion_mask == 0, pad_token_id), completion_mask

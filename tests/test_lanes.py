@@ -223,6 +223,35 @@ def test_generation_in_lanes_equals_alone(arch, sampled, tiny_model):
     assert len(distinct) == policy.num_lanes  # the lanes really generate different tokens
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_generation_in_lanes_equals_alone_when_rows_finish_early(sampled, tiny_model):
+    """Rows that sample EOS leave the lane batch (and its KV caches) at once: with an EOS that is frequent,
+    rows and whole lanes finish at different steps, and every lane still gets exactly its tokens alone."""
+    model = tiny_model("qwen2").double()
+    layers = model.config.num_hidden_layers
+    policy = perturbed_lanes(model, [Lane(1), Lane(0), Lane(layers - 1), Lane(1, learning_rate=1e-3)])
+    group_size, groups, new_tokens = 3, 2, 9
+    ids, mask = lane_prompts(model.config.vocab_size, policy.num_lanes, groups, group_size,
+                             torch.Generator().manual_seed(12))
+    seeds = (5, 6, 7, 8)
+    keys = (lambda s: olf_rollout.DrawKeys(s, step=2)) if sampled else (lambda s: None)
+    kwargs = dict(max_new_tokens=new_tokens, pad_token_id=0, temperature=1.5, group_size=group_size)
+    # EOS: the token the lanes emit most when nothing stops them, so that many rows stop early
+    free, _ = olf_rollout.generate_lanes(policy, ids, mask, keys=keys(seeds), eos_token_id=-1, **kwargs)
+    eos = int(free.flatten().mode().values)
+    together, together_mask = olf_rollout.generate_lanes(policy, ids, mask, keys=keys(seeds), eos_token_id=eos, **kwargs)
+    lengths = together_mask.sum(1)
+    assert len(set(lengths.tolist())) >= 3 and int(lengths.min()) < together.shape[1]  # rows stop at different steps
+    rows = groups * group_size
+    for k in range(policy.num_lanes):
+        own = slice(k * rows, (k + 1) * rows)
+        alone, alone_mask = olf_rollout.generate_lanes(policy.subset([k]), ids[own], mask[own], keys=keys((seeds[k],)),
+                                                       eos_token_id=eos, **kwargs)
+        width = alone.shape[1]
+        assert torch.equal(together_mask[own, :width], alone_mask) and not together_mask[own, width:].any()
+        assert torch.equal(together[own, :width], alone), k
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
 def test_lane_greedy_generation_matches_hf_generate(arch, tiny_model):
     """A lane alone decodes greedily as HF generate does on the model with the lane's layer put in."""
