@@ -5,7 +5,8 @@ Public API:
     PaddedLayout, PackedLayout, build_layout           (layout.py)
     OneLayerPolicy, FullModelPolicy, PrefixCache       (policy.py)
     grpo_loss, token_logprobs, LossConfig, LossResult  (loss.py)
-    UpdateConfig, grpo_update, lanes_update            (update.py)
+    UpdateConfig, grpo_update, lanes_update,
+    DivergenceError                                    (update.py)
     Lane, LanePolicy                                   (lanes.py)
     GRPOConfig, RunSpec, GRPOTrainer                   (trainer.py)
     LaneTrainer, LaneRun                               (lane_trainer.py)
@@ -14,6 +15,7 @@ Public API:
     load_layer, merge_checkpoint                       (checkpoint.py)
     load_model                                         (models/)
     get_task                                           (tasks/)
+    run_python, SandboxResult                          (sandbox.py)
 """
 from .checkpoint import load_layer, merge_checkpoint
 from .evaluate import EvalResult, evaluate
@@ -23,15 +25,17 @@ from .lanes import Lane, LanePolicy
 from .layout import PackedLayout, PaddedLayout, build_layout, position_ids_from_mask
 from .loss import LossConfig, LossResult, grpo_loss, token_logprobs
 from .policy import FullModelPolicy, OneLayerPolicy, PrefixCache
+from .sandbox import SandboxResult, run_python
 from .models import load_model
 from .sweep import SweepConfig, contribution, parse_layers, run_sweep
 from .tasks import get_task
 from .trainer import GRPOConfig, GRPOTrainer, RunSpec
-from .update import UpdateConfig, grpo_update, lanes_update
+from .update import DivergenceError, UpdateConfig, grpo_update, lanes_update
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DivergenceError",
     "EvalResult",
     "FullModelPolicy",
     "OneLayerPolicy",
@@ -47,6 +51,7 @@ __all__ = [
     "PaddedLayout",
     "RolloutBatch",
     "RunSpec",
+    "SandboxResult",
     "UpdateConfig",
     "build_layout",
     "grpo_update",
@@ -62,6 +67,7 @@ __all__ = [
     "merge_checkpoint",
     "parse_layers",
     "position_ids_from_mask",
+    "run_python",
     "run_sweep",
     "token_logprobs",
 ]
