@@ -14,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def all_examples(task: AgentTask) -> list[Example]:
-    return [task.example(s) for split in ("train", "eval") for s in task.starts[split]]
+    return [task.example(s) for split in ("train", "val", "eval") for s in task.starts[split]]
 
 
 def test_optimal_actions_succeed_from_every_start_state():
@@ -77,7 +77,9 @@ def test_splits_never_overlap_and_prompts_are_short():
     task = get_task("agent")
     assert isinstance(task, AgentTask) and task.name == "agent"
     train, held_out = set(task.starts["train"]), set(task.starts["eval"])
-    assert train and held_out and not train & held_out and len(train | held_out) == 5 * 4 * 3
+    val = set(task.starts["val"])
+    assert train and held_out and not train & held_out
+    assert val and not val & train and not val & held_out and len(train | held_out | val) == 5 * 4 * 3
     rng = random.Random(0)
     for split, starts in (("train", train), ("eval", held_out)):
         for example in task.sample(rng, 30, split=split):
@@ -85,7 +87,7 @@ def test_splits_never_overlap_and_prompts_are_short():
             assert split_of(f"agent:5:a{example.meta['agent']}k{example.meta['key']}d{example.meta['door']}") == split
     assert max(len(e.prompt) for e in all_examples(task)) < 60
     with pytest.raises(ValueError, match="split"):
-        task.sample(rng, 1, split="test")
+        task.sample(rng, 1, split="testing")
 
 
 def test_gigpo_training_runs_end_to_end(tmp_path):

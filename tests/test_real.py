@@ -87,7 +87,7 @@ def test_rg_splits_never_overlap_and_are_seeded(name):
     assert [e.prompt for e in task.sample(random.Random(1), 20)] != [e.prompt for e in train[:20]]
     assert [e.prompt for e in eval_examples(task, 16)] == [e.prompt for e in eval_examples(get_task(name), 16)]
     with pytest.raises(ValueError, match="split"):
-        task.sample(random.Random(0), 1, split="test")
+        task.sample(random.Random(0), 1, split="testing")
 
 
 @needs_rg

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from onelayer_fast.tasks import eval_examples, get_task, split_of
+from onelayer_fast.tasks import assign_split, eval_examples, get_task, split_of
 from onelayer_fast.tasks.arithmetic import ArithmeticTask
 from onelayer_fast.tasks.code import strip_code_fences
 from onelayer_fast.tasks.math_jsonl import answers_match, extract_answer, parse_number
@@ -46,13 +46,16 @@ def test_splits_disjoint_and_deterministic(kind, tmp_path):
     assert task.sample(random.Random(7), 50) == task.sample(random.Random(7), 50)
     assert task.sample(random.Random(7), 50, split="eval") == task.sample(random.Random(7), 50, split="eval")
     assert task.sample(random.Random(7), 50) != task.sample(random.Random(8), 50)
+    # "test" is the held-out split's name now; "eval", its old name, gives the same examples.
+    assert task.sample(random.Random(7), 50, split="test") == task.sample(random.Random(7), 50, split="eval")
     with pytest.raises(ValueError, match="split"):
-        task.sample(random.Random(0), 1, split="test")
+        task.sample(random.Random(0), 1, split="testing")
 
 
 def test_math_split_follows_question_hash(math_task):
+    assert set(math_task.splits) == {"train", "val", "test"}
     for split, pool in math_task.splits.items():
-        assert all(split_of(e.meta["question"]) == split for e in pool)
+        assert pool and all(assign_split(e.meta["question"]) == split for e in pool)
 
 
 def test_small_file_still_gets_both_splits(tmp_path):

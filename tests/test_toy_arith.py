@@ -215,3 +215,20 @@ def test_full_build_is_partly_competent(tmp_path, monkeypatch):
     shipped = toy_arith.load_info()
     if (toy_arith.cpu_name(), torch.__version__) == (shipped["cpu"], shipped["torch"]):
         assert toy_arith.sha256_of(path / "model.safetensors") == toy_arith.SHIPPED_SHA256
+
+
+def test_sft_data_is_everything_outside_test_as_before_the_val_split():
+    """The recipe trains on every problem outside the test split, which is the two-way split's train side:
+    carving val out of train for RL selection must not change what the shipped weights were built from."""
+    import random
+
+    from onelayer_fast.models.toy_arith import not_test
+    from onelayer_fast.tasks import assign_split, split_of
+    from onelayer_fast.tasks.arithmetic import ArithmeticTask
+
+    task = ArithmeticTask()
+    drawn = task.sample_where(random.Random(5), 2000, not_test)
+    assert all(split_of(e.prompt) == "train" for e in drawn)
+    assert {assign_split(e.prompt) for e in drawn} == {"train", "val"}
+    prompts = [task.make(a, op, b).prompt for a in range(100) for op in "+-" for b in range(0, 100, 7)]
+    assert all(not_test(p) == (split_of(p) == "train") for p in prompts)

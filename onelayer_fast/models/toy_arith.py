@@ -32,12 +32,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..evaluate import evaluate
-from ..tasks import Example, eval_examples
+from ..tasks import Example, assign_split, eval_examples
 from ..tasks.arithmetic import ArithmeticTask
 from . import cache
 from .cache import cache_root
 from .presets import PRESETS, TOY_ARITH_DIR, TOY_ARITH_FILES, build_preset
 from .tokenizer import CharTokenizer
+
+
+def not_test(prompt: str) -> bool:
+    return assign_split(prompt) != "test"
 
 NAME = "toy-arith"
 INFO_FILE = "toy_arith.json"  # recipe, task settings and build summary, written beside the weights
@@ -226,7 +230,10 @@ def _sft(recipe: ToyArithRecipe, task: ArithmeticTask, progress: bool):
     for step in range(recipe.steps):
         for group in optimizer.param_groups:
             group["lr"] = recipe.learning_rate * _lr_factor(step, recipe, recipe.steps)
-        ids, labels = _encode_batch(tokenizer, task.sample(rng, recipe.batch_size, split="train"))
+        # Every problem outside the test split: the train side as it was before the val split was carved
+        # out of it, so the recipe still rebuilds the shipped weights. The base model having seen val
+        # problems in SFT does not leak the test split, which it never saw.
+        ids, labels = _encode_batch(tokenizer, task.sample_where(rng, recipe.batch_size, not_test))
         # No attention mask: right padding only follows the real tokens, which a causal model never
         # attends to, and a mask-free call lets SDPA take its is_causal fast path.
         logits = model(input_ids=ids).logits

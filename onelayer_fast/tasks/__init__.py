@@ -2,36 +2,52 @@
 
 A task is an object with
     name: str
-    sample(rng, n, split="train") -> list[Example]   n examples of `split` ("train" or "eval") drawn with
-                                                    `rng` (random.Random); the two splits never overlap
+    sample(rng, n, split="train") -> list[Example]   n examples of `split` ("train", "val" or "test"; "eval"
+                                                    is the old name of "test") drawn with `rng`
+                                                    (random.Random); no prompt is in two splits
     reward_funcs: list[RewardFunc]                  each (completion_text, example) -> float
     reward_weights: list[float]                     how the reward functions are summed
     correct(completion_text, example) -> bool       the task's real measure (exact match, tests pass, ...)
 
 `rewards.score(task, completions, examples)` sums the weighted reward functions into one reward per
 completion, the one the trainer optimizes and the evaluator reports. base.py holds the shared pieces.
+
+Splits: train for RL, val for choosing hyper-parameters (`val_examples`), test for reported numbers
+(`eval_examples`; exactly the split called "eval" before val existed, so numbers reported on it stand).
 """
 from __future__ import annotations
 
 from .base import (
+    SPLIT_ALIASES,
     SPLITS,
+    TEST_SHARE,
+    VAL_SHARE,
     Example,
     RewardFunc,
+    Splits,
     Task,
+    assign_split,
     check_split,
     eval_examples,
     iter_jsonl_lines,
     parse_jsonl_object,
     read_jsonl_examples,
     split_by_key,
+    split_examples,
     split_of,
+    val_examples,
 )
 
 __all__ = [
+    "SPLIT_ALIASES",
     "SPLITS",
+    "TEST_SHARE",
+    "VAL_SHARE",
     "Example",
     "RewardFunc",
+    "Splits",
     "Task",
+    "assign_split",
     "check_split",
     "eval_examples",
     "get_task",
@@ -39,7 +55,9 @@ __all__ = [
     "parse_jsonl_object",
     "read_jsonl_examples",
     "split_by_key",
+    "split_examples",
     "split_of",
+    "val_examples",
 ]
 
 
@@ -54,15 +72,12 @@ def _prompt_answer_line(path, number: int, line: str) -> Example:
 
 def _jsonl_task(path: str) -> Task:
     """JsonlTask with the checks every file task gets. JsonlTask reads its file whole and takes any JSON
-    value as a row, and for a small file moves one example into eval even when a duplicate of its prompt
-    stays in train; so the file is read once through the shared bounded, object-only reader first (errors
-    name file:line), and the splits are redone by prompt so that duplicates never cross them."""
+    value as a row, so the file is read once through the shared bounded, object-only reader first (errors
+    name file:line); JsonlTask then splits by prompt (base.split_by_key), duplicates never crossing splits."""
     from .jsonl import JsonlTask
 
     read_jsonl_examples(path, _prompt_answer_line)
-    task = JsonlTask(path)
-    task.splits = split_by_key(task.examples, lambda e: e.prompt, what="prompt", source=f"task file {path}")
-    return task
+    return JsonlTask(path)
 
 
 def get_task(name: str, path: str | None = None) -> Task:

@@ -11,10 +11,14 @@ The agent stands on a 1-D corridor of `size` cells (0 .. size-1) with a key and 
                   Anything else, or an action with no effect, wastes the turn.
     end           success, or `max_turns` turns used (reward 0)
 
-Start states (agent, key, door on distinct cells) are split into train and eval by a stable hash,
-so the two splits never overlap. The Task view: `sample` gives Examples whose prompt is the first
-turn's prompt, whose answer is an optimal action sequence (one action per line) and whose meta
-holds the start state; a completion is a transcript, one action per line, and `correct` replays it.
+Start states (agent, key, door on distinct cells) are split into train, val and test by a stable hash
+(base.assign_split), so no start state (and so no prompt) is in two splits; test is the split that was
+called "eval" before val existed, unchanged. The default corridor (size 5, 60 start states) gives 8
+test, 1 val and 51 train start states (val_share=0.2 would give val 7).
+
+The Task view: `sample` gives Examples whose prompt is the first turn's prompt, whose answer is an
+optimal action sequence (one action per line) and whose meta holds the start state; a completion is a
+transcript, one action per line, and `correct` replays it.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from .base import Example, check_split, split_of
+from .base import VAL_SHARE, Example, Splits, assign_split, check_split
 
 ACTIONS = ("left", "right", "pick", "open")
 INVALID = "?"  # how a wasted, unparseable action appears in a transcript
@@ -102,7 +106,8 @@ class AgentTask:
 
     name = "agent"
 
-    def __init__(self, size: int = 5, max_turns: int = 12, invalid_reward: float = 0.0, eval_share: float = 0.1):
+    def __init__(self, size: int = 5, max_turns: int = 12, invalid_reward: float = 0.0, eval_share: float = 0.1,
+                 val_share: float = VAL_SHARE):
         if size < 3:
             raise ValueError(f"size must be >= 3 (agent, key and door need their own cells), got {size}")
         worst = max(len(optimal_actions(s)) for s in self._all_starts(size))
@@ -111,9 +116,11 @@ class AgentTask:
         self.size, self.max_turns, self.invalid_reward = size, max_turns, invalid_reward
         self.reward_funcs = [self.success_reward]
         self.reward_weights = [1.0]
-        self.starts: dict[str, list[StartState]] = {"train": [], "eval": []}
+        # eval_share is the test split's share of the hash range (its old name, kept for callers).
+        self.starts: Splits = Splits({"train": [], "val": [], "test": []}, source=f"agent task (size {size})",
+                                     what="start state")
         for start in self._all_starts(size):
-            self.starts[split_of(f"agent:{size}:{start.key_string}", eval_share)].append(start)
+            self.starts[assign_split(f"agent:{size}:{start.key_string}", eval_share, val_share)].append(start)
         for split, starts in self.starts.items():
             if not starts:
                 raise ValueError(f"size {size} leaves no {split} start states; use a larger corridor")
@@ -137,8 +144,7 @@ class AgentTask:
         return Example(prompt=self.prompt(observation), answer="\n".join(optimal_actions(start)), meta=meta)
 
     def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Example]:
-        check_split(split)
-        return [self.example(rng.choice(self.starts[split])) for _ in range(n)]
+        return [self.example(rng.choice(self.starts[check_split(split)])) for _ in range(n)]
 
     def success_reward(self, transcript: str, example: Example) -> float:
         """1.0 when playing the transcript's lines as actions from the example's start state opens the door."""

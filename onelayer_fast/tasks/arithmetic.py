@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import random
+from typing import Callable
 
-from .base import Example, check_split, split_of
+from .base import Example, assign_split, check_split
 
 
 def exact_match(completion: str, example: Example) -> float:
@@ -39,11 +40,16 @@ class ArithmeticTask:
         return exact_match(completion, example) == 1.0
 
     def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Example]:
-        """Rejection-sample problems whose stable hash puts them in `split` (10% of problems are eval)."""
-        check_split(split)
+        """Rejection-sample problems whose stable hash puts them in `split` (see base.assign_split: 10% of
+        problems are test, the former eval split, and 10% val)."""
+        split = check_split(split)
+        return self.sample_where(rng, n, lambda prompt: assign_split(prompt) == split)
+
+    def sample_where(self, rng: random.Random, n: int, keep: Callable[[str], bool]) -> list[Example]:
+        """n random problems whose prompt `keep` accepts, in the order the draws from `rng` produce them."""
         examples: list[Example] = []
         while len(examples) < n:
             example = self.make(rng.randint(0, self.max_operand), rng.choice(self.operators), rng.randint(0, self.max_operand))
-            if split_of(example.prompt) == split:
+            if keep(example.prompt):
                 examples.append(example)
         return examples

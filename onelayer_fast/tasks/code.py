@@ -33,7 +33,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from ..sandbox import check_backend, run_python
-from .base import SPLITS, Example, check_split, parse_jsonl_object, read_jsonl_examples, split_of
+from .base import Example, parse_jsonl_object, read_jsonl_examples, split_by_key
 
 # ```python ... ``` (or ```py, ```python3, bare ```); the closing fence may be missing in a truncated
 # completion, in which case everything after the opening fence is the code.
@@ -62,7 +62,8 @@ class CodeTask:
         self.path, self.timeout_s, self.memory_mb, self.cache_size = Path(path), timeout_s, memory_mb, cache_size
         self.allow_unsafe_sandbox = allow_unsafe_sandbox
         self.examples: list[Example] = read_jsonl_examples(path, self._parse_line, what="problem")
-        self.splits = self._split(self.examples)
+        # Train/val/test by the prompt's stable hash, duplicates in one split (base.split_by_key).
+        self.splits = split_by_key(self.examples, lambda e: e.prompt, what="prompt", source=f"task file {self.path}")
         # Before any training starts: no kernel isolation and no opt-in is an error now, not mid-run.
         self.sandbox_backend = check_backend(allow_unsafe_sandbox)
         self.reward_funcs = [self.tests_reward]
@@ -78,22 +79,6 @@ class CodeTask:
             raise ValueError(f"{where}: 'prompt' and 'tests' must not be empty")
         entry_point = row.get("entry_point")
         return Example(prompt=prompt, answer=tests, meta={"entry_point": entry_point, "line": number})
-
-    @staticmethod
-    def _split(examples: list[Example]) -> dict[str, list[Example]]:
-        """Split by the prompt's stable hash; an empty split (small files) takes the other split's last
-        prompt, with all its duplicates, so the splits still never overlap."""
-        splits: dict[str, list[Example]] = {split: [] for split in SPLITS}
-        for example in examples:
-            splits[split_of(example.prompt)].append(example)
-        for empty, full in (("eval", "train"), ("train", "eval")):
-            if not splits[empty]:
-                moved = splits[full][-1].prompt
-                splits[empty] = [e for e in splits[full] if e.prompt == moved]
-                splits[full] = [e for e in splits[full] if e.prompt != moved]
-        if not splits["train"] or not splits["eval"]:
-            raise ValueError("task file has a single distinct prompt; it needs at least 2 for both train and eval")
-        return splits
 
     def solution(self, completion: str, example: Example) -> str:
         """The code the sandbox runs before the tests: the completion, markdown fences stripped, with the
@@ -132,6 +117,5 @@ class CodeTask:
         return self.passes(completion, example)
 
     def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Example]:
-        check_split(split)
-        pool = self.splits[split]
+        pool = self.splits.pool(split)  # checks the name; an empty val split (a tiny file) is an error
         return [rng.choice(pool) for _ in range(n)]

@@ -5,7 +5,7 @@ import json
 import random
 from pathlib import Path
 
-from .base import Example, check_split, split_of
+from .base import Example, split_by_key
 from .arithmetic import exact_match
 
 
@@ -33,17 +33,12 @@ class JsonlTask:
         self.reward_funcs = [exact_match]
         self.reward_weights = [1.0]
 
-        # Split by the prompt's stable hash; a file too small to give both splits an example is an error.
-        self.splits = {split: [e for e in self.examples if split_of(e.prompt) == split] for split in ("train", "eval")}
-        if len(self.examples) >= 2 and not self.splits["eval"]:
-            self.splits["eval"] = [self.splits["train"].pop()]
+        # By the prompt's stable hash (train/val/test, duplicates in one split; see base.split_by_key).
+        self.splits = split_by_key(self.examples, lambda e: e.prompt, what="prompt", source=f"task file {path}")
 
     def correct(self, completion: str, example: Example) -> bool:
         return exact_match(completion, example) == 1.0
 
     def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Example]:
-        check_split(split)
-        pool = self.splits[split]
-        if not pool:
-            raise ValueError(f"task file has no {split} examples (it needs at least 2 lines for both splits)")
+        pool = self.splits.pool(split)  # checks the name; an empty val split (a tiny file) is an error
         return [rng.choice(pool) for _ in range(n)]

@@ -20,7 +20,7 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
-from .base import Example, check_split, parse_jsonl_object, read_jsonl_examples, split_by_key
+from .base import Example, parse_jsonl_object, read_jsonl_examples, split_by_key
 
 # A number as written in text: optional sign, digits with optional thousands commas, optional
 # decimals, optionally a fraction "a/b". Thousands groups are tried first so "1,234" is one number.
@@ -119,7 +119,8 @@ class MathJsonlTask:
             raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
         self.path, self.prompt_template, self.rel_tol = Path(path), prompt_template, rel_tol
         self.examples: list[Example] = read_jsonl_examples(path, self._parse_line)
-        # By question (the prompt is the template around it): a question asked twice is in one split only.
+        # Train/val/test by question (the prompt is the template around it): a question asked twice is
+        # in one split only.
         self.splits = split_by_key(self.examples, lambda e: e.meta["question"], what="question",
                                    source=f"task file {self.path}")
         self.reward_funcs = [self.answer_reward]
@@ -150,6 +151,5 @@ class MathJsonlTask:
         return self.answer_reward(completion, example) == 1.0
 
     def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Example]:
-        check_split(split)
-        pool = self.splits[split]
+        pool = self.splits.pool(split)  # checks the name; an empty val split (a tiny file) is an error
         return [rng.choice(pool) for _ in range(n)]

@@ -8,9 +8,12 @@ Prompts. `Example.prompt` is the user's message: the dataset's question, then an
 for the final answer between <answer> and </answer> tags. Tasks know nothing of tokenizers; wrapping
 the message in the tokenizer's chat template (where it has one) is rollout's job.
 
-Splits. The train and eval splits draw from two generators with disjoint seed ranges (reasoning-gym
-seeds item `idx` of a dataset with `seed + idx`), and each keeps only the questions that `split_of`
-assigns to it, so a question can never be in both splits, even if both generators produced it.
+Splits. The train, val and test splits draw from three generators with disjoint seed ranges
+(reasoning-gym seeds item `idx` of a dataset with `seed + idx`), and each keeps only the questions that
+`assign_split` puts in it, so a question can never be in two splits, even if two generators produced
+it. Test keeps the question-hash range [0, eval_share) (0.5) and its generator: it is the split that
+was called "eval" before val existed, unchanged. Val takes the next `val_share` (0.1) of the hash
+range out of what was train, and a generator of its own.
 
 Reward. The dataset's own scorer, `dataset.score_answer(answer=..., entry=...)`, on the answer
 extracted from the completion (weight 1), plus a small format reward for using the answer tags.
@@ -23,13 +26,14 @@ import random
 import re
 from typing import Any
 
-from .base import Example, check_split, split_of
+from .base import VAL_SHARE, Example, Splits, assign_split, check_split
 
 PREFIX = "rg:"
 INSTRUCTION = "Give only the final answer, between <answer> and </answer> tags."
-# Item idx of a split's generator uses Random(seed + idx) with idx < pool_size: an offset larger than any
-# pool keeps the two splits' seed ranges apart.
+# Item idx of a split's generator uses Random(seed + idx) with idx < pool_size: offsets that differ by more
+# than any pool keep the splits' seed ranges apart (test keeps the offset it had as the eval split).
 EVAL_SEED_OFFSET = 10**7
+SEED_OFFSETS = {"train": 0, "test": EVAL_SEED_OFFSET, "val": 2 * EVAL_SEED_OFFSET}
 INSTALL_HINT = "pip install reasoning-gym` or `pip install 'onelayer_fast[real]'"
 
 _TAGGED = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -91,7 +95,7 @@ class ReasoningGymTask:
 
     def __init__(self, dataset: str, config: dict[str, Any] | None = None, seed: int = 0,
                  pool_size: int = 100_000, eval_share: float = 0.5, instruction: str = INSTRUCTION,
-                 format_weight: float = 0.1, name: str | None = None):
+                 format_weight: float = 0.1, name: str | None = None, val_share: float = VAL_SHARE):
         rg = require_reasoning_gym()
         from reasoning_gym.factory import DATASETS
 
@@ -99,18 +103,22 @@ class ReasoningGymTask:
             raise ValueError(f"unknown reasoning-gym dataset {dataset!r}; datasets: {', '.join(sorted(DATASETS))}")
         if pool_size > EVAL_SEED_OFFSET:
             raise ValueError(f"pool_size must be <= {EVAL_SEED_OFFSET} (keeps the splits' seeds apart), got {pool_size}")
+        if not (0 < eval_share and 0 < val_share and eval_share + val_share < 1):
+            raise ValueError(f"eval_share and val_share must be > 0 and leave train a share of the questions, "
+                             f"got {eval_share} and {val_share}")
         self.config = dict(config or {})
         spec = ",".join(f"{key}={json.dumps(value)}" for key, value in self.config.items())
         self.name = name or PREFIX + dataset + (f":{spec}" if spec else "")
-        self.dataset_name, self.pool_size, self.eval_share = dataset, pool_size, eval_share
+        # eval_share: the test split's share of the question-hash range (its old name, kept for callers)
+        self.dataset_name, self.pool_size, self.eval_share, self.val_share = dataset, pool_size, eval_share, val_share
         self.instruction = instruction
         try:
             # `size` bounds the item index (gsm_symbolic draws its template of every index up front)
-            self.datasets = {"train": rg.create_dataset(dataset, seed=seed, size=pool_size, **self.config),
-                             "eval": rg.create_dataset(dataset, seed=seed + EVAL_SEED_OFFSET, size=pool_size,
-                                                       **self.config)}
+            generators = {split: rg.create_dataset(dataset, seed=seed + offset, size=pool_size, **self.config)
+                          for split, offset in SEED_OFFSETS.items()}
         except (TypeError, AssertionError) as error:  # unknown config field, or the config's own validate()
             raise ValueError(f"reasoning-gym dataset {dataset!r} rejected config {self.config}: {error}") from error
+        self.datasets = Splits(generators, source=self.name, what="question")  # also answers "eval"
         self.reward_funcs = [self.accuracy, answer_tags]
         self.reward_weights = [1.0, format_weight]
 
@@ -127,15 +135,15 @@ class ReasoningGymTask:
         return self.accuracy(completion, example) == 1.0
 
     def sample(self, rng: random.Random, n: int, split: str = "train") -> list[Example]:
-        """n items of `split`: random indices into that split's generator, kept when split_of agrees."""
-        check_split(split)
+        """n items of `split`: random indices into that split's generator, kept when assign_split agrees."""
+        split = check_split(split)
         dataset = self.datasets[split]
         examples: list[Example] = []
         for _ in range(max(1000, 100 * n)):
             if len(examples) == n:
                 return examples
             entry = dataset[rng.randrange(self.pool_size)]
-            if split_of(entry["question"], self.eval_share) == split:
+            if assign_split(entry["question"], self.eval_share, self.val_share) == split:
                 examples.append(self.make(entry))
         if len(examples) < n:
             raise RuntimeError(f"{self.name}: found only {len(examples)} of {n} {split} questions; "
