@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import typing
 from typing import Any
 
-from .trainer import GRPOConfig, RunSpec
+from .trainer import GRPOConfig, RunSpec, finite_positive, flag
 
 # Flags generated from the config dataclasses (GRPOConfig, RunSpec), so the CLI and the configs cannot drift
 # apart: each field's type, default, choices and one-line help (its metadata) become its flag.
@@ -43,7 +42,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, config_class: type, onl
         if only is not None and f.name not in only:
             continue
         kind, optional = _field_kind(hints[f.name])
-        flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
+        flags = [flag(f.name), *_ALIASES.get(f.name, [])]
         help_text = f"{f.metadata.get('help', '')} (default: {f.default})".strip()
         if kind is bool:
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
@@ -146,7 +145,7 @@ def _positive_float(name: str):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number > 0, got {text!r}") from None
-        if not (math.isfinite(value) and value > 0):  # nan and inf parse as floats but size nothing
+        if not finite_positive(value):
             raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
         return value
 

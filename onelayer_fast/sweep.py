@@ -30,7 +30,6 @@ import dataclasses
 import gc
 import io
 import json
-import math
 import os
 import random
 import re
@@ -53,7 +52,7 @@ from .models.presets import check_model_source
 from .policy import decoder_of
 from .rollout import encode_prompts
 from .tasks import eval_examples, get_task
-from .trainer import GRPOConfig, GRPOTrainer, RunSpec
+from .trainer import GRPOConfig, GRPOTrainer, RunSpec, finite_positive
 
 FORMAT_VERSION = 2  # 2: single-layer runs sample with keyed draws (sampling.py), as lanes
 METRICS = ("accuracy", "mean_reward")
@@ -192,7 +191,7 @@ class SweepConfig:
         resolve_device(self.device)
         if self.lanes != "auto" and (not isinstance(self.lanes, int) or isinstance(self.lanes, bool) or self.lanes < 1):
             raise ValueError(f"lanes must be an integer >= 1 or 'auto', got {self.lanes!r}")
-        if self.memory_budget_mib is not None and not (math.isfinite(self.memory_budget_mib) and self.memory_budget_mib > 0):
+        if self.memory_budget_mib is not None and not finite_positive(self.memory_budget_mib):
             raise ValueError(f"memory_budget_mib must be a finite number > 0, got {self.memory_budget_mib}")
         if self.metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")

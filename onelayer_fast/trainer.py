@@ -30,11 +30,12 @@ MODES = ("single", "full")
 
 
 def flag(name: str) -> str:
-    """The command-line flag of a config field (cli.py derives its flags from the field names this way)."""
+    """The command-line flag of a config field: cli.py names every field's flag with this, and errors name it."""
     return "--" + name.replace("_", "-")
 
 
-def _positive(value: float) -> bool:
+def finite_positive(value: float) -> bool:
+    """A usable size or rate: nan and inf compare and parse like numbers but measure nothing."""
     return math.isfinite(value) and value > 0
 
 
@@ -103,15 +104,15 @@ class GRPOConfig:
         for name in ("max_steps", "max_completion_length", "num_iterations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not _positive(self.learning_rate):
+        if not finite_positive(self.learning_rate):
             raise ValueError(f"{flag('learning_rate')} must be a finite number > 0, got {self.learning_rate}")
         # None means no clipping; a negative bound would flip the gradient (train against the reward).
-        if self.max_grad_norm is not None and not _positive(self.max_grad_norm):
+        if self.max_grad_norm is not None and not finite_positive(self.max_grad_norm):
             raise ValueError(f"{flag('max_grad_norm')} must be a finite number > 0 (or none: no clipping), "
                              f"got {self.max_grad_norm}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"{flag('top_p')} must be in (0, 1], got {self.top_p}")
-        if not _positive(self.temperature):
+        if not finite_positive(self.temperature):
             raise ValueError(f"{flag('temperature')} must be a finite number > 0, got {self.temperature}")
         if not 0.0 <= self.gigpo_gamma <= 1.0:
             raise ValueError(f"gigpo_gamma must be in [0, 1], got {self.gigpo_gamma}")
