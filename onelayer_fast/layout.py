@@ -297,23 +297,26 @@ def token_share(batch: RolloutBatch, layout: str, token_budget: int | None = Non
 # --------------------------------------------------------------------------------------------------
 # choosing a layout
 # --------------------------------------------------------------------------------------------------
-def resolve_layout(layout: str, batch: RolloutBatch, config: Any, device: torch.device) -> str:
-    """The layout to run: `layout` itself, or for "auto" "shared_prompt" where it is measured faster and
-    applies, else "padded".
-
-    "auto" picks "shared_prompt" on CPU, where the bench (`step`, `step-varlen`, `sweep`) measured it faster
-    with the same loss and gradients, for batches of prompt groups (`batch.group_size`) that can be packed,
-    on an sdpa / eager model. Elsewhere it runs "padded": on CUDA, where the dense masked path has no
-    measurement against the padded kernels (README.md, Performance); for rows without prompt groups.
-    """
-    check_layout(layout)
-    if layout != "auto":
-        return layout
-    if device.type != "cpu" or batch.group_size is None:
+def auto_layout(config: Any, device: torch.device, grouped: bool) -> str:
+    """What "auto" runs for rows that come in prompt groups (`grouped`) on `device`, before looking at a batch:
+    "shared_prompt" on CPU, where the bench (`step`, `step-varlen`, `sweep`) measured it faster with the same
+    loss and gradients, on an sdpa / eager model; elsewhere "padded": on CUDA, where the dense masked path
+    has no measurement against the padded kernels (README.md, Performance); for rows without prompt groups."""
+    if device.type != "cpu" or not grouped:
         return "padded"
     if (getattr(config, "_attn_implementation", None) or "eager") not in ("sdpa", "eager"):
         return "padded"
-    return "padded" if batch.packing_problem is not None else "shared_prompt"
+    return "shared_prompt"
+
+
+def resolve_layout(layout: str, batch: RolloutBatch, config: Any, device: torch.device) -> str:
+    """The layout to run: `layout` itself, or for "auto" what `auto_layout` picks for this batch's groups,
+    "padded" where the batch cannot be packed."""
+    check_layout(layout)
+    if layout != "auto":
+        return layout
+    kind = auto_layout(config, device, grouped=batch.group_size is not None)
+    return "padded" if kind == "shared_prompt" and batch.packing_problem is not None else kind
 
 
 def make_layout(batch: RolloutBatch, layout: str, config: Any, device: torch.device) -> Layout:

@@ -46,6 +46,7 @@ from .episodes import is_environment_task
 from .evaluate import EvalResult, evaluate, evaluate_lanes
 from .lane_trainer import LaneRun, LaneTrainer
 from .lanes import Lane
+from .layout import auto_layout
 from .memory import PeakMemory
 from .models import load_model
 from .models.presets import check_model_source
@@ -644,9 +645,10 @@ def _run_locked(sweep: _Sweep, config: SweepConfig) -> SweepResult:
         sample = sweep.task.sample(random.Random(config.grpo.seed), 16)
         prompt_tokens = encode_prompts(tokenizer, [e.prompt for e in sample], torch.device("cpu"))[0].shape[1]
         budget = config.memory_budget_mib or _free_memory_mib(sweep.device)
-        # what layout.resolve_layout picks for "auto" on prompt groups: shared_prompt on CPU
-        shared = config.grpo.layout == "shared_prompt" or (config.grpo.layout == "auto" and sweep.device.type == "cpu")
-        per_lane = lane_memory_mib(model, config.grpo, prompt_tokens, shared_prompt=shared)
+        layout = config.grpo.layout
+        if layout == "auto":  # lane batches always come in prompt groups
+            layout = auto_layout(model.config, sweep.device, grouped=True)
+        per_lane = lane_memory_mib(model, config.grpo, prompt_tokens, shared_prompt=layout == "shared_prompt")
         plan = plan_lanes(config.lanes, len(singles), per_lane, budget)
         print(plan.describe(len(singles)))
         waves = [singles[i:i + plan.lanes] for i in range(0, len(singles), plan.lanes)]
