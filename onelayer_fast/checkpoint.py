@@ -367,16 +367,22 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
+def _opened_for_weights(path: str | os.PathLike) -> tuple[Path, dict[str, Any], str | None]:
+    """(checkpoint directory, its meta without the digests, what is wrong with its tensor file or None)."""
+    path = resolve_checkpoint(path)
+    meta = _readable_meta(path)
+    damage = _file_damage(path, WEIGHTS_NAME, meta)
+    meta.pop(CHECKSUMS_KEY, None)
+    return path, meta, damage
+
+
 def load_layer(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
     """Copy the checkpoint's tensors into `model` in place (dtype and device of `model` kept); return meta.
 
     Strict: a different layer count, missing or unexpected keys, or shape mismatches raise ValueError
     before anything is modified.
     """
-    path = resolve_checkpoint(path)
-    meta = _readable_meta(path)
-    damage = _file_damage(path, WEIGHTS_NAME, meta)
-    meta.pop(CHECKSUMS_KEY, None)
+    path, meta, damage = _opened_for_weights(path)
     layers = decoder_of(model).layers
     if meta["num_layers"] != len(layers):
         raise ValueError(f"checkpoint {path} was saved from a model with {meta['num_layers']} decoder layers, "
@@ -394,10 +400,7 @@ def load_layer(model: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
 def load_lane_layer(layer: nn.Module, path: str | os.PathLike, layer_index: int) -> dict[str, Any]:
     """Copy a single-layer checkpoint of layer `layer_index` into `layer` (a lane's own copy of it, not
     the shared model's); return meta. Strict as load_layer."""
-    path = resolve_checkpoint(path)
-    meta = _readable_meta(path)
-    damage = _file_damage(path, WEIGHTS_NAME, meta)
-    meta.pop(CHECKSUMS_KEY, None)
+    path, meta, damage = _opened_for_weights(path)
     if meta.get("mode") != "single" or meta.get("layer") != layer_index:
         raise ValueError(f"checkpoint {path} was written by a {meta.get('mode')} run of layer {meta.get('layer')}, "
                          f"not a single-layer run of layer {layer_index}")
