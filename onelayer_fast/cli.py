@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="all | middle (drop n//3 layers from each end) | a list such as 0,5,10-14 (negative: from the end)")
     sweep.add_argument("--out", required=True, help="the sweep directory (runs/, results.csv, results.json, contribution.png)")
     _add_eval_flags(sweep)
+    sweep.add_argument("--val-size", type=_int_at_least(1, "val_size"), default=100,
+                       help="validation examples each arm's learning rate is selected on, scored only when "
+                            "--learning-rates has several (default: 100)")
+    sweep.add_argument("--learning-rates", type=_learning_rates, default=None,
+                       help="a grid such as 5e-6,3e-5,2e-4: every arm trains at each, the best on validation is "
+                            "reported (default: --learning-rate alone)")
+    sweep.add_argument("--seeds", type=_int_at_least(1, "seeds"), default=1,
+                       help="training seeds per arm and rate (--seed, --seed + 1, ...); scores are means over them (default: 1)")
     sweep.add_argument("--metric", default="accuracy", choices=["accuracy", "mean_reward"],
                        help="what Base / Full / Single(i) and the contribution are measured in")
     sweep.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -152,6 +160,24 @@ def _positive_float(name: str):
     return parse
 
 
+def _learning_rates(text: str) -> tuple[float, ...]:
+    items = [item.strip() for item in text.split(",")]
+    if not any(items):
+        raise argparse.ArgumentTypeError("learning_rates is empty: give at least one rate, e.g. 5e-6,3e-5,2e-4")
+    rates = []
+    for item in items:
+        try:
+            rate = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"learning_rates: {item!r} is not a number (e.g. 5e-6,3e-5,2e-4)") from None
+        if not finite_positive(rate):
+            raise argparse.ArgumentTypeError(f"learning_rates: every rate must be a finite number > 0, got {item!r}")
+        rates.append(rate)
+    if len(set(rates)) != len(rates):
+        raise argparse.ArgumentTypeError(f"learning_rates has a rate twice: {text!r}")
+    return tuple(rates)
+
+
 def _lanes_value(text: str) -> int | str:
     if text == "auto":
         return text
@@ -169,15 +195,17 @@ def _run_sweep(args: argparse.Namespace) -> None:
 
     resolve_device(args.device, what="--device")  # SweepConfig checks it too, but cannot name the flag
     config = SweepConfig(model=args.model, out=args.out, task=args.task, task_path=args.task_path, layers=args.layers,
-                         grpo=config_from_args(GRPOConfig, args), eval_size=args.eval_size,
-                         eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size, metric=args.metric,
+                         grpo=config_from_args(GRPOConfig, args), eval_size=args.eval_size, val_size=args.val_size,
+                         learning_rates=args.learning_rates, seeds=args.seeds, eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size, metric=args.metric,
                          device=args.device, dtype=args.dtype, progress=args.progress, save_steps=args.save_steps,
                          save_total_limit=args.save_total_limit, lanes=args.lanes,
                          memory_budget_mib=args.memory_budget_mib)
     result = run_sweep(config)
     print_table(result)
-    print(f"results: {result.out / 'results.csv'}, {result.out / 'results.json'}"
-          + (f", {result.plot}" if result.plot else ""))
+    written = [result.out / "results.csv", result.out / "results.json", *result.plots]
+    if result.report_path is not None:
+        written.append(result.report_path)
+    print("results: " + ", ".join(str(path) for path in written))
 
 
 def _run_eval(args: argparse.Namespace) -> None:

@@ -28,6 +28,17 @@ class EvalResult:
     mean_reward: float  # mean over examples of sum_k weight_k * reward_func_k(completion, example)
     n: int  # examples evaluated
     seconds: float  # wall-clock time of the evaluation
+    # Per example, in the order of the examples given: what a paired bootstrap over problems resamples.
+    correct: tuple[int, ...] = ()  # 1 where task.correct
+    rewards: tuple[float, ...] = ()  # the weighted reward sum
+
+    def scores(self, metric: str) -> tuple[float, ...]:
+        """Per-example values of `metric` ("accuracy": 0/1 correct; "mean_reward": the reward)."""
+        if metric == "accuracy":
+            return tuple(float(c) for c in self.correct)
+        if metric == "mean_reward":
+            return self.rewards
+        raise ValueError(f"metric must be accuracy or mean_reward, got {metric!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,10 +70,10 @@ def _check_eval_args(examples: list[Example], batch_size: int, max_new_tokens: i
 
 def _scored(task: Task, completions: list[str], examples: list[Example], seconds: float) -> EvalResult:
     """Accuracy (task.correct) and mean reward (the trainer's weighted reward sum) of one completion per example."""
-    correct = sum(bool(task.correct(c, e)) for c, e in zip(completions, examples))
+    correct = tuple(int(bool(task.correct(c, e))) for c, e in zip(completions, examples))
     rewards = torch.from_numpy(score(task, completions, examples))  # torch's float32 mean, as before
-    return EvalResult(accuracy=correct / len(examples), mean_reward=float(rewards.mean()), n=len(examples),
-                      seconds=seconds)
+    return EvalResult(accuracy=sum(correct) / len(examples), mean_reward=float(rewards.mean()), n=len(examples),
+                      seconds=seconds, correct=correct, rewards=tuple(float(r) for r in rewards.tolist()))
 
 
 def evaluate(

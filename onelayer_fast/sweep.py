@@ -3,13 +3,25 @@ evaluated greedily, combined into the paper's per-layer contribution
 
     contribution(i) = (Single(i) - Base) / (Full - Base)        (undefined when Full == Base)
 
+The protocol: every arm (Full and each layer) trains at every learning rate of the grid
+(`learning_rates`) with `seeds` training seeds each (grpo.seed, grpo.seed + 1, ...). Per arm, the rate
+with the best validation score (mean over seeds; the smaller rate on ties) is selected; the arm's
+reported score is that rate's test score, mean over seeds. Validation is scored only when there is a
+rate to choose. 95% intervals come from a paired bootstrap over the test problems and the seeds
+(stats.paired_bootstrap), contribution computed inside each resample.
+
 Layout of a sweep directory DIR:
     sweep.json                 the settings; a rerun with different settings is refused
     .sweep.lock                flocked while a sweep runs here, holding its pid: a second sweep into DIR
                                fails at once; the kernel drops the lock when that process dies (even by kill -9)
-    runs/<name>/               one GRPOTrainer output_dir per run (`full`, `layer-05`, ...): checkpoints, log.jsonl
-    runs/<name>/result.json    the run's evaluated result, written atomically when the run finishes
-    results.csv, results.json  the table (one row per layer); contribution.png (needs matplotlib)
+    runs/<name>/               one GRPOTrainer output_dir per run (`full`, `layer-05`, `layer-05-lr3e-05-seed43`
+                               when there are several rates / seeds): checkpoints, log.jsonl
+    runs/<name>/result.json    the run's evaluated result (with every test and validation score), written
+                               atomically when the run finishes
+    results.csv, results.json  the table (one row per layer); results.json keeps every run
+    contribution.png           contribution per layer with interval bars (needs matplotlib), and
+    lr_heatmap.png             validation gain over (arm x learning rate), when the grid has several rates
+    report.md                  settings, table and plain answers to the paper's questions
 
 Lanes: the single-layer runs train as lanes of one LaneTrainer (lanes.py), as many at once as `lanes`
 says (`auto`: as many as a memory budget allows, see plan_lanes), in waves; `lanes=1` runs them one after
@@ -28,6 +40,7 @@ import fcntl
 import csv
 import dataclasses
 import gc
+import importlib.util
 import io
 import json
 import os
@@ -47,15 +60,19 @@ from .evaluate import EvalResult, evaluate, evaluate_lanes
 from .lane_trainer import LaneRun, LaneTrainer
 from .lanes import Lane
 from .layout import auto_layout
+from . import report
 from .memory import PeakMemory
 from .models import load_model
 from .models.presets import check_model_source
 from .policy import decoder_of
 from .rollout import encode_prompts
-from .tasks import eval_examples, get_task
+from .stats import BootstrapResult, paired_bootstrap
+from .tasks import eval_examples, get_task, val_examples
 from .trainer import GRPOConfig, GRPOTrainer, RunSpec, finite_positive
 
-FORMAT_VERSION = 2  # 2: single-layer runs sample with keyed draws (sampling.py), as lanes
+# 2: single-layer runs sample with keyed draws (sampling.py), as lanes. 3: learning-rate grid, seeds,
+# validation split, per-problem scores and bootstrap intervals.
+FORMAT_VERSION = 3
 METRICS = ("accuracy", "mean_reward")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 SETTINGS_NAME = "sweep.json"
@@ -66,7 +83,11 @@ CSV_COLUMNS = (
     "single_seconds", "single_tokens", "single_peak_memory_mib",
     "full_seconds", "full_tokens", "full_peak_memory_mib",
     "base_reward", "full_reward", "single_reward",
+    "selected_learning_rate", "n_seeds", "single_ci_low", "single_ci_high",
+    "contribution_ci_low", "contribution_ci_high", "p_recovers_80",
 )
+RECOVER_THRESHOLD = 0.8  # the share of Full's gain that counts as recovering it (p_recovers_80)
+BOOTSTRAP_RESAMPLES = 10_000
 
 
 # -------------------------------------------------------------------------------------- small math
@@ -167,8 +188,11 @@ class SweepConfig:
     task_path: str | None = None
     layers: str = "middle"  # see parse_layers
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
-    eval_size: int = 200  # held-out examples (eval split), the same for every run
-    eval_seed: int = 0
+    eval_size: int = 200  # test examples (the reported scores), the same for every run
+    val_size: int = 100  # validation examples, for choosing each arm's learning rate (scored only then)
+    eval_seed: int = 0  # which test and validation examples
+    learning_rates: tuple[float, ...] | None = None  # the grid every arm trains at; None: (grpo.learning_rate,)
+    seeds: int = 1  # training seeds per (arm, learning rate): grpo.seed, grpo.seed + 1, ...
     eval_batch_size: int = 64
     eval_max_new_tokens: int | None = None  # None: grpo.max_completion_length
     metric: str = "accuracy"  # what Base / Full / Single and the contribution are measured in
@@ -202,38 +226,172 @@ class SweepConfig:
             raise ValueError(f"eval_size and eval_batch_size must be >= 1, got {self.eval_size} and {self.eval_batch_size}")
         if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
             raise ValueError(f"eval_max_new_tokens must be >= 1, got {self.eval_max_new_tokens}")
+        if isinstance(self.val_size, bool) or not isinstance(self.val_size, int) or self.val_size < 1:
+            raise ValueError(f"val_size must be an integer >= 1, got {self.val_size!r}")
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds must be an integer >= 1, got {self.seeds!r}")
+        if self.learning_rates is not None:
+            rates = tuple(self.learning_rates)
+            if not rates:
+                raise ValueError("learning_rates is empty: give at least one rate, e.g. 5e-6,3e-5,2e-4")
+            for rate in rates:
+                if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not finite_positive(rate):
+                    raise ValueError(f"every learning rate must be a finite number > 0, got {rate!r}")
+            if len(set(rates)) != len(rates):
+                raise ValueError(f"learning_rates has a rate twice: {', '.join(f'{r:g}' for r in rates)}")
+
+    @property
+    def rates(self) -> tuple[float, ...]:
+        """The learning-rate grid, ascending."""
+        return tuple(sorted(float(r) for r in self.learning_rates)) if self.learning_rates else (self.grpo.learning_rate,)
+
+    @property
+    def seed_values(self) -> tuple[int, ...]:
+        return tuple(self.grpo.seed + k for k in range(self.seeds))
+
+    @property
+    def selects(self) -> bool:
+        """Whether there is a learning rate to choose (and so a validation split to score)."""
+        return len(self.rates) > 1
 
 
 # ------------------------------------------------------------------------------------------ results
 
 @dataclass
 class RunResult:
-    name: str  # "base", "full", "layer-05"
+    """One trained (or, for Base, untrained) model, scored on the test split (and validation, when the
+    sweep selects a learning rate)."""
+
+    name: str  # "base", "full", "layer-05", "layer-05-lr3e-05-seed43"
     mode: str  # "base" (no training) | "full" | "single"
     layer: int | None
-    accuracy: float
-    mean_reward: float
-    n: int  # evaluation examples
+    accuracy: float  # test
+    mean_reward: float  # test
+    n: int  # test examples
     eval_seconds: float
     train_seconds: float  # sum of logged per-step wall times (rollout + update); counts each step once across resumes
     steps: int
     tokens: int  # prompt + completion tokens of every training rollout, summed over steps
     peak_memory_mib: float
     memory_kind: str  # "cuda_max_allocated" (torch.cuda.max_memory_allocated) or "rss_peak" (sampled RSS)
+    learning_rate: float | None = None  # None for Base
+    seed: int | None = None  # the training seed; None for Base
+    correct: list[int] = field(default_factory=list)  # per test example, 1 where task.correct
+    rewards: list[float] = field(default_factory=list)  # per test example
+    val: dict[str, Any] | None = None  # the validation EvalResult as a dict; None when nothing was selected
 
     def metric(self, name: str) -> float:
         return float(getattr(self, name))
+
+    def scores(self, metric: str) -> list[float]:
+        """Per-test-example values of `metric`, in the order of the test examples."""
+        return [float(c) for c in self.correct] if metric == "accuracy" else list(self.rewards)
+
+    def val_metric(self, metric: str) -> float:
+        if self.val is None:
+            raise ValueError(f"run {self.name} has no validation scores")
+        return float(self.val[metric])
+
+
+@dataclass
+class ArmResult:
+    """An arm (Base, Full or one layer) at its selected learning rate: its runs there, one per seed.
+    Scores are means over those runs; costs are per run (mean), peak memory the highest."""
+
+    name: str  # "base", "full", "layer-05"
+    mode: str
+    layer: int | None
+    learning_rate: float | None  # the selected rate; None for Base
+    runs: list[RunResult]  # ascending seed
+
+    def _mean(self, key: str) -> float:
+        return sum(float(getattr(r, key)) for r in self.runs) / len(self.runs)
+
+    @property
+    def accuracy(self) -> float:
+        return self._mean("accuracy")
+
+    @property
+    def mean_reward(self) -> float:
+        return self._mean("mean_reward")
+
+    @property
+    def n(self) -> int:
+        return self.runs[0].n
+
+    @property
+    def seeds(self) -> int:
+        return len(self.runs)
+
+    @property
+    def eval_seconds(self) -> float:
+        return self._mean("eval_seconds")
+
+    @property
+    def train_seconds(self) -> float:
+        return self._mean("train_seconds")
+
+    @property
+    def steps(self) -> int:
+        return min(r.steps for r in self.runs)
+
+    @property
+    def tokens(self) -> int:
+        return round(self._mean("tokens"))
+
+    @property
+    def peak_memory_mib(self) -> float:
+        return max(r.peak_memory_mib for r in self.runs)
+
+    @property
+    def memory_kind(self) -> str:
+        return self.runs[0].memory_kind
+
+    def metric(self, name: str) -> float:
+        return float(getattr(self, name))
+
+    def scores(self, metric: str) -> list[list[float]]:
+        """(seeds, test examples): what the bootstrap resamples."""
+        return [r.scores(metric) for r in self.runs]
+
+
+def _arm_key(run: RunResult) -> report.Arm:
+    return report.FULL if run.mode == "full" else run.layer
+
+
+def select_learning_rates(runs: list[RunResult], metric: str, base_val: float | None) -> tuple[dict, dict]:
+    """Per arm (report.FULL or a layer), the learning rate with the best validation score (mean over
+    seeds; the smaller rate on ties), and the validation gains {(arm, rate): mean - base_val} it chose
+    from. Test scores are never read. An arm trained at one rate only takes it, with no gains."""
+    trained = [r for r in runs if r.mode != "base"]
+    rates_of: dict[report.Arm, set[float]] = {}
+    for r in trained:
+        rates_of.setdefault(_arm_key(r), set()).add(r.learning_rate)
+    if all(len(rates) == 1 for rates in rates_of.values()):
+        return {arm: next(iter(rates)) for arm, rates in rates_of.items()}, {}
+    if base_val is None:
+        raise ValueError("selecting a learning rate needs Base's validation score")
+    cells: dict[tuple[report.Arm, float], list[float]] = {}
+    for r in trained:
+        cells.setdefault((_arm_key(r), r.learning_rate), []).append(r.val_metric(metric))
+    gains = {cell: sum(values) / len(values) - base_val for cell, values in cells.items()}
+    return report.best_learning_rates(gains), gains
 
 
 @dataclass
 class SweepResult:
     settings: dict[str, Any]
     metric: str
-    base: RunResult
-    full: RunResult
-    singles: list[RunResult]  # ascending layer
+    base: ArmResult
+    full: ArmResult
+    singles: list[ArmResult]  # ascending layer, each at its selected learning rate
     out: Path
-    plot: Path | None = None
+    runs: list[RunResult] = field(default_factory=list)  # every run of the grid, Base first
+    validation_gains: dict[tuple[report.Arm, float], float] = field(default_factory=dict)  # {} without a choice
+    stats: BootstrapResult | None = None
+    plot: Path | None = None  # contribution.png
+    plots: list[Path] = field(default_factory=list)  # every plot written
+    report_path: Path | None = None
 
     @property
     def contributions(self) -> dict[int, float | None]:
@@ -251,25 +409,74 @@ class SweepResult:
             return None
         return max(self.singles, key=lambda r: (r.metric(self.metric), -r.layer)).layer
 
+    @property
+    def selected_learning_rates(self) -> dict[report.Arm, float]:
+        return {report.FULL: self.full.learning_rate, **{r.layer: r.learning_rate for r in self.singles}}
+
     def rows(self) -> list[dict[str, Any]]:
         contributions = self.contributions
-        return [{
-            "layer": r.layer, "base": self.base.metric(self.metric), "full": self.full.metric(self.metric),
-            "single": r.metric(self.metric), "contribution": contributions[r.layer],
-            "single_seconds": r.train_seconds, "single_tokens": r.tokens, "single_peak_memory_mib": r.peak_memory_mib,
-            "full_seconds": self.full.train_seconds, "full_tokens": self.full.tokens,
-            "full_peak_memory_mib": self.full.peak_memory_mib,
-            "base_reward": self.base.mean_reward, "full_reward": self.full.mean_reward, "single_reward": r.mean_reward,
-        } for r in self.singles]
+        rows = []
+        for r in self.singles:
+            layer_stats = self.stats.layers[r.layer] if self.stats is not None else None
+            rows.append({
+                "layer": r.layer, "base": self.base.metric(self.metric), "full": self.full.metric(self.metric),
+                "single": r.metric(self.metric), "contribution": contributions[r.layer],
+                "single_seconds": r.train_seconds, "single_tokens": r.tokens, "single_peak_memory_mib": r.peak_memory_mib,
+                "full_seconds": self.full.train_seconds, "full_tokens": self.full.tokens,
+                "full_peak_memory_mib": self.full.peak_memory_mib,
+                "base_reward": self.base.mean_reward, "full_reward": self.full.mean_reward, "single_reward": r.mean_reward,
+                "selected_learning_rate": r.learning_rate, "n_seeds": r.seeds,
+                "single_ci_low": layer_stats.score.low if layer_stats else None,
+                "single_ci_high": layer_stats.score.high if layer_stats else None,
+                "contribution_ci_low": layer_stats.contribution.low if layer_stats else None,
+                "contribution_ci_high": layer_stats.contribution.high if layer_stats else None,
+                "p_recovers_80": layer_stats.p_recovers if layer_stats else None,
+            })
+        return rows
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION, "metric": self.metric, "settings": self.settings,
             "full_equals_base": self.full_equals_base,
-            "note": ("contribution = (single - base) / (full - base); null when full == base"),
+            "note": ("contribution = (single - base) / (full - base); null when full == base. Each arm at its "
+                     "selected learning rate (best validation mean over seeds), scored on the test split"),
             "best_layer": self.best_layer, "rows": self.rows(),
-            "runs": [dataclasses.asdict(r) for r in (self.base, self.full, *self.singles)],
+            "selected_learning_rates": [{"arm": arm, "learning_rate": lr}
+                                        for arm, lr in self.selected_learning_rates.items()],
+            "validation_gains": [{"arm": arm, "learning_rate": lr, "gain": gain}
+                                 for (arm, lr), gain in self.validation_gains.items()],
+            "bootstrap": self.stats.to_dict() if self.stats is not None else None,
+            "runs": [dataclasses.asdict(r) for r in self.runs],
         }
+
+
+def assemble(settings: dict[str, Any], metric: str, runs: list[RunResult], out: Path,
+             resamples: int = BOOTSTRAP_RESAMPLES) -> SweepResult:
+    """The sweep's answer from its finished runs: per arm the validation-selected learning rate, the
+    arm's scores over seeds there, and paired-bootstrap intervals on the test scores."""
+    base_runs = [r for r in runs if r.mode == "base"]
+    if len(base_runs) != 1:
+        raise ValueError(f"a sweep has exactly one Base run, got {len(base_runs)}")
+    base_run = base_runs[0]
+    base_val = base_run.val_metric(metric) if base_run.val is not None else None
+    selected, gains = select_learning_rates(runs, metric, base_val)
+
+    def arm(key: report.Arm) -> ArmResult:
+        chosen = sorted((r for r in runs if r.mode != "base" and _arm_key(r) == key
+                         and r.learning_rate == selected[key]), key=lambda r: r.seed)
+        return ArmResult(name=_arm_name(chosen[0].mode, chosen[0].layer, settings.get("num_layers", 1)), mode=chosen[0].mode, layer=chosen[0].layer, learning_rate=selected[key],
+                         runs=chosen)
+
+    if report.FULL not in selected:
+        raise ValueError("a sweep needs Full's runs")
+    base = ArmResult(name="base", mode="base", layer=None, learning_rate=None, runs=[base_run])
+    full = arm(report.FULL)
+    singles = [arm(layer) for layer in sorted(k for k in selected if k != report.FULL)]
+    stats = paired_bootstrap(base.scores(metric), full.scores(metric),
+                             {s.layer: s.scores(metric) for s in singles}, resamples=resamples,
+                             recover_threshold=RECOVER_THRESHOLD)
+    return SweepResult(settings=settings, metric=metric, base=base, full=full, singles=singles, out=out,
+                       runs=runs, validation_gains=gains, stats=stats)
 
 
 # -------------------------------------------------------------------------------------- file helpers
@@ -510,12 +717,25 @@ class _Run:
     name: str
     mode: str
     layer: int | None
+    learning_rate: float | None = None
+    seed: int | None = None
 
 
-def _runs(layers: list[int], num_layers: int) -> list[_Run]:
-    width = len(str(num_layers - 1))
-    return [_Run("base", "base", None), _Run("full", "full", None),
-            *[_Run(f"layer-{i:0{width}d}", "single", i) for i in layers]]
+def _arm_name(mode: str, layer: int | None, num_layers: int) -> str:
+    return mode if layer is None else f"layer-{layer:0{len(str(num_layers - 1))}d}"
+
+
+def _runs(layers: list[int], num_layers: int, rates: tuple[float, ...], seeds: tuple[int, ...]) -> list[_Run]:
+    """Base, then Full and every layer at every (rate, seed). A run's name carries the rate and the seed
+    only where the grid has several: a one-rate, one-seed sweep keeps the plain names (full, layer-05)."""
+    def suffix(rate: float, seed: int) -> str:
+        return (f"-lr{rate:g}" if len(rates) > 1 else "") + (f"-seed{seed}" if len(seeds) > 1 else "")
+
+    runs = [_Run("base", "base", None)]
+    for mode, layer in [("full", None), *[("single", i) for i in layers]]:
+        runs += [_Run(_arm_name(mode, layer, num_layers) + suffix(rate, seed), mode, layer, rate, seed)
+                 for rate in rates for seed in seeds]
+    return runs
 
 
 class _Sweep:
@@ -541,15 +761,22 @@ class _Sweep:
         model, tokenizer = self._pristine
         return copy.deepcopy(model).to(self.device), tokenizer
 
-    def settings(self, layers: list[int], num_layers: int, eval_n: int) -> dict[str, Any]:
+    def settings(self, layers: list[int], num_layers: int, test_n: int, val_n: int | None) -> dict[str, Any]:
         grpo = dataclasses.asdict(self.grpo)
+        del grpo["learning_rate"]  # the grid's, in "learning_rates" (grpo.seed stays: the model's init seed, seeds[0])
         c = self.config
         return {"format_version": FORMAT_VERSION, "model": c.model, "task": c.task, "task_path": c.task_path,
                 "algo": self.grpo.algo, "layer_spec": c.layers, "layers": layers, "num_layers": num_layers,
-                "eval_size": c.eval_size, "eval_seed": c.eval_seed, "eval_examples": eval_n,
+                "learning_rates": list(c.rates), "seeds": list(c.seed_values),
+                "eval_size": c.eval_size, "eval_seed": c.eval_seed, "eval_examples": test_n,
+                "val_size": c.val_size if c.selects else None, "val_examples": val_n,
                 "eval_max_new_tokens": self.max_new_tokens, "dtype": c.dtype, "grpo": grpo}
 
-    def execute(self, run: _Run, examples, model=None, tokenizer=None) -> RunResult:
+    def run_config(self, run: _Run) -> GRPOConfig:
+        """The shared training knobs with this run's learning rate and seed."""
+        return dataclasses.replace(self.grpo, learning_rate=run.learning_rate, seed=run.seed)
+
+    def execute(self, run: _Run, splits: dict[str, list], model=None, tokenizer=None) -> RunResult:
         run_dir = self.out / "runs" / run.name
         run_dir.mkdir(parents=True, exist_ok=True)
         if model is None:
@@ -558,46 +785,56 @@ class _Sweep:
             if run.mode != "base":
                 spec = RunSpec(output_dir=str(run_dir), mode=run.mode, layer=run.layer,
                                save_steps=self.config.save_steps, save_total_limit=self.config.save_total_limit)
-                trainer = GRPOTrainer(model, tokenizer, self.task, self.grpo, spec, base_model=self.config.model,
-                                      resume=True, progress=self.config.progress)
+                trainer = GRPOTrainer(model, tokenizer, self.task, self.run_config(run), spec,
+                                      base_model=self.config.model, resume=True, progress=self.config.progress)
                 trainer.train()
                 del trainer  # the trainer holds the policy (and in full mode a reference copy)
-            scores = evaluate(model, tokenizer, self.task, examples, batch_size=self.config.eval_batch_size,
-                              max_new_tokens=self.max_new_tokens, progress=self.config.progress)
+            scores = {name: evaluate(model, tokenizer, self.task, examples, batch_size=self.config.eval_batch_size,
+                                     max_new_tokens=self.max_new_tokens, progress=self.config.progress)
+                      for name, examples in splits.items()}
         return self.run_result(run, scores, memory)
 
-    def run_result(self, run: _Run, scores: EvalResult, memory: PeakMemory) -> RunResult:
+    def run_result(self, run: _Run, scores: dict[str, EvalResult], memory: PeakMemory) -> RunResult:
         """A finished run's result: its scores, its training cost from its log, the memory it ran in."""
         seconds, tokens, steps = _training_cost(self.out / "runs" / run.name, self.grpo.max_steps)
-        return RunResult(name=run.name, mode=run.mode, layer=run.layer, accuracy=scores.accuracy,
-                         mean_reward=scores.mean_reward, n=scores.n, eval_seconds=scores.seconds,
+        test, val = scores["test"], scores.get("val")
+        return RunResult(name=run.name, mode=run.mode, layer=run.layer, accuracy=test.accuracy,
+                         mean_reward=test.mean_reward, n=test.n, eval_seconds=test.seconds,
                          train_seconds=seconds, steps=steps, tokens=tokens, peak_memory_mib=memory.peak_mib,
-                         memory_kind=memory.kind)
+                         memory_kind=memory.kind, learning_rate=run.learning_rate, seed=run.seed,
+                         correct=list(test.correct), rewards=list(test.rewards),
+                         val=None if val is None else val.to_dict())
 
-
-    def execute_wave(self, runs: list[_Run], examples) -> list[RunResult]:
+    def execute_wave(self, runs: list[_Run], splits: dict[str, list]) -> list[RunResult]:
         """Train single-layer runs as lanes of one LaneTrainer on a fresh model, evaluate them all at once.
         Their peak memory is the wave's; train and eval seconds are each lane's share."""
         model, tokenizer = self.fresh_model()
+        lanes = [Lane(run.layer, learning_rate=run.learning_rate, seed=run.seed) for run in runs]
         with PeakMemory(self.device) as memory:
             trainer = LaneTrainer(model, tokenizer, self.task, self.grpo,
-                                  [LaneRun(Lane(run.layer), str(self.out / "runs" / run.name)) for run in runs],
+                                  [LaneRun(lane, str(self.out / "runs" / run.name)) for lane, run in zip(lanes, runs)],
                                   base_model=self.config.model, save_steps=self.config.save_steps,
                                   save_total_limit=self.config.save_total_limit, progress=self.config.progress)
             trainer.train()
-            scores = evaluate_lanes(trainer.policy, tokenizer, self.task, examples, batch_size=self.config.eval_batch_size,
-                                    max_new_tokens=self.max_new_tokens, progress=self.config.progress)
-        by_layer = {lane.layer: score for lane, score in zip(trainer.policy.lanes, scores)}
+            per_split = {}
+            for name, examples in splits.items():
+                per_split[name] = evaluate_lanes(trainer.policy, tokenizer, self.task, examples,
+                                                 batch_size=self.config.eval_batch_size,
+                                                 max_new_tokens=self.max_new_tokens, progress=self.config.progress)
+        trained = list(trainer.policy.lanes)  # the policy's lane order (execution order, deepest first)
         del trainer, model
-        return [self.run_result(run, by_layer[run.layer], memory) for run in runs]
+        by_lane = [{name: results[trained.index(lane)] for name, results in per_split.items()} for lane in lanes]
+        return [self.run_result(run, scores, memory) for run, scores in zip(runs, by_lane)]
 
 
 def _load_result(path: Path, run: _Run) -> RunResult:
     data = json.loads(path.read_text(encoding="utf-8"))
     result = RunResult(**data)
-    if (result.name, result.mode, result.layer) != (run.name, run.mode, run.layer):
-        raise ValueError(f"{path} holds run {result.name!r} ({result.mode}, layer {result.layer}), "
-                         f"expected {run.name!r} ({run.mode}, layer {run.layer})")
+    found = (result.name, result.mode, result.layer, result.learning_rate, result.seed)
+    if found != (run.name, run.mode, run.layer, run.learning_rate, run.seed):
+        raise ValueError(f"{path} holds run {result.name!r} ({result.mode}, layer {result.layer}, lr "
+                         f"{result.learning_rate}, seed {result.seed}), expected {run.name!r} ({run.mode}, layer "
+                         f"{run.layer}, lr {run.learning_rate}, seed {run.seed})")
     return result
 
 
@@ -623,12 +860,17 @@ def _run_locked(sweep: _Sweep, config: SweepConfig) -> SweepResult:
     model, tokenizer = sweep.fresh_model()
     num_layers = len(decoder_of(model).layers)
     layers = parse_layers(config.layers, num_layers)
-    examples = eval_examples(sweep.task, config.eval_size, seed=config.eval_seed)
-    if not examples:
-        raise ValueError(f"task {sweep.task.name!r} has no eval examples")
-    _check_or_write_settings(sweep.out, sweep.settings(layers, num_layers, len(examples)))
+    splits = {"test": eval_examples(sweep.task, config.eval_size, seed=config.eval_seed)}
+    if not splits["test"]:
+        raise ValueError(f"task {sweep.task.name!r} has no test examples")
+    if config.selects:
+        splits["val"] = val_examples(sweep.task, config.val_size, seed=config.eval_seed)
+        if not splits["val"]:
+            raise ValueError(f"task {sweep.task.name!r} has no validation examples to select a learning rate on")
+    _check_or_write_settings(sweep.out, sweep.settings(layers, num_layers, len(splits["test"]),
+                                                       len(splits["val"]) if config.selects else None))
 
-    runs = _runs(layers, num_layers)
+    runs = _runs(layers, num_layers, config.rates, config.seed_values)
     results: dict[str, RunResult] = {}
     pending = []
     for run in runs:
@@ -667,16 +909,16 @@ def _run_locked(sweep: _Sweep, config: SweepConfig) -> SweepResult:
         for run in pending:
             bar.set_postfix_str(run.name)
             if run.mode == "base":  # the model loaded above is untouched: evaluate it as Base
-                record(sweep.execute(run, examples, model, tokenizer))
+                record(sweep.execute(run, splits, model, tokenizer))
             else:
                 model = tokenizer = None
                 _release(sweep.device)
-                record(sweep.execute(run, examples))
+                record(sweep.execute(run, splits))
         for wave in waves:
             bar.set_postfix_str(f"{len(wave)} lanes: " + ",".join(str(run.layer) for run in wave))
             model = tokenizer = None
             _release(sweep.device)
-            for result in sweep.execute_wave(wave, examples):
+            for result in sweep.execute_wave(wave, splits):
                 record(result)
     finally:
         bar.close()
@@ -685,10 +927,9 @@ def _run_locked(sweep: _Sweep, config: SweepConfig) -> SweepResult:
     _release(sweep.device)
 
     settings = json.loads((sweep.out / SETTINGS_NAME).read_text(encoding="utf-8"))
-    result = SweepResult(settings=settings, metric=config.metric, base=results["base"], full=results["full"],
-                         singles=[results[r.name] for r in runs if r.mode == "single"], out=sweep.out)
+    result = assemble(settings, config.metric, [results[r.name] for r in runs], sweep.out)
     write_results(result)
-    result.plot = plot_contribution(result, sweep.out / "contribution.png")
+    write_plots_and_report(result)
     return result
 
 
@@ -721,73 +962,65 @@ def _title(result: SweepResult) -> str:
 def format_table(result: SweepResult) -> str:
     m = result.metric
     base, full = result.base, result.full
-    lines = [f"sweep {_title(result)}: {m} on {base.n} eval examples, {result.settings['grpo']['max_steps']} steps per run",
-             f"  Base      {base.metric(m):8.4f}   reward {base.mean_reward:.4f}",
-             f"  Full      {full.metric(m):8.4f}   reward {full.mean_reward:.4f}   {full.train_seconds:8.1f} s  "
-             f"{full.tokens:10d} tok  {full.peak_memory_mib:8.0f} MiB"]
+    s = result.settings
+    grid = ""
+    if len(s.get("learning_rates", [])) > 1 or len(s.get("seeds", [])) > 1:
+        grid = (f", {len(s['learning_rates'])} learning rate(s) x {len(s['seeds'])} seed(s) per arm, "
+                f"rate selected on {s.get('val_examples') or 0} validation examples")
+    stats = result.stats
+    lines = [f"sweep {_title(result)}: {m} on {base.n} test examples, {s['grpo']['max_steps']} steps per run{grid}",
+             f"  Base      {base.metric(m):8.4f}   reward {base.mean_reward:.4f}" + _ci(stats.base if stats else None),
+             f"  Full      {full.metric(m):8.4f}   reward {full.mean_reward:.4f}   lr {full.learning_rate:g}   "
+             f"{full.train_seconds:8.1f} s  {full.tokens:10d} tok  {full.peak_memory_mib:8.0f} MiB"
+             + _ci(stats.full if stats else None)]
     if result.full_equals_base:
         lines.append(f"  Full == Base ({full.metric(m):.4f}): contribution is undefined "
                      "(n/a here, empty in results.csv, null in results.json)")
-    lines.append(f"  {'layer':>5}  {'Single(i)':>9}  {'contrib':>8}  {'reward':>7}  {'seconds':>8}  {'tokens':>10}  {'peak MiB':>8}")
+    lines.append(f"  {'layer':>5}  {'Single(i)':>9}  {'contrib':>8}  {'95% interval':>17}  {'P(>=0.8)':>8}  "
+                 f"{'lr':>8}  {'reward':>7}  {'seconds':>8}  {'tokens':>10}  {'peak MiB':>8}")
     best = result.best_layer
     contributions = result.contributions
     for r in result.singles:
         c = contributions[r.layer]
+        layer_stats = stats.layers[r.layer] if stats else None
+        interval = "" if layer_stats is None or layer_stats.contribution.low is None else \
+            f"[{layer_stats.contribution.low:6.2f}, {layer_stats.contribution.high:6.2f}]"
+        recovers = "" if layer_stats is None or layer_stats.p_recovers is None else f"{layer_stats.p_recovers:.2f}"
         mark = "  <- best" if r.layer == best else ""
-        lines.append(f"  {r.layer:>5}  {r.metric(m):9.4f}  {'n/a' if c is None else f'{c:8.3f}':>8}  {r.mean_reward:7.4f}  "
-                     f"{r.train_seconds:8.1f}  {r.tokens:10d}  {r.peak_memory_mib:8.0f}{mark}")
+        lines.append(f"  {r.layer:>5}  {r.metric(m):9.4f}  {'n/a' if c is None else f'{c:8.3f}':>8}  {interval:>17}  "
+                     f"{recovers:>8}  {r.learning_rate:8.2g}  {r.mean_reward:7.4f}  {r.train_seconds:8.1f}  "
+                     f"{r.tokens:10d}  {r.peak_memory_mib:8.0f}{mark}")
     return "\n".join(lines)
 
 
+def _ci(interval) -> str:
+    return "" if interval is None or interval.low is None else f"   95% [{interval.low:.4f}, {interval.high:.4f}]"
+
+
 def print_table(result: SweepResult, file=None) -> None:
-    """Base, Full, and per layer Single(i) with its contribution and cost."""
+    """Base, Full, and per layer Single(i) with its contribution, interval and cost."""
     print(format_table(result), file=file or sys.stdout)
 
 
-def plot_contribution(result: SweepResult, path: str | os.PathLike) -> Path | None:
-    """Bars of contribution per layer, best layer marked; Single(i) - Base when Full == Base.
-    Returns None (with a printed note) when matplotlib is not installed or there are no layers."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed (pip install 'onelayer_fast[plot]'): contribution.png skipped")
-        return None
-    if not result.singles:
-        return None
-    path = Path(path)
-    layers = [r.layer for r in result.singles]
-    base = result.base.metric(result.metric)
-    if result.full_equals_base:
-        values = [r.metric(result.metric) - base for r in result.singles]
-        ylabel = f"Single(i) - Base ({result.metric})"
-        subtitle = "Full == Base: contribution undefined, showing Single(i) - Base"
+def write_plots_and_report(result: SweepResult) -> None:
+    """contribution.png (intervals), lr_heatmap.png (when a rate was selected) and report.md in result.out.
+    Without matplotlib the plots are skipped with a note; report.md is written either way."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("note: matplotlib is not installed (pip install 'onelayer_fast[plot]'): plots skipped")
     else:
-        values = [result.contributions[i] for i in layers]
-        ylabel = "contribution = (Single(i) - Base) / (Full - Base)"
-        subtitle = f"{result.metric}: Base {base:.3f}, Full {result.full.metric(result.metric):.3f}"
-    best = result.best_layer
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(layers) + 2.0), 3.5))
-    try:
-        colors = ["tab:orange" if i == best else "tab:blue" for i in layers]
-        ax.bar(layers, values, color=colors)
-        ax.axhline(0.0, color="black", linewidth=0.8)
-        if not result.full_equals_base:
-            ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8, label="Full")
-        top = values[layers.index(best)]
-        ax.annotate(f"best: {best}", xy=(best, top), xytext=(0, 3 if top >= 0 else -3), textcoords="offset points",
-                    ha="center", va="bottom" if top >= 0 else "top", fontsize=8)
-        ax.set_xticks(layers)
-        ax.margins(y=0.15)  # room for the "best" label above (or below) its bar
-        ax.set_xlabel("layer")
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.set_title(f"{_title(result)}\n{subtitle}", fontsize=9)
-        fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-    return path
+        if result.stats is not None and result.stats.layers:
+            result.plot = report.plot_contribution_intervals(result.stats, result.out / "contribution.png",
+                                                             title=_title(result))
+            result.plots.append(result.plot)
+        if result.validation_gains:
+            result.plots.append(report.plot_lr_heatmap(
+                result.validation_gains, result.out / "lr_heatmap.png", selected=result.selected_learning_rates,
+                title=f"{_title(result)}: validation gain over Base (boxed: selected)"))
+    if result.stats is not None:
+        rows = report.table_rows(result.stats, result.selected_learning_rates)
+        for row, arm in zip(rows, [result.base, result.full, *result.singles]):
+            row["train seconds per run"] = arm.train_seconds if arm.mode != "base" else None
+        result.report_path = result.out / "report.md"
+        report.write_report(result.report_path, result.settings, result.stats, rows=rows,
+                            selected_lr=result.selected_learning_rates, plots=result.plots,
+                            title=f"Layer sweep: {_title(result)}")

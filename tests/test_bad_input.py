@@ -292,7 +292,7 @@ def test_kill_during_the_first_settings_write_then_rerun(tmp_path, monkeypatch):
     with pytest.raises(Stop):
         run_sweep(sweep_config(out))
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, SETTINGS_NAME]
-    assert json.loads((out / SETTINGS_NAME).read_text())["grpo"]["learning_rate"] == TRAIN_FLAGS["learning_rate"]
+    assert json.loads((out / SETTINGS_NAME).read_text())["learning_rates"] == [TRAIN_FLAGS["learning_rate"]]
 
 
 def test_torn_settings_file(tmp_path, monkeypatch):

@@ -246,7 +246,7 @@ def test_resume_after_a_kill_with_lanes(cli_sweep, tmp_path, monkeypatch, spy):
 
 
 def test_refuses_a_directory_made_with_other_settings(cli_sweep, tmp_path, spy, capsys):
-    with pytest.raises(ValueError, match=r"different settings \(grpo\.learning_rate: 0\.01 -> 0\.02\)"):
+    with pytest.raises(ValueError, match=r"different settings \(learning_rates: \[0\.01\] -> \[0\.02\]\)"):
         run_sweep(sweep_config(cli_sweep, grpo=dict(learning_rate=2e-2)))
     with pytest.raises(ValueError, match=r"layers: \[1, 3\] -> \[1\]"):
         run_sweep(sweep_config(cli_sweep, layers="1"))
