@@ -374,12 +374,13 @@ def _flatten(settings: Mapping[str, Any], prefix: str = "") -> list[tuple[str, A
 def write_report(path: str | os.PathLike, settings: Mapping[str, Any], result: BootstrapResult, *,
                  rows: Sequence[Mapping[str, Any]] | None = None, selected_lr: Mapping[Arm, float] | None = None,
                  num_layers: int | None = None, plots: Sequence[str | os.PathLike] = (),
-                 title: str = "Layer sweep report") -> str:
+                 title: str = "Layer sweep report", notes: Sequence[str] = ()) -> str:
     """Write report.md (atomically) and return its text: settings, method, table, answers, plots.
 
     rows: the table (default table_rows(result, selected_lr)); extra keys become extra columns.
     num_layers: the model's depth for relative positions (default settings["num_layers"] when present).
-    plots: image files to link, relative to the report's directory when they are under it."""
+    plots: image files to link, relative to the report's directory when they are under it.
+    notes: sentences for a closing Notes section (e.g. runs that diverged)."""
     path = Path(path)
     if num_layers is None and isinstance(settings.get("num_layers"), int):
         num_layers = settings["num_layers"]
@@ -412,6 +413,8 @@ def write_report(path: str | os.PathLike, settings: Mapping[str, Any], result: B
             except ValueError:  # not under the report's directory
                 link = plot.as_posix()
             lines.append(f"![{plot.stem}]({link})")
+    if notes:
+        lines += ["", "## Notes", "", *(f"- {note}" for note in notes)]
     text = "\n".join(lines) + "\n"
     _write_atomic(path, text.encode("utf-8"))
     return text

@@ -69,6 +69,7 @@ from .rollout import encode_prompts
 from .stats import BootstrapResult, paired_bootstrap
 from .tasks import eval_examples, get_task, val_examples
 from .trainer import GRPOConfig, GRPOTrainer, RunSpec, finite_positive
+from .update import DivergenceError
 
 # 2: single-layer runs sample with keyed draws (sampling.py), as lanes. 3: learning-rate grid, seeds,
 # validation split, per-problem scores and bootstrap intervals.
@@ -279,6 +280,7 @@ class RunResult:
     correct: list[int] = field(default_factory=list)  # per test example, 1 where task.correct
     rewards: list[float] = field(default_factory=list)  # per test example
     val: dict[str, Any] | None = None  # the validation EvalResult as a dict; None when nothing was selected
+    diverged: str | None = None  # why training diverged; such a run has no scores (0, empty) and is never selected
 
     def metric(self, name: str) -> float:
         return float(getattr(self, name))
@@ -362,19 +364,26 @@ def _arm_key(run: RunResult) -> report.Arm:
 def select_learning_rates(runs: list[RunResult], metric: str, base_val: float | None) -> tuple[dict, dict]:
     """Per arm (report.FULL or a layer), the learning rate with the best validation score (mean over
     seeds; the smaller rate on ties), and the validation gains {(arm, rate): mean - base_val} it chose
-    from. Test scores are never read. An arm trained at one rate only takes it, with no gains."""
-    trained = [r for r in runs if r.mode != "base"]
-    rates_of: dict[report.Arm, set[float]] = {}
-    for r in trained:
-        rates_of.setdefault(_arm_key(r), set()).add(r.learning_rate)
-    if all(len(rates) == 1 for rates in rates_of.values()):
-        return {arm: next(iter(rates)) for arm, rates in rates_of.items()}, {}
+    from. Test scores are never read. A rate at which any of the arm's seeds diverged is not a candidate.
+    Without validation (base_val None) every arm must have exactly one candidate rate, and takes it.
+    Raises ValueError when an arm diverged at every rate (there is nothing to report for it)."""
+    cells: dict[tuple[report.Arm, float], list[RunResult]] = {}
+    for r in runs:
+        if r.mode != "base":
+            cells.setdefault((_arm_key(r), r.learning_rate), []).append(r)
+    usable = {cell: rs for cell, rs in cells.items() if not any(r.diverged for r in rs)}
+    for arm in dict.fromkeys(arm for arm, _ in cells):
+        rates = sorted(rate for a, rate in cells if a == arm)
+        candidates = [rate for a, rate in usable if a == arm]
+        if not candidates:
+            raise ValueError(f"{'Full' if arm == report.FULL else f'layer {arm}'} diverged at every learning rate "
+                             f"({', '.join(f'{rate:g}' for rate in rates)}): nothing to report for it; "
+                             "sweep smaller rates")
+        if base_val is None and len(candidates) > 1:
+            raise ValueError("selecting a learning rate needs Base's validation score")
     if base_val is None:
-        raise ValueError("selecting a learning rate needs Base's validation score")
-    cells: dict[tuple[report.Arm, float], list[float]] = {}
-    for r in trained:
-        cells.setdefault((_arm_key(r), r.learning_rate), []).append(r.val_metric(metric))
-    gains = {cell: sum(values) / len(values) - base_val for cell, values in cells.items()}
+        return {arm: rate for arm, rate in usable}, {}
+    gains = {cell: sum(r.val_metric(metric) for r in rs) / len(rs) - base_val for cell, rs in usable.items()}
     return report.best_learning_rates(gains), gains
 
 
@@ -408,6 +417,10 @@ class SweepResult:
         if not self.singles:
             return None
         return max(self.singles, key=lambda r: (r.metric(self.metric), -r.layer)).layer
+
+    @property
+    def diverged(self) -> list[RunResult]:
+        return [r for r in self.runs if r.diverged]
 
     @property
     def selected_learning_rates(self) -> dict[report.Arm, float]:
@@ -446,6 +459,7 @@ class SweepResult:
             "validation_gains": [{"arm": arm, "learning_rate": lr, "gain": gain}
                                  for (arm, lr), gain in self.validation_gains.items()],
             "bootstrap": self.stats.to_dict() if self.stats is not None else None,
+            "diverged_runs": [r.name for r in self.diverged],
             "runs": [dataclasses.asdict(r) for r in self.runs],
         }
 
@@ -787,7 +801,10 @@ class _Sweep:
                                save_steps=self.config.save_steps, save_total_limit=self.config.save_total_limit)
                 trainer = GRPOTrainer(model, tokenizer, self.task, self.run_config(run), spec,
                                       base_model=self.config.model, resume=True, progress=self.config.progress)
-                trainer.train()
+                try:
+                    trainer.train()
+                except DivergenceError as error:
+                    return self.diverged_result(run, error)
                 del trainer  # the trainer holds the policy (and in full mode a reference copy)
             scores = {name: evaluate(model, tokenizer, self.task, examples, batch_size=self.config.eval_batch_size,
                                      max_new_tokens=self.max_new_tokens, progress=self.config.progress)
@@ -805,9 +822,20 @@ class _Sweep:
                          correct=list(test.correct), rewards=list(test.rewards),
                          val=None if val is None else val.to_dict())
 
+    def diverged_result(self, run: _Run, error: DivergenceError) -> RunResult:
+        """A run whose training diverged: no scores (it is never selected), the reason kept."""
+        print(f"note: run {run.name} diverged; it is recorded as such and never selected ({error})")
+        seconds, tokens, steps = _training_cost(self.out / "runs" / run.name, self.grpo.max_steps)
+        return RunResult(name=run.name, mode=run.mode, layer=run.layer, accuracy=0.0, mean_reward=0.0, n=0,
+                         eval_seconds=0.0, train_seconds=seconds, steps=steps, tokens=tokens, peak_memory_mib=0.0,
+                         memory_kind="", learning_rate=run.learning_rate, seed=run.seed, diverged=str(error))
+
     def execute_wave(self, runs: list[_Run], splits: dict[str, list]) -> list[RunResult]:
         """Train single-layer runs as lanes of one LaneTrainer on a fresh model, evaluate them all at once.
-        Their peak memory is the wave's; train and eval seconds are each lane's share."""
+        Their peak memory is the wave's; train and eval seconds are each lane's share.
+
+        When lanes diverge, those runs are recorded as diverged and the others go on as a new wave, each
+        resumed from its last checkpoint (a lane computes what it would alone, so nothing changes for them)."""
         model, tokenizer = self.fresh_model()
         lanes = [Lane(run.layer, learning_rate=run.learning_rate, seed=run.seed) for run in runs]
         with PeakMemory(self.device) as memory:
@@ -815,7 +843,17 @@ class _Sweep:
                                   [LaneRun(lane, str(self.out / "runs" / run.name)) for lane, run in zip(lanes, runs)],
                                   base_model=self.config.model, save_steps=self.config.save_steps,
                                   save_total_limit=self.config.save_total_limit, progress=self.config.progress)
-            trainer.train()
+            try:
+                trainer.train()
+            except DivergenceError as error:
+                if not error.lanes:  # not one lane's doing (e.g. the rewards): the whole wave is stuck
+                    raise
+                names = {Path(trainer.runs[k].output_dir).name for k in error.lanes}
+                trainer = model = None
+                _release(self.device)
+                diverged = [self.diverged_result(run, error) for run in runs if run.name in names]
+                rest = [run for run in runs if run.name not in names]
+                return diverged + (self.execute_wave(rest, splits) if rest else [])
             per_split = {}
             for name, examples in splits.items():
                 per_split[name] = evaluate_lanes(trainer.policy, tokenizer, self.task, examples,
@@ -976,6 +1014,8 @@ def format_table(result: SweepResult) -> str:
     if result.full_equals_base:
         lines.append(f"  Full == Base ({full.metric(m):.4f}): contribution is undefined "
                      "(n/a here, empty in results.csv, null in results.json)")
+    if result.diverged:
+        lines.append(f"  diverged (never selected): {', '.join(r.name for r in result.diverged)}")
     lines.append(f"  {'layer':>5}  {'Single(i)':>9}  {'contrib':>8}  {'95% interval':>17}  {'P(>=0.8)':>8}  "
                  f"{'lr':>8}  {'reward':>7}  {'seconds':>8}  {'tokens':>10}  {'peak MiB':>8}")
     best = result.best_layer
@@ -1021,6 +1061,7 @@ def write_plots_and_report(result: SweepResult) -> None:
         for row, arm in zip(rows, [result.base, result.full, *result.singles]):
             row["train seconds per run"] = arm.train_seconds if arm.mode != "base" else None
         result.report_path = result.out / "report.md"
+        notes = [f"Run {r.name} diverged and was never selected: {r.diverged}" for r in result.diverged]
         report.write_report(result.report_path, result.settings, result.stats, rows=rows,
                             selected_lr=result.selected_learning_rates, plots=result.plots,
-                            title=f"Layer sweep: {_title(result)}")
+                            title=f"Layer sweep: {_title(result)}", notes=notes)

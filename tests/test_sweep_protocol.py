@@ -235,3 +235,33 @@ def test_cli_rejects_bad_grid_flags(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert message in err and flags[0] in err
     assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------------------ divergence
+
+def test_a_diverged_rate_is_recorded_and_never_selected(tmp_path):
+    """At 1e30 every run diverges (Full alone, the layers as lanes of one wave): those runs are recorded as
+    diverged, the lanes still training go on resumed from their checkpoints, and each arm selects 1e-2,
+    its runs exactly those of a sweep that never had the diverging rate."""
+    out = tmp_path / "grid"
+    result = run_sweep(grid_config(out, dtype="float64", learning_rates=(1e-2, 1e30), lanes=8))
+    assert result.selected_learning_rates == {report.FULL: 1e-2, 1: 1e-2, 3: 1e-2}
+    diverged = sorted(r.name for r in result.diverged)
+    assert diverged == sorted(f"{arm}-lr1e+30-seed{seed}" for arm in ("full", "layer-1", "layer-3") for seed in (42, 43))
+    data = json.loads((out / "results.json").read_text())
+    assert sorted(data["diverged_runs"]) == diverged
+    assert all("diverged" in r["diverged"] and r["correct"] == [] for r in data["runs"] if r["name"] in diverged)
+    assert "diverged and was never selected" in (out / "report.md").read_text()
+
+    plain = run_sweep(grid_config(tmp_path / "plain", dtype="float64", learning_rates=(1e-2,), lanes=8))
+    def by_arm(runs):
+        return {(r.mode, r.layer, r.seed): (r.rewards, r.tokens) for r in runs if r.learning_rate == 1e-2}
+    assert by_arm(result.runs) == by_arm(plain.runs)
+    # a rerun loads the diverged runs as they are: nothing trains again
+    again = run_sweep(grid_config(out, dtype="float64", learning_rates=(1e-2, 1e30), lanes=8))
+    assert sorted(r.name for r in again.diverged) == diverged
+
+
+def test_an_arm_that_diverges_at_every_rate_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=r"Full diverged at every learning rate \(1e\+30\)"):
+        run_sweep(grid_config(tmp_path / "grid", learning_rates=(1e30,), seeds=1, layers="1"))
