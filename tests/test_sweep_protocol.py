@@ -193,8 +193,8 @@ def test_float64_grid_with_lanes_equals_one_at_a_time(tmp_path):
         return [{k: r[k] for k in ("name", "accuracy", "mean_reward", "rewards", "tokens", "learning_rate", "seed")}
                 | {"val": r["val"]["rewards"]} for r in data["runs"]], data["rows"]
 
-    run_sweep(grid_config(tmp_path / "one", dtype="float64", lanes=1))
-    run_sweep(grid_config(tmp_path / "all", dtype="float64", lanes=8))
+    run_sweep(grid_config(tmp_path / "one", dtype="float64", layers="-1", lanes=1))
+    run_sweep(grid_config(tmp_path / "all", dtype="float64", layers="-1", lanes=4))
     runs_one, rows_one = table(tmp_path / "one")
     runs_all, rows_all = table(tmp_path / "all")
     assert runs_one == runs_all
