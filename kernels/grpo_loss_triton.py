@@ -26,8 +26,9 @@ metrics vector [loss, kl, clip low, clip high, clip region, advantage mean, frac
 
 Fused path (`TritonGRPOLoss`): lm_head forward kernel (logp, lse of the N tokens) -> loss kernel ->
 reduce kernel. Saved for backward: hidden, weight, token ids, lse (N,) fp32 and dlogp (N,) fp32.
-Backward: the hidden-gradient kernel of `token_logprobs_triton.py` fed with dlogp * grad_loss, and the
-weight-gradient kernel only when the lm_head weight requires grad.
+Backward: the lm_head backward of `token_logprobs_triton.py` (`token_logprobs_triton_grads`) fed with
+dlogp * grad_loss: one recompute of each logits tile for the hidden gradient and, only when the lm_head weight
+requires grad, the weight gradient.
 """
 from __future__ import annotations
 
@@ -40,9 +41,8 @@ from .grpo_loss import STD_EPS, LossConfig
 from .token_logprobs_triton import (
     is_interpreted,
     launch_config,
-    token_logprobs_triton_backward,
-    token_logprobs_triton_backward_weight,
     token_logprobs_triton_forward,
+    token_logprobs_triton_grads,
 )
 
 METRIC_NAMES = (
@@ -373,15 +373,10 @@ class TritonGRPOLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_logp, _grad_metrics, _grad_adv):
         hidden, weight, token_ids, lse, dlogp = ctx.saved_tensors
         grad_logp = dlogp * grad_loss.to(torch.float32)
-        grad_hidden = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_hidden = token_logprobs_triton_backward(
-                grad_logp, hidden, weight, token_ids, lse, ctx.temperature, **ctx.launch
-            )
-        if ctx.needs_input_grad[1]:
-            grad_weight = token_logprobs_triton_backward_weight(
-                grad_logp, hidden, weight, token_ids, lse, ctx.temperature, **ctx.launch
-            )
+        grad_hidden, grad_weight = token_logprobs_triton_grads(
+            grad_logp, hidden, weight, token_ids, lse, ctx.temperature,
+            need_hidden=ctx.needs_input_grad[0], need_weight=ctx.needs_input_grad[1], **ctx.launch
+        )
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None
 
 

@@ -11,8 +11,12 @@ target y and temperature tau:
 Entry point: `token_logprobs_triton` calls the custom op `torch.ops.onelayer_fast.token_logprobs`
 (registered below with a fake implementation and an autograd formula), so `torch.compile` traces it
 as one opaque node instead of breaking the graph on the Triton launches. The backward is the custom op
-`onelayer_fast::token_logprobs_backward`, which runs the hidden-gradient kernel and, only when the
-weight requires grad, the separate weight-gradient accumulation kernel.
+`onelayer_fast::token_logprobs_backward` (`token_logprobs_triton_grads`): one kernel that rebuilds each
+logits tile once and forms from it the hidden gradient and, only when the weight requires grad, the weight
+gradient, summed over tiles by fp32 atomics or by a deterministic two-stage reduction.
+
+FLOPs (N tokens, vocab V, hidden H): forward 2*N*V*H; backward 2*N*V*H (logits recompute) + 2*N*V*H
+(grad_hidden) + 2*N*V*H (grad_W, only when the weight trains).
 
 Precision: the softmax statistics and every elementwise op are fp32. The matmul operands are fp32
 (with IEEE fp32 `tl.dot`, not TF32) for fp32 inputs and under the interpreter, and the input dtype
@@ -25,6 +29,8 @@ The kernels run on CUDA tensors, or on CPU tensors when TRITON_INTERPRET=1 was s
 module was imported (`triton.jit` decides at decoration time whether a kernel is interpreted).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -77,7 +83,7 @@ def _token_logprobs_fwd_kernel(
     BLOCK_H: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
-    """Forward. Program t owns token rows [t*BLOCK_T, (t+1)*BLOCK_T).
+    """Forward, 2*N*V*H FLOPs. Program t owns token rows [t*BLOCK_T, (t+1)*BLOCK_T).
 
     For each vocab tile [v0, v0+BLOCK_V):
         z    = (hidden_rows @ W[v0:v0+BLOCK_V].T) / tau      (BLOCK_T, BLOCK_V), fp32 accumulate over H tiles
@@ -120,144 +126,121 @@ def _token_logprobs_bwd_kernel(
     weight_ptr,  # (V, H)
     token_ids_ptr,  # (N,)
     lse_ptr,  # (N,) fp32 from the forward
-    grad_hidden_ptr,  # (N, H) out, hidden's dtype, row stride stride_gn
+    grad_hidden_ptr,  # fp32: the (N, H) gradient (ATOMIC) or a (slabs, rows, H) scratch of partial sums
+    grad_weight_ptr,  # fp32: the (V, H) gradient (ATOMIC) or a (slabs, rows, H) scratch of partial sums
     N,
     V,
     H,
     stride_hn,
     stride_wv,
-    stride_gn,
+    stride_gh_slab,
+    stride_gh_row,
+    stride_gw_slab,
+    stride_gw_row,
+    t_block0,
+    v_block0,
     temperature,
+    filter_eps,
     BLOCK_T: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HO: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    HIDDEN_GRAD: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    FILTER: tl.constexpr,
 ):
-    """Backward for the hidden rows. Program (t, j) owns rows [t*BLOCK_T, ...) and output columns
-    [j*BLOCK_HO, (j+1)*BLOCK_HO) of grad_hidden.
+    """Backward, one logits tile per program. Program (i, j) owns token block t = t_block0 + i and vocab
+    block v = v_block0 + j:
+        z   = (hidden[t] @ W[v].T) / tau                  (BLOCK_T, BLOCK_V), over H in BLOCK_H steps, once
+        dz  = g * (onehot(y) - exp(z - lse)) / tau        fp32, from the forward's lse
+        for each BLOCK_HO-column chunk c of H:
+            grad_hidden[t, c] += dz   @ W[v, c]           (HIDDEN_GRAD)
+            grad_W[v, c]      += dz.T @ hidden[t, c]      (WEIGHT_GRAD)
 
-    For each vocab tile [v0, v0+BLOCK_V):
-        z      = (hidden_rows @ W[v0:v0+BLOCK_V].T) / tau      recomputed over all of H
-        p      = exp(z - lse)                                   softmax, from the saved lse
-        gz     = g * (onehot(y) - p) / tau                      (BLOCK_T, BLOCK_V) = dL/dz / tau
-        out   += gz @ W[v0:v0+BLOCK_V, j*BLOCK_HO : (j+1)*BLOCK_HO]
-    grad_hidden[rows, cols_j] = out.
+    FLOPs over the grid: 2*N*V*H (logits) + 2*N*V*H (grad_hidden) + 2*N*V*H (grad_W, only when it trains),
+    i.e. the forward's 2*N*V*H recomputed once plus the two gradient products; no (N, V) tensor.
 
-    Cost: every one of the cdiv(H, BLOCK_HO) column programs of a row block recomputes that block's
-    logits over the full H, so the logits matmul (2*N*V*H flops) is done cdiv(H, BLOCK_HO) times
-    (7x at H=896, BLOCK_HO=128) on top of the 2*N*V*H of the output product, and W is streamed
-    cdiv(H, BLOCK_HO) + 1 times per row block. Simple and correct; a faster version keeps the whole
-    (BLOCK_T, H) output in one program or writes gz tiles once and reuses them.
+    Reduction over the other axis (vocab blocks for grad_hidden, token blocks for grad_W):
+      ATOMIC: fp32 atomic adds into the (N, H) / (V, H) gradients (t_block0 = v_block0 = 0, slab strides 0);
+        the summation order, so the last bits, can change from run to run.
+      otherwise: program (i, j) stores its grad_hidden part in slab j and its grad_W part in slab i of a
+        scratch, rows local to the launch (i*BLOCK_T + r, j*BLOCK_V + c); the launcher sums the slabs in a
+        fixed order. Every element of a slab is written (masked edges aside), so the scratch needs no zeroing
+        unless FILTER may skip a tile.
+    Each program writes (BLOCK_T + BLOCK_V) * H fp32 values either way: at realistic sizes this output traffic,
+    not the FLOPs, is what large tiles amortize.
+
+    FILTER (Cut Cross-Entropy's gradient filtering): a tile in which every |onehot(y) - softmax| is below
+    filter_eps skips both gradient products. The dropped dz entries are below g * filter_eps / tau each.
     """
     pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    rows = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid_v = tl.program_id(1)
+    # int64: products with H pass 2^31. t_block0 / v_block0 enter through the program id because an int
+    # argument equal to 1 arrives as a constexpr (Triton specializes it), which has no .to().
+    local_rows = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    local_cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rows = (t_block0 + pid_t).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = (v_block0 + pid_v).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_mask = rows < N
-    out_cols = pid_h * BLOCK_HO + tl.arange(0, BLOCK_HO)
-    out_mask = out_cols < H
+    col_mask = cols < V
 
     targets = tl.load(token_ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    # Rows beyond N get g = 0, so their gz is 0 and nothing they compute is stored anyway.
     scale = tl.load(grad_logp_ptr + rows, mask=row_mask, other=0.0).to(tl.float32) / temperature
 
-    out = tl.zeros((BLOCK_T, BLOCK_HO), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_mask = cols < V
-        z = _logits_tile(hidden_ptr, weight_ptr, rows, row_mask, cols, col_mask, H, stride_hn, stride_wv,
-                         temperature, BLOCK_T, BLOCK_V, BLOCK_H, DOT_FP32)
-        probs = tl.exp(z - lse[:, None])
-        onehot = (cols[None, :] == targets[:, None]).to(tl.float32)
-        grad_z = scale[:, None] * (onehot - probs)
-        # Padded columns have z = 0, so p = exp(-lse) != 0; their W rows load as 0 below, so this mask is
-        # redundant for the result, kept so that grad_z itself is exact (cheap: one select per tile).
-        grad_z = tl.where(col_mask[None, :], grad_z, 0.0)
-        w = tl.load(  # (BLOCK_V, BLOCK_HO)
-            weight_ptr + cols[:, None] * stride_wv + out_cols[None, :],
-            mask=col_mask[:, None] & out_mask[None, :],
-            other=0.0,
-        )
-        if DOT_FP32:
-            out = tl.dot(grad_z, w.to(tl.float32), out, input_precision="ieee")
-        else:
-            # Like the PyTorch path: dL/dz in the weight's dtype, fp32 accumulation.
-            out = tl.dot(grad_z.to(w.dtype), w, out)
+    z = _logits_tile(hidden_ptr, weight_ptr, rows, row_mask, cols, col_mask, H, stride_hn, stride_wv,
+                     temperature, BLOCK_T, BLOCK_V, BLOCK_H, DOT_FP32)
+    onehot = (cols[None, :] == targets[:, None]).to(tl.float32)
+    # Padded rows (g = 0) and columns (masked here) contribute exactly 0 to either product.
+    residual = tl.where(row_mask[:, None] & col_mask[None, :], onehot - tl.exp(z - lse[:, None]), 0.0)
+    grad_z = scale[:, None] * residual
+    if DOT_FP32:
+        grad_z_op = grad_z
+    else:
+        # Like the PyTorch path: dL/dz in the input dtype, fp32 accumulation.
+        grad_z_op = grad_z.to(hidden_ptr.dtype.element_ty)
 
-    tl.store(
-        grad_hidden_ptr + rows[:, None] * stride_gn + out_cols[None, :],
-        out.to(grad_hidden_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & out_mask[None, :],
-    )
-
-
-@triton.jit
-def _token_logprobs_bwd_weight_kernel(
-    grad_logp_ptr,  # (N,) upstream gradient, any float dtype
-    hidden_ptr,  # (N, H)
-    weight_ptr,  # (V, H)
-    token_ids_ptr,  # (N,)
-    lse_ptr,  # (N,) fp32 from the forward
-    grad_weight_ptr,  # (V, H) out, the weight's dtype, row stride stride_gwv
-    N,
-    V,
-    H,
-    stride_hn,
-    stride_wv,
-    stride_gwv,
-    temperature,
-    BLOCK_T: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_HO: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-):
-    """Weight gradient. Program (v, j) owns vocab rows [v*BLOCK_V, ...) and columns [j*BLOCK_HO, ...)
-    of grad_weight and loops over all N token rows, so each output tile is written once: no atomics,
-    deterministic, fp32 accumulation over tokens.
-
-    For each token tile [t0, t0+BLOCK_T):
-        z    = (hidden[t0:t0+BLOCK_T] @ W[v-tile].T) / tau        recomputed over all of H
-        gz   = g * (onehot(y) - exp(z - lse)) / tau               (BLOCK_T, BLOCK_V)
-        out += gz^T @ hidden[t0:t0+BLOCK_T, j-tile]                (BLOCK_V, BLOCK_HO)
-    Same recompute cost as the hidden-gradient kernel (the logits are rebuilt cdiv(H, BLOCK_HO) times).
-    """
-    pid_v = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)  # int64: cols * stride_wv can pass 2^31
-    col_mask = cols < V
-    out_cols = pid_h * BLOCK_HO + tl.arange(0, BLOCK_HO)
-    out_mask = out_cols < H
-
-    out = tl.zeros((BLOCK_V, BLOCK_HO), tl.float32)
-    for t0 in range(0, N, BLOCK_T):
-        rows = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-        row_mask = rows < N
-        targets = tl.load(token_ids_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-        lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        # Rows beyond N get g = 0: their gz is 0 whatever their (zero-input) logits are.
-        scale = tl.load(grad_logp_ptr + rows, mask=row_mask, other=0.0).to(tl.float32) / temperature
-        z = _logits_tile(hidden_ptr, weight_ptr, rows, row_mask, cols, col_mask, H, stride_hn, stride_wv,
-                         temperature, BLOCK_T, BLOCK_V, BLOCK_H, DOT_FP32)
-        probs = tl.exp(z - lse[:, None])
-        onehot = (cols[None, :] == targets[:, None]).to(tl.float32)
-        grad_z = scale[:, None] * (onehot - probs)  # padded columns are never stored
-        h = tl.load(  # (BLOCK_T, BLOCK_HO)
-            hidden_ptr + rows[:, None] * stride_hn + out_cols[None, :],
-            mask=row_mask[:, None] & out_mask[None, :],
-            other=0.0,
-        )
-        if DOT_FP32:
-            out = tl.dot(tl.trans(grad_z), h.to(tl.float32), out, input_precision="ieee")
-        else:
-            out = tl.dot(tl.trans(grad_z.to(h.dtype)), h, out)
-
-    tl.store(
-        grad_weight_ptr + cols[:, None] * stride_gwv + out_cols[None, :],
-        out.to(grad_weight_ptr.dtype.element_ty),
-        mask=col_mask[:, None] & out_mask[None, :],
-    )
+    keep = True
+    if FILTER:
+        keep = tl.max(tl.max(tl.abs(residual), axis=1), axis=0) >= filter_eps
+    if keep:
+        gh_base = grad_hidden_ptr + pid_v.to(tl.int64) * stride_gh_slab + local_rows[:, None] * stride_gh_row
+        gw_base = grad_weight_ptr + pid_t.to(tl.int64) * stride_gw_slab + local_cols[:, None] * stride_gw_row
+        for c0 in range(0, H, BLOCK_HO):
+            ks = c0 + tl.arange(0, BLOCK_HO)
+            k_mask = ks < H
+            if HIDDEN_GRAD:
+                w = tl.load(  # (BLOCK_V, BLOCK_HO)
+                    weight_ptr + cols[:, None] * stride_wv + ks[None, :],
+                    mask=col_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                if DOT_FP32:
+                    part = tl.dot(grad_z_op, w.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(grad_z_op, w)
+                out_mask = row_mask[:, None] & k_mask[None, :]
+                if ATOMIC:
+                    tl.atomic_add(gh_base + ks[None, :], part, mask=out_mask, sem="relaxed")
+                else:
+                    tl.store(gh_base + ks[None, :], part, mask=out_mask)
+            if WEIGHT_GRAD:
+                h = tl.load(  # (BLOCK_T, BLOCK_HO)
+                    hidden_ptr + rows[:, None] * stride_hn + ks[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                if DOT_FP32:
+                    part = tl.dot(tl.trans(grad_z_op), h.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(tl.trans(grad_z_op), h)
+                out_mask = col_mask[:, None] & k_mask[None, :]
+                if ATOMIC:
+                    tl.atomic_add(gw_base + ks[None, :], part, mask=out_mask, sem="relaxed")
+                else:
+                    tl.store(gw_base + ks[None, :], part, mask=out_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +249,10 @@ def _token_logprobs_bwd_weight_kernel(
 
 # Autotune key: (input dtype, interpreted). No @triton.autotune: the interpreter rejects more than one
 # config. The GPU values are starting points; README.md (Performance) says what has been tuned where.
-_LAUNCH_KEYS = ("BLOCK_T", "BLOCK_V", "BLOCK_H", "BLOCK_HO", "num_warps", "num_stages", "LOSS_BLOCK", "loss_warps")
+# New keys go at the end: the custom ops carry the settings as a list in this order.
+_LAUNCH_KEYS = ("BLOCK_T", "BLOCK_V", "BLOCK_H", "BLOCK_HO", "num_warps", "num_stages", "LOSS_BLOCK", "loss_warps",
+                "deterministic", "scratch_kib", "grad_filter_log2")
+_BOOL_KEYS = ("deterministic",)
 
 
 def is_interpreted() -> bool:
@@ -280,11 +266,21 @@ def launch_config(dtype: torch.dtype, interpreted: bool | None = None, **overrid
     """Launch settings of every lm_head and GRPO-loss kernel; `overrides` replace single entries (tests use
     small blocks).
 
-    BLOCK_T / BLOCK_V / BLOCK_H / BLOCK_HO, num_warps, num_stages: the three lm_head kernels (forward,
-    hidden gradient, weight gradient). LOSS_BLOCK, loss_warps: the per-row GRPO loss kernel
+    BLOCK_T / BLOCK_V / BLOCK_H, num_warps, num_stages: the lm_head kernels (forward and backward); BLOCK_H is
+    the reduction step of the logits matmul. BLOCK_HO: the width of the H chunks in which the backward forms
+    its gradient products (their output columns). LOSS_BLOCK, loss_warps: the per-row GRPO loss kernel
     (`kernels/grpo_loss_triton.py`), which walks one completion row LOSS_BLOCK tokens at a time.
     The GPU values are starting points for tuning. Under the interpreter every program is run in numpy, so
     small tiles keep the padded work (and test time) down.
+
+    Backward reduction (see `token_logprobs_triton_grads`):
+      deterministic: fixed-order sums of per-tile partials instead of fp32 atomics. Default: on under the
+        interpreter or with torch.use_deterministic_algorithms(True), otherwise off (atomics move half the
+        bytes and need no scratch).
+      scratch_kib: the most fp32 scratch one deterministic launch may use; the tiles are processed in groups
+        that fit (at least one tile per launch, whatever the budget).
+      grad_filter_log2: k > 0 skips the gradient products of a logits tile whose |onehot - softmax| is below
+        2**-k everywhere (Cut Cross-Entropy's filtering; k = 12 is bf16's resolution); 0 (default) is exact.
     """
     unknown = set(overrides) - set(_LAUNCH_KEYS)
     if unknown:
@@ -301,11 +297,19 @@ def launch_config(dtype: torch.dtype, interpreted: bool | None = None, **overrid
     else:
         config = dict(BLOCK_T=64, BLOCK_V=128, BLOCK_H=64, BLOCK_HO=128, num_warps=8, num_stages=3,
                       LOSS_BLOCK=1024, loss_warps=4)
+    config.update(deterministic=interpreted or torch.are_deterministic_algorithms_enabled(),
+                  scratch_kib=1 << 20, grad_filter_log2=0)
     config.update({k: v for k, v in overrides.items() if v is not None})
     for key in ("BLOCK_T", "BLOCK_V", "BLOCK_H", "BLOCK_HO", "LOSS_BLOCK"):
         value = config[key]
         if not isinstance(value, int) or value < 16 or value & (value - 1):
             raise ValueError(f"{key} must be a power of two >= 16 (tl.dot tile), got {value!r}")
+    if not isinstance(config["deterministic"], bool):
+        raise TypeError(f"deterministic must be a bool, got {config['deterministic']!r}")
+    if not isinstance(config["scratch_kib"], int) or config["scratch_kib"] < 1:
+        raise ValueError(f"scratch_kib must be a positive int, got {config['scratch_kib']!r}")
+    if not isinstance(config["grad_filter_log2"], int) or not 0 <= config["grad_filter_log2"] <= 126:
+        raise ValueError(f"grad_filter_log2 must be an int in [0, 126] (0 = off), got {config['grad_filter_log2']!r}")
     return config
 
 
@@ -389,6 +393,118 @@ def _check_backward_inputs(n: int, device: torch.device, grad_logp: Tensor, lse:
     return grad_logp.reshape(-1).contiguous(), lse.reshape(-1).to(torch.float32).contiguous()
 
 
+def _tile_groups(
+    token_blocks: int, vocab_blocks: int, block_t: int, block_v: int, need_hidden: bool, need_weight: bool,
+    max_tiles: int,
+) -> tuple[int, int]:
+    """(token blocks, vocab blocks) per deterministic launch, at most max_tiles tiles.
+
+    Besides its fixed scratch traffic, every launch adds its slab sum into the gradients: a pass over the
+    grad_hidden rows per vocab group and over the grad_W rows per token group, i.e. in all
+    N*H*(vocab_blocks/gv) + V*H*(token_blocks/gt) ~ H*token_blocks*vocab_blocks*(block_t/gv + block_v/gt)
+    elements. For a fixed gt*gv that is least at gt/gv = block_v/block_t; with one gradient only, the group spans
+    its whole summed axis.
+    """
+    if not need_weight:
+        gv = min(vocab_blocks, max_tiles)
+        return min(token_blocks, max(1, max_tiles // gv)), gv
+    if not need_hidden:
+        gt = min(token_blocks, max_tiles)
+        return gt, min(vocab_blocks, max(1, max_tiles // gt))
+    gt = min(token_blocks, max(1, round(math.sqrt(max_tiles * block_v / block_t))))
+    gv = min(vocab_blocks, max(1, max_tiles // gt))
+    return min(token_blocks, max(1, max_tiles // gv)), gv
+
+
+def _launch_backward(
+    g: Tensor, hidden: Tensor, weight: Tensor, ids: Tensor, lse: Tensor, temperature: float,
+    grad_hidden: Tensor | None, grad_weight: Tensor | None, cfg: dict, interpreted: bool,
+) -> None:
+    """Add the gradients into the zero-filled fp32 (N, H) grad_hidden / (V, H) grad_weight (None: not wanted)."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    block_t, block_v = cfg["BLOCK_T"], cfg["BLOCK_V"]
+    token_blocks, vocab_blocks = triton.cdiv(n, block_t), triton.cdiv(v, block_v)
+    need_hidden, need_weight = grad_hidden is not None, grad_weight is not None
+    filter_log2 = cfg["grad_filter_log2"]
+    unused = lse  # stands in for an output that is not wanted: the constexpr flags compile its stores away
+
+    def launch(grid, gh: Tensor | None, gw: Tensor | None, gh_slab: int, gw_slab: int, t_block0: int,
+               v_block0: int, atomic: bool) -> None:
+        _token_logprobs_bwd_kernel[grid](
+            g, hidden, weight, ids, lse, unused if gh is None else gh, unused if gw is None else gw,
+            n, v, h, hidden.stride(0), weight.stride(0), gh_slab, h, gw_slab, h, t_block0, v_block0,
+            float(temperature), 2.0 ** -filter_log2,
+            BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_H=cfg["BLOCK_H"], BLOCK_HO=cfg["BLOCK_HO"],
+            DOT_FP32=_dot_fp32(hidden.dtype, interpreted), HIDDEN_GRAD=need_hidden, WEIGHT_GRAD=need_weight,
+            ATOMIC=atomic, FILTER=filter_log2 > 0,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+    if not cfg["deterministic"]:
+        launch((token_blocks, vocab_blocks), grad_hidden, grad_weight, 0, 0, 0, 0, atomic=True)
+        return
+
+    # Scratch: slab j of scratch_h holds vocab block j's part of the group's grad_hidden rows, slab i of
+    # scratch_w token block i's part of the group's grad_W rows; summed over slabs in a fixed order below.
+    tile_bytes = 4 * h * (block_t * need_hidden + block_v * need_weight)
+    gt, gv = _tile_groups(token_blocks, vocab_blocks, block_t, block_v, need_hidden, need_weight,
+                          max(1, cfg["scratch_kib"] * 1024 // tile_bytes))
+    scratch_h = torch.empty(gv, gt * block_t, h, dtype=torch.float32, device=hidden.device) if need_hidden else None
+    scratch_w = torch.empty(gt, gv * block_v, h, dtype=torch.float32, device=hidden.device) if need_weight else None
+    scratches = [s for s in (scratch_h, scratch_w) if s is not None]
+    for t0 in range(0, token_blocks, gt):
+        nt = min(gt, token_blocks - t0)
+        r0, r1 = t0 * block_t, min(n, (t0 + nt) * block_t)
+        for v0 in range(0, vocab_blocks, gv):
+            nv = min(gv, vocab_blocks - v0)
+            c0, c1 = v0 * block_v, min(v, (v0 + nv) * block_v)
+            if filter_log2:  # a filtered tile writes nothing, so its slab must read as zeros
+                for scratch in scratches:
+                    scratch.zero_()
+            launch((nt, nv), scratch_h, scratch_w, gt * block_t * h, gv * block_v * h, t0, v0, atomic=False)
+            if scratch_h is not None:
+                grad_hidden[r0:r1] += scratch_h[:nv, : r1 - r0].sum(0)
+            if scratch_w is not None:
+                grad_weight[c0:c1] += scratch_w[:nt, : c1 - c0].sum(0)
+
+
+def token_logprobs_triton_grads(
+    grad_logp: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    lse: Tensor,
+    temperature: float = 1.0,
+    *,
+    need_hidden: bool = True,
+    need_weight: bool = True,
+    **launch_overrides,
+) -> tuple[Tensor | None, Tensor | None]:
+    """grad_logp (...), hidden (..., H), weight (V, H), token_ids (...), lse (...) from the forward ->
+    (grad_hidden in hidden's shape and dtype, grad_weight (V, H) in the weight's dtype); None where not needed.
+
+    One kernel computes each (BLOCK_T, BLOCK_V) logits tile once and forms both gradient products
+    from it (`_token_logprobs_bwd_kernel`: 2*N*V*H FLOPs per product plus 2*N*V*H for the recompute). The sums
+    over tiles are fp32, by atomics or, with `deterministic`, by fixed-order sums of per-tile partials (at most
+    `scratch_kib` of fp32 scratch per launch, plus the fp32 (N, H) / (V, H) sums for half-precision inputs).
+    """
+    hidden2, weight2, ids = _check_inputs(hidden, weight, token_ids, temperature)
+    n, h = hidden2.shape
+    v = weight2.shape[0]
+    g, lse_flat = _check_backward_inputs(n, hidden2.device, grad_logp, lse)
+    grad_hidden = torch.zeros(n, h, dtype=torch.float32, device=hidden2.device) if need_hidden else None
+    grad_weight = torch.zeros(v, h, dtype=torch.float32, device=hidden2.device) if need_weight else None
+    if n > 0 and (need_hidden or need_weight):
+        interpreted = is_interpreted()
+        cfg = launch_config(hidden2.dtype, interpreted, **launch_overrides)
+        _launch_backward(g, hidden2, weight2, ids, lse_flat, temperature, grad_hidden, grad_weight, cfg, interpreted)
+    return (
+        None if grad_hidden is None else grad_hidden.to(hidden2.dtype).view(hidden.shape),
+        None if grad_weight is None else grad_weight.to(weight2.dtype),
+    )
+
+
 def token_logprobs_triton_backward(
     grad_logp: Tensor,
     hidden: Tensor,
@@ -398,24 +514,13 @@ def token_logprobs_triton_backward(
     temperature: float = 1.0,
     **launch_overrides,
 ) -> Tensor:
-    """grad_logp (...), hidden (..., H), weight (V, H), token_ids (...), lse (...) -> grad_hidden, hidden's shape and dtype."""
-    hidden2, weight2, ids = _check_inputs(hidden, weight, token_ids, temperature)
-    n, h = hidden2.shape
-    v = weight2.shape[0]
-    g, lse_flat = _check_backward_inputs(n, hidden2.device, grad_logp, lse)
-    grad_hidden = torch.empty_like(hidden2)
-    if n > 0:
-        interpreted = is_interpreted()
-        cfg = launch_config(hidden2.dtype, interpreted, **launch_overrides)
-        grid = (triton.cdiv(n, cfg["BLOCK_T"]), triton.cdiv(h, cfg["BLOCK_HO"]))
-        _token_logprobs_bwd_kernel[grid](
-            g, hidden2, weight2, ids, lse_flat, grad_hidden,
-            n, v, h, hidden2.stride(0), weight2.stride(0), grad_hidden.stride(0), float(temperature),
-            BLOCK_T=cfg["BLOCK_T"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], BLOCK_HO=cfg["BLOCK_HO"],
-            DOT_FP32=_dot_fp32(hidden2.dtype, interpreted),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-    return grad_hidden.view(hidden.shape)
+    """grad_logp (...), hidden (..., H), weight (V, H), token_ids (...), lse (...) -> grad_hidden, hidden's shape and dtype.
+
+    When the weight's gradient is wanted too, `token_logprobs_triton_grads` forms both from one recompute.
+    """
+    grad_hidden, _ = token_logprobs_triton_grads(grad_logp, hidden, weight, token_ids, lse, temperature,
+                                                 need_hidden=True, need_weight=False, **launch_overrides)
+    return grad_hidden
 
 
 def token_logprobs_triton_backward_weight(
@@ -429,31 +534,17 @@ def token_logprobs_triton_backward_weight(
 ) -> Tensor:
     """grad_logp (...), hidden (..., H), weight (V, H), token_ids (...), lse (...) -> grad_weight (V, H), weight's dtype.
 
-    Run only when the lm_head weight requires grad: it streams every token row once per output tile.
+    When the hidden gradient is wanted too, `token_logprobs_triton_grads` forms both from one recompute.
     """
-    hidden2, weight2, ids = _check_inputs(hidden, weight, token_ids, temperature)
-    n, h = hidden2.shape
-    v = weight2.shape[0]
-    g, lse_flat = _check_backward_inputs(n, hidden2.device, grad_logp, lse)
-    if n == 0:
-        return torch.zeros_like(weight2)
-    grad_weight = torch.empty_like(weight2)
-    interpreted = is_interpreted()
-    cfg = launch_config(hidden2.dtype, interpreted, **launch_overrides)
-    grid = (triton.cdiv(v, cfg["BLOCK_V"]), triton.cdiv(h, cfg["BLOCK_HO"]))
-    _token_logprobs_bwd_weight_kernel[grid](
-        g, hidden2, weight2, ids, lse_flat, grad_weight,
-        n, v, h, hidden2.stride(0), weight2.stride(0), grad_weight.stride(0), float(temperature),
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_V=cfg["BLOCK_V"], BLOCK_H=cfg["BLOCK_H"], BLOCK_HO=cfg["BLOCK_HO"],
-        DOT_FP32=_dot_fp32(hidden2.dtype, interpreted),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    _, grad_weight = token_logprobs_triton_grads(grad_logp, hidden, weight, token_ids, lse, temperature,
+                                                 need_hidden=False, need_weight=True, **launch_overrides)
     return grad_weight
 
 
 # ---------------------------------------------------------------------------------------------
 # torch.library custom ops: what `token_logprobs_triton` calls, so torch.compile sees one opaque node.
 # Launch overrides travel as a list of ints in _LAUNCH_KEYS order (0 = default): an op schema has no dict.
+# A bool setting is stored as 1 + value, so that False stays distinct from "default".
 # ---------------------------------------------------------------------------------------------
 
 
@@ -461,11 +552,18 @@ def _launch_list(overrides: dict) -> list[int]:
     unknown = set(overrides) - set(_LAUNCH_KEYS)
     if unknown:
         raise TypeError(f"unknown launch settings {sorted(unknown)}; expected a subset of {_LAUNCH_KEYS}")
-    return [int(overrides.get(key) or 0) for key in _LAUNCH_KEYS]
+    return [
+        (0 if overrides.get(key) is None else 1 + bool(overrides[key])) if key in _BOOL_KEYS
+        else int(overrides.get(key) or 0)
+        for key in _LAUNCH_KEYS
+    ]
 
 
 def _launch_dict(launch: list[int]) -> dict:
-    return {key: value for key, value in zip(_LAUNCH_KEYS, launch) if value}
+    return {
+        key: (value == 2 if key in _BOOL_KEYS else value)
+        for key, value in zip(_LAUNCH_KEYS, launch) if value
+    }
 
 
 @torch.library.custom_op("onelayer_fast::token_logprobs", mutates_args=())
@@ -487,17 +585,13 @@ def _token_logprobs_backward_op(
     grad_logp: Tensor, hidden: Tensor, weight: Tensor, token_ids: Tensor, lse: Tensor, temperature: float,
     launch: list[int], need_hidden: bool, need_weight: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(grad_hidden, grad_weight); a gradient that is not needed comes back as an empty tensor."""
-    launch_overrides = _launch_dict(launch)
-    grad_hidden = (
-        token_logprobs_triton_backward(grad_logp, hidden, weight, token_ids, lse, temperature, **launch_overrides)
-        if need_hidden else hidden.new_empty(0)
+    """(grad_hidden, grad_weight) from one backward pass; a gradient that is not needed comes back as an empty tensor."""
+    grad_hidden, grad_weight = token_logprobs_triton_grads(
+        grad_logp, hidden, weight, token_ids, lse, temperature,
+        need_hidden=need_hidden, need_weight=need_weight, **_launch_dict(launch),
     )
-    grad_weight = (
-        token_logprobs_triton_backward_weight(grad_logp, hidden, weight, token_ids, lse, temperature, **launch_overrides)
-        if need_weight else weight.new_empty(0)
-    )
-    return grad_hidden, grad_weight
+    return (hidden.new_empty(0) if grad_hidden is None else grad_hidden,
+            weight.new_empty(0) if grad_weight is None else grad_weight)
 
 
 @_token_logprobs_backward_op.register_fake
@@ -535,6 +629,6 @@ def token_logprobs_triton(
     hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float = 1.0, **launch_overrides
 ) -> Tensor:
     """hidden (..., H), weight (V, H), token_ids (...) -> logp (...) fp32, differentiable w.r.t. hidden and,
-    when it requires grad, the weight (separate accumulation kernel)."""
+    when it requires grad, the weight (both from the same backward pass)."""
     logp, _ = torch.ops.onelayer_fast.token_logprobs(hidden, weight, token_ids, float(temperature), _launch_list(launch_overrides))
     return logp

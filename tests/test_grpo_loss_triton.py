@@ -385,9 +385,9 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from onelayer_fast.kernels import grpo_loss_triton as gt, token_logprobs_triton as tt
 assert not tt.is_interpreted()
-FLOATS = {"temperature", "beta", "eps_low", "eps_high", "delta"}
+FLOATS = {"temperature", "filter_eps", "beta", "eps_low", "eps_high", "delta"}
 INT64_PTRS = {"token_ids_ptr", "row_off_ptr"}
-DATA_PTRS = {"hidden_ptr", "weight_ptr", "grad_hidden_ptr", "grad_weight_ptr"}
+DATA_PTRS = {"hidden_ptr", "weight_ptr"}  # the backward's gradient outputs are fp32 sums
 
 def compile_for_h100(fn, data, constexprs, num_warps, num_stages):
     sig = {}
@@ -410,8 +410,12 @@ for data, dtype in (("*bf16", "bfloat16"), ("*fp32", "float32")):
     dot = dict(DOT_FP32=dtype == "float32")
     fwd_blocks = {k: v for k, v in blocks.items() if k != "BLOCK_HO"}
     done.append(compile_for_h100(tt._token_logprobs_fwd_kernel, data, {**fwd_blocks, **dot}, cfg["num_warps"], cfg["num_stages"]))
-    done.append(compile_for_h100(tt._token_logprobs_bwd_kernel, data, {**blocks, **dot}, cfg["num_warps"], cfg["num_stages"]))
-    done.append(compile_for_h100(tt._token_logprobs_bwd_weight_kernel, data, {**blocks, **dot}, cfg["num_warps"], cfg["num_stages"]))
+    # The backward as the two training paths use it: hidden gradient only (deterministic scratch stores),
+    # and both gradients (atomics). tests/test_lm_head_backward_tiles.py compiles every variant.
+    for flags in (dict(HIDDEN_GRAD=True, WEIGHT_GRAD=False, ATOMIC=False, FILTER=False),
+                  dict(HIDDEN_GRAD=True, WEIGHT_GRAD=True, ATOMIC=True, FILTER=False)):
+        done.append(compile_for_h100(tt._token_logprobs_bwd_kernel, data, {**blocks, **dot, **flags},
+                                     cfg["num_warps"], cfg["num_stages"]))
 cfg = tt.launch_config(torch.float32, interpreted=False)
 for adv, loss_type, seq, old, kl, delta in ((0, 0, False, True, True, True), (1, 1, True, True, False, False),
                                             (2, 2, False, False, True, False), (3, 1, True, False, True, True)):
