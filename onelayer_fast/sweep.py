@@ -1055,7 +1055,7 @@ def write_plots_and_report(result: SweepResult) -> None:
         if result.validation_gains:
             result.plots.append(report.plot_lr_heatmap(
                 result.validation_gains, result.out / "lr_heatmap.png", selected=result.selected_learning_rates,
-                title=f"{_title(result)}: validation gain over Base (boxed: selected)"))
+                title=f"{_title(result)}\nvalidation gain over Base (boxed: selected)"))
     if result.stats is not None:
         rows = report.table_rows(result.stats, result.selected_learning_rates)
         for row, arm in zip(rows, [result.base, result.full, *result.singles]):
