@@ -142,3 +142,29 @@ def relative_error():
 def tiny_model():
     """Factory: tiny_model(arch, **config_overrides) -> fresh random-init float32 eval model."""
     return build_tiny_model
+
+
+def compiled_for_h100(child_script: str) -> list:
+    """Run `child_script` in a fresh interpreter without TRITON_INTERPRET (so its kernels compile for a real
+    GPU target) and return the JSON list on its last `COMPILED ` line. Skips when this triton install has
+    no ptxas; fails with the child's output otherwise."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9's default, set to silence its warning
+    proc = subprocess.run([sys.executable, "-c", child_script], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("COMPILED ")]
+    if proc.returncode != 0 or not lines:
+        if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+            pytest.skip("no ptxas in this triton install")
+        pytest.fail(f"compile child failed (rc={proc.returncode}):\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return json.loads(lines[-1][len("COMPILED "):])
+
+
+@pytest.fixture
+def compile_for_h100():
+    """compile_for_h100(child_script) -> the child's COMPILED list (see compiled_for_h100)."""
+    return compiled_for_h100

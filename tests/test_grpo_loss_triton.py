@@ -433,16 +433,8 @@ print("COMPILED " + json.dumps(done))
 """
 
 
-def test_kernels_compile_for_h100_without_gpu():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9's default, set to silence its warning
-    proc = subprocess.run([sys.executable, "-c", _AOT_CHILD], env=env, capture_output=True, text=True, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("COMPILED ")]
-    if proc.returncode != 0 or not lines:
-        if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-            pytest.skip("no ptxas in this triton install")
-        pytest.fail(f"compile child failed (rc={proc.returncode}):\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    assert len(json.loads(lines[-1][len("COMPILED "):])) == 13
+def test_kernels_compile_for_h100_without_gpu(compile_for_h100):
+    assert len(compile_for_h100(_AOT_CHILD)) == 13
 
 
 # ---------------------------------------------------------------------------------------------
