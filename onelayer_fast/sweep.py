@@ -395,9 +395,9 @@ class SweepResult:
     full: ArmResult
     singles: list[ArmResult]  # ascending layer, each at its selected learning rate
     out: Path
+    stats: BootstrapResult  # intervals of the arms above (test scores at the selected rates)
     runs: list[RunResult] = field(default_factory=list)  # every run of the grid, Base first
     validation_gains: dict[tuple[report.Arm, float], float] = field(default_factory=dict)  # {} without a choice
-    stats: BootstrapResult | None = None
     plot: Path | None = None  # contribution.png
     plots: list[Path] = field(default_factory=list)  # every plot written
     report_path: Path | None = None
@@ -430,7 +430,7 @@ class SweepResult:
         contributions = self.contributions
         rows = []
         for r in self.singles:
-            layer_stats = self.stats.layers[r.layer] if self.stats is not None else None
+            layer_stats = self.stats.layers[r.layer]
             rows.append({
                 "layer": r.layer, "base": self.base.metric(self.metric), "full": self.full.metric(self.metric),
                 "single": r.metric(self.metric), "contribution": contributions[r.layer],
@@ -439,11 +439,9 @@ class SweepResult:
                 "full_peak_memory_mib": self.full.peak_memory_mib,
                 "base_reward": self.base.mean_reward, "full_reward": self.full.mean_reward, "single_reward": r.mean_reward,
                 "selected_learning_rate": r.learning_rate, "n_seeds": r.seeds,
-                "single_ci_low": layer_stats.score.low if layer_stats else None,
-                "single_ci_high": layer_stats.score.high if layer_stats else None,
-                "contribution_ci_low": layer_stats.contribution.low if layer_stats else None,
-                "contribution_ci_high": layer_stats.contribution.high if layer_stats else None,
-                "p_recovers_80": layer_stats.p_recovers if layer_stats else None,
+                "single_ci_low": layer_stats.score.low, "single_ci_high": layer_stats.score.high,
+                "contribution_ci_low": layer_stats.contribution.low,
+                "contribution_ci_high": layer_stats.contribution.high, "p_recovers_80": layer_stats.p_recovers,
             })
         return rows
 
@@ -458,7 +456,7 @@ class SweepResult:
                                         for arm, lr in self.selected_learning_rates.items()],
             "validation_gains": [{"arm": arm, "learning_rate": lr, "gain": gain}
                                  for (arm, lr), gain in self.validation_gains.items()],
-            "bootstrap": self.stats.to_dict() if self.stats is not None else None,
+            "bootstrap": self.stats.to_dict(),
             "diverged_runs": [r.name for r in self.diverged],
             "runs": [dataclasses.asdict(r) for r in self.runs],
         }
@@ -490,7 +488,7 @@ def assemble(settings: dict[str, Any], metric: str, runs: list[RunResult], out: 
                              {s.layer: s.scores(metric) for s in singles}, resamples=resamples,
                              recover_threshold=RECOVER_THRESHOLD)
     return SweepResult(settings=settings, metric=metric, base=base, full=full, singles=singles, out=out,
-                       runs=runs, validation_gains=gains, stats=stats)
+                       stats=stats, runs=runs, validation_gains=gains)
 
 
 # -------------------------------------------------------------------------------------- file helpers
@@ -1007,10 +1005,10 @@ def format_table(result: SweepResult) -> str:
                 f"rate selected on {s.get('val_examples') or 0} validation examples")
     stats = result.stats
     lines = [f"sweep {_title(result)}: {m} on {base.n} test examples, {s['grpo']['max_steps']} steps per run{grid}",
-             f"  Base      {base.metric(m):8.4f}   reward {base.mean_reward:.4f}" + _ci(stats.base if stats else None),
+             f"  Base      {base.metric(m):8.4f}   reward {base.mean_reward:.4f}" + _ci(stats.base),
              f"  Full      {full.metric(m):8.4f}   reward {full.mean_reward:.4f}   lr {full.learning_rate:g}   "
              f"{full.train_seconds:8.1f} s  {full.tokens:10d} tok  {full.peak_memory_mib:8.0f} MiB"
-             + _ci(stats.full if stats else None)]
+             + _ci(stats.full)]
     if result.full_equals_base:
         lines.append(f"  Full == Base ({full.metric(m):.4f}): contribution is undefined "
                      "(n/a here, empty in results.csv, null in results.json)")
@@ -1022,10 +1020,10 @@ def format_table(result: SweepResult) -> str:
     contributions = result.contributions
     for r in result.singles:
         c = contributions[r.layer]
-        layer_stats = stats.layers[r.layer] if stats else None
-        interval = "" if layer_stats is None or layer_stats.contribution.low is None else \
+        layer_stats = stats.layers[r.layer]
+        interval = "" if layer_stats.contribution.low is None else \
             f"[{layer_stats.contribution.low:6.2f}, {layer_stats.contribution.high:6.2f}]"
-        recovers = "" if layer_stats is None or layer_stats.p_recovers is None else f"{layer_stats.p_recovers:.2f}"
+        recovers = "" if layer_stats.p_recovers is None else f"{layer_stats.p_recovers:.2f}"
         mark = "  <- best" if r.layer == best else ""
         lines.append(f"  {r.layer:>5}  {r.metric(m):9.4f}  {'n/a' if c is None else f'{c:8.3f}':>8}  {interval:>17}  "
                      f"{recovers:>8}  {r.learning_rate:8.2g}  {r.mean_reward:7.4f}  {r.train_seconds:8.1f}  "
@@ -1034,7 +1032,7 @@ def format_table(result: SweepResult) -> str:
 
 
 def _ci(interval) -> str:
-    return "" if interval is None or interval.low is None else f"   95% [{interval.low:.4f}, {interval.high:.4f}]"
+    return "" if interval.low is None else f"   95% [{interval.low:.4f}, {interval.high:.4f}]"
 
 
 def print_table(result: SweepResult, file=None) -> None:
@@ -1048,7 +1046,7 @@ def write_plots_and_report(result: SweepResult) -> None:
     if importlib.util.find_spec("matplotlib") is None:
         print("note: matplotlib is not installed (pip install 'onelayer_fast[plot]'): plots skipped")
     else:
-        if result.stats is not None and result.stats.layers:
+        if result.stats.layers:
             result.plot = report.plot_contribution_intervals(result.stats, result.out / "contribution.png",
                                                              title=_title(result))
             result.plots.append(result.plot)
@@ -1056,12 +1054,11 @@ def write_plots_and_report(result: SweepResult) -> None:
             result.plots.append(report.plot_lr_heatmap(
                 result.validation_gains, result.out / "lr_heatmap.png", selected=result.selected_learning_rates,
                 title=f"{_title(result)}\nvalidation gain over Base (boxed: selected)"))
-    if result.stats is not None:
-        rows = report.table_rows(result.stats, result.selected_learning_rates)
-        for row, arm in zip(rows, [result.base, result.full, *result.singles]):
-            row["train seconds per run"] = arm.train_seconds if arm.mode != "base" else None
-        result.report_path = result.out / "report.md"
-        notes = [f"Run {r.name} diverged and was never selected: {r.diverged}" for r in result.diverged]
-        report.write_report(result.report_path, result.settings, result.stats, rows=rows,
-                            selected_lr=result.selected_learning_rates, plots=result.plots,
-                            title=f"Layer sweep: {_title(result)}", notes=notes)
+    rows = report.table_rows(result.stats, result.selected_learning_rates)
+    for row, arm in zip(rows, [result.base, result.full, *result.singles]):
+        row["train seconds per run"] = arm.train_seconds if arm.mode != "base" else None
+    result.report_path = result.out / "report.md"
+    notes = [f"Run {r.name} diverged and was never selected: {r.diverged}" for r in result.diverged]
+    report.write_report(result.report_path, result.settings, result.stats, rows=rows,
+                        selected_lr=result.selected_learning_rates, plots=result.plots,
+                        title=f"Layer sweep: {_title(result)}", notes=notes)
