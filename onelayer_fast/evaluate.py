@@ -32,14 +32,6 @@ class EvalResult:
     correct: tuple[int, ...] = ()  # 1 where task.correct
     rewards: tuple[float, ...] = ()  # the weighted reward sum
 
-    def scores(self, metric: str) -> tuple[float, ...]:
-        """Per-example values of `metric` ("accuracy": 0/1 correct; "mean_reward": the reward)."""
-        if metric == "accuracy":
-            return tuple(float(c) for c in self.correct)
-        if metric == "mean_reward":
-            return self.rewards
-        raise ValueError(f"metric must be accuracy or mean_reward, got {metric!r}")
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
