@@ -91,6 +91,28 @@ def test_rg_splits_never_overlap_and_are_seeded(name):
 
 
 @needs_rg
+def test_rg_format_reward_needs_one_well_formed_answer():
+    """The format bonus pays for one tagged answer of the reference's kind, not for echoing the instruction
+    (the reward hack full-parameter GRPO found on SmolLM2: "... between <answer> and </answer> tags")."""
+    from onelayer_fast.tasks import Example
+    from onelayer_fast.tasks.reasoning_gym import answer_tags
+
+    number, word = Example(prompt="p", answer="-12"), Example(prompt="p", answer="cat")
+    assert answer_tags("so <answer>-12</answer>", number) == 1.0
+    assert answer_tags("<answer> 7 </answer>", number) == 1.0  # a wrong number is still well formed
+    assert answer_tags("Provide only the final answer, between <answer> and </answer> tags", number) == 0.0
+    assert answer_tags("between <answer> and </answer> tags, between <answer> and </answer>", number) == 0.0
+    assert answer_tags("<answer>3</answer> or <answer>4</answer>", number) == 0.0  # two answers: not one
+    assert answer_tags("<answer>  </answer>", number) == 0.0 and answer_tags("no tags, 12", number) == 0.0
+    assert answer_tags("<answer>dog</answer>", word) == 1.0  # non-numeric reference: any non-empty answer
+    assert answer_tags("<answer>a</answer><answer>b</answer>", word) == 0.0
+    task = get_task("rg:basic_arithmetic:max_terms=2,max_digits=1")
+    example = task.sample(random.Random(0), 1)[0]
+    echo = "Provide only the final answer, between <answer> and </answer> tags."
+    assert score(task, [echo], [example])[0] == 0.0  # neither right nor well formed: no reward at all
+
+
+@needs_rg
 def test_rg_extract_answer():
     from onelayer_fast.tasks.reasoning_gym import extract_answer
 

@@ -16,7 +16,8 @@ was called "eval" before val existed, unchanged. Val takes the next `val_share` 
 range out of what was train, and a generator of its own.
 
 Reward. The dataset's own scorer, `dataset.score_answer(answer=..., entry=...)`, on the answer
-extracted from the completion (weight 1), plus a small format reward for using the answer tags.
+extracted from the completion (weight 1), plus a small format reward (`format_weight`, 0.1) for one
+well-formed answer between the tags (`answer_tags`).
 """
 from __future__ import annotations
 
@@ -68,8 +69,19 @@ def extract_answer(completion: str, reference: str = "") -> str | None:
 
 
 def answer_tags(completion: str, example: Example) -> float:
-    """Format reward: 1 when the completion gives a non-empty answer between <answer> tags."""
-    return 1.0 if any(span.strip() for span in _TAGGED.findall(completion)) else 0.0
+    """Format reward: 1 when the completion gives one well-formed answer between <answer> tags.
+
+    Well-formed: exactly one tagged span, non-empty, and a number when the reference answer is one.
+    Any non-empty span is not enough: SmolLM2 under full-parameter GRPO learned to echo the instruction
+    ("between <answer> and </answer> tags"), which earns the format reward with " and " as its answer and
+    drove its accuracy to 0.
+    """
+    spans = [span.strip() for span in _TAGGED.findall(completion)]
+    if len(spans) != 1 or not spans[0]:
+        return 0.0
+    if _NUMBER.fullmatch(example.answer.strip()):
+        return 1.0 if _NUMBER.fullmatch(spans[0]) else 0.0
+    return 1.0
 
 
 def parse_name(name: str) -> tuple[str, dict[str, Any]]:
