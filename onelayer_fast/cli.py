@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--learning-rates", type=_learning_rates, default=None,
                        help="a grid such as 5e-6,3e-5,2e-4: every arm trains at each, the best on validation is "
                             "reported (default: --learning-rate alone)")
+    sweep.add_argument("--full-learning-rates", type=_learning_rates, default=None,
+                       help="Full's own grid, when the whole model wants smaller rates than one layer "
+                            "(default: --learning-rates)")
     sweep.add_argument("--seeds", type=_int_at_least(1, "seeds"), default=1,
                        help="training seeds per arm and rate (--seed, --seed + 1, ...); scores are means over them (default: 1)")
     sweep.add_argument("--metric", default="accuracy", choices=["accuracy", "mean_reward"],
@@ -196,7 +199,8 @@ def _run_sweep(args: argparse.Namespace) -> None:
     resolve_device(args.device, what="--device")  # SweepConfig checks it too, but cannot name the flag
     config = SweepConfig(model=args.model, out=args.out, task=args.task, task_path=args.task_path, layers=args.layers,
                          grpo=config_from_args(GRPOConfig, args), eval_size=args.eval_size, val_size=args.val_size,
-                         learning_rates=args.learning_rates, seeds=args.seeds, eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size, metric=args.metric,
+                         learning_rates=args.learning_rates,
+                         full_learning_rates=args.full_learning_rates, seeds=args.seeds, eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size, metric=args.metric,
                          device=args.device, dtype=args.dtype, progress=args.progress, save_steps=args.save_steps,
                          save_total_limit=args.save_total_limit, lanes=args.lanes,
                          memory_budget_mib=args.memory_budget_mib)

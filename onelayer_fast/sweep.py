@@ -4,7 +4,9 @@ evaluated greedily, combined into the paper's per-layer contribution
     contribution(i) = (Single(i) - Base) / (Full - Base)        (undefined when Full == Base)
 
 The protocol: every arm (Full and each layer) trains at every learning rate of the grid
-(`learning_rates`) with `seeds` training seeds each (grpo.seed, grpo.seed + 1, ...). Per arm, the rate
+(`learning_rates`; Full at `full_learning_rates` when given, since a whole model and one layer can want
+rates an order of magnitude apart, more than one 3-point grid brackets) with `seeds` training seeds each
+(grpo.seed, grpo.seed + 1, ...). Per arm, the rate
 with the best validation score (mean over seeds; the smaller rate on ties) is selected; the arm's
 reported score is that rate's test score, mean over seeds. Validation is scored only when there is a
 rate to choose. 95% intervals come from a paired bootstrap over the test problems and the seeds
@@ -193,6 +195,7 @@ class SweepConfig:
     val_size: int = 100  # validation examples, for choosing each arm's learning rate (scored only then)
     eval_seed: int = 0  # which test and validation examples
     learning_rates: tuple[float, ...] | None = None  # the grid every arm trains at; None: (grpo.learning_rate,)
+    full_learning_rates: tuple[float, ...] | None = None  # Full's own grid; None: learning_rates
     seeds: int = 1  # training seeds per (arm, learning rate): grpo.seed, grpo.seed + 1, ...
     eval_batch_size: int = 64
     eval_max_new_tokens: int | None = None  # None: grpo.max_completion_length
@@ -231,20 +234,19 @@ class SweepConfig:
             raise ValueError(f"val_size must be an integer >= 1, got {self.val_size!r}")
         if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"seeds must be an integer >= 1, got {self.seeds!r}")
-        if self.learning_rates is not None:
-            rates = tuple(self.learning_rates)
-            if not rates:
-                raise ValueError("learning_rates is empty: give at least one rate, e.g. 5e-6,3e-5,2e-4")
-            for rate in rates:
-                if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not finite_positive(rate):
-                    raise ValueError(f"every learning rate must be a finite number > 0, got {rate!r}")
-            if len(set(rates)) != len(rates):
-                raise ValueError(f"learning_rates has a rate twice: {', '.join(f'{r:g}' for r in rates)}")
+        for name in ("learning_rates", "full_learning_rates"):
+            if getattr(self, name) is not None:
+                _check_rates(name, tuple(getattr(self, name)))
 
     @property
     def rates(self) -> tuple[float, ...]:
-        """The learning-rate grid, ascending."""
+        """The learning-rate grid of the single-layer arms, ascending."""
         return tuple(sorted(float(r) for r in self.learning_rates)) if self.learning_rates else (self.grpo.learning_rate,)
+
+    @property
+    def full_rates(self) -> tuple[float, ...]:
+        """Full's learning-rate grid, ascending: full_learning_rates, else the layers' grid."""
+        return tuple(sorted(float(r) for r in self.full_learning_rates)) if self.full_learning_rates else self.rates
 
     @property
     def seed_values(self) -> tuple[int, ...]:
@@ -252,8 +254,18 @@ class SweepConfig:
 
     @property
     def selects(self) -> bool:
-        """Whether there is a learning rate to choose (and so a validation split to score)."""
-        return len(self.rates) > 1
+        """Whether some arm has a learning rate to choose (and so a validation split to score)."""
+        return len(self.rates) > 1 or len(self.full_rates) > 1
+
+
+def _check_rates(name: str, rates: tuple) -> None:
+    if not rates:
+        raise ValueError(f"{name} is empty: give at least one rate, e.g. 5e-6,3e-5,2e-4")
+    for rate in rates:
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not finite_positive(rate):
+            raise ValueError(f"every learning rate must be a finite number > 0, got {rate!r} in {name}")
+    if len(set(rates)) != len(rates):
+        raise ValueError(f"{name} has a rate twice: {', '.join(f'{r:g}' for r in rates)}")
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -737,16 +749,19 @@ def _arm_name(mode: str, layer: int | None, num_layers: int) -> str:
     return mode if layer is None else f"layer-{layer:0{len(str(num_layers - 1))}d}"
 
 
-def _runs(layers: list[int], num_layers: int, rates: tuple[float, ...], seeds: tuple[int, ...]) -> list[_Run]:
-    """Base, then Full and every layer at every (rate, seed). A run's name carries the rate and the seed
-    only where the grid has several: a one-rate, one-seed sweep keeps the plain names (full, layer-05)."""
-    def suffix(rate: float, seed: int) -> str:
-        return (f"-lr{rate:g}" if len(rates) > 1 else "") + (f"-seed{seed}" if len(seeds) > 1 else "")
+def _runs(layers: list[int], num_layers: int, rates: tuple[float, ...], seeds: tuple[int, ...],
+          full_rates: tuple[float, ...] | None = None) -> list[_Run]:
+    """Base, then Full at every (rate of full_rates [default: rates], seed) and every layer at every (rate,
+    seed). A run's name carries the rate and the seed only where its arm's grid has several: a one-rate,
+    one-seed sweep keeps the plain names (full, layer-05)."""
+    def suffix(grid: tuple[float, ...], rate: float, seed: int) -> str:
+        return (f"-lr{rate:g}" if len(grid) > 1 else "") + (f"-seed{seed}" if len(seeds) > 1 else "")
 
     runs = [_Run("base", "base", None)]
     for mode, layer in [("full", None), *[("single", i) for i in layers]]:
-        runs += [_Run(_arm_name(mode, layer, num_layers) + suffix(rate, seed), mode, layer, rate, seed)
-                 for rate in rates for seed in seeds]
+        grid = full_rates or rates if mode == "full" else rates
+        runs += [_Run(_arm_name(mode, layer, num_layers) + suffix(grid, rate, seed), mode, layer, rate, seed)
+                 for rate in grid for seed in seeds]
     return runs
 
 
@@ -777,9 +792,11 @@ class _Sweep:
         grpo = dataclasses.asdict(self.grpo)
         del grpo["learning_rate"]  # the grid's, in "learning_rates" (grpo.seed stays: the model's init seed, seeds[0])
         c = self.config
+        # Full's own grid is written only where it differs, so the settings of a one-grid sweep stay as they were.
+        full_grid = {"full_learning_rates": list(c.full_rates)} if c.full_rates != c.rates else {}
         return {"format_version": FORMAT_VERSION, "model": c.model, "task": c.task, "task_path": c.task_path,
                 "algo": self.grpo.algo, "layer_spec": c.layers, "layers": layers, "num_layers": num_layers,
-                "learning_rates": list(c.rates), "seeds": list(c.seed_values),
+                "learning_rates": list(c.rates), **full_grid, "seeds": list(c.seed_values),
                 "eval_size": c.eval_size, "eval_seed": c.eval_seed, "eval_examples": test_n,
                 "val_size": c.val_size if c.selects else None, "val_examples": val_n,
                 "eval_max_new_tokens": self.max_new_tokens, "dtype": c.dtype, "grpo": grpo}
@@ -906,7 +923,7 @@ def _run_locked(sweep: _Sweep, config: SweepConfig) -> SweepResult:
     _check_or_write_settings(sweep.out, sweep.settings(layers, num_layers, len(splits["test"]),
                                                        len(splits["val"]) if config.selects else None))
 
-    runs = _runs(layers, num_layers, config.rates, config.seed_values)
+    runs = _runs(layers, num_layers, config.rates, config.seed_values, config.full_rates)
     results: dict[str, RunResult] = {}
     pending = []
     for run in runs:
@@ -1000,9 +1017,11 @@ def format_table(result: SweepResult) -> str:
     base, full = result.base, result.full
     s = result.settings
     grid = ""
-    if len(s.get("learning_rates", [])) > 1 or len(s.get("seeds", [])) > 1:
-        grid = (f", {len(s['learning_rates'])} learning rate(s) x {len(s['seeds'])} seed(s) per arm, "
-                f"rate selected on {s.get('val_examples') or 0} validation examples")
+    if max(len(s.get("learning_rates", [])), len(s.get("full_learning_rates") or [])) > 1 or len(s.get("seeds", [])) > 1:
+        full_grid = s.get("full_learning_rates")
+        grid = (f", {len(s['learning_rates'])} learning rate(s)"
+                + (f" ({len(full_grid)} for Full)" if full_grid else "")
+                + f" x {len(s['seeds'])} seed(s) per arm, rate selected on {s.get('val_examples') or 0} validation examples")
     stats = result.stats
     lines = [f"sweep {_title(result)}: {m} on {base.n} test examples, {s['grpo']['max_steps']} steps per run{grid}",
              f"  Base      {base.metric(m):8.4f}   reward {base.mean_reward:.4f}" + _ci(stats.base),

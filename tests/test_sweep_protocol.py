@@ -186,6 +186,39 @@ def test_grid_sweep_resumes_and_refuses_another_grid(tmp_path):
         run_sweep(grid_config(out, layers="1", val_size=7))
 
 
+def test_full_has_its_own_grid(tmp_path):
+    """--full-learning-rates: Full trains at its grid only, the layers at theirs; each arm selects within
+    its own grid, a Full run is the same run whichever grid the layers have, and a change is refused."""
+    shared = run_sweep(grid_config(tmp_path / "shared", layers="1", seeds=1, dtype="float64"))
+    own = run_sweep(grid_config(tmp_path / "own", layers="1", seeds=1, dtype="float64",
+                                learning_rates=(3e-2, 9e-2), full_learning_rates=(1e-2, 3e-2)))
+    names = sorted(p.name for p in (tmp_path / "own" / "runs").iterdir())
+    assert names == ["base", "full-lr0.01", "full-lr0.03", "layer-1-lr0.03", "layer-1-lr0.09"]
+    data = json.loads((tmp_path / "own" / "results.json").read_text())
+    assert data["settings"]["learning_rates"] == [0.03, 0.09] and data["settings"]["full_learning_rates"] == [0.01, 0.03]
+    assert "full_learning_rates" not in json.loads((tmp_path / "shared" / "results.json").read_text())["settings"]
+    assert own.full.learning_rate in (1e-2, 3e-2) and own.singles[0].learning_rate in (3e-2, 9e-2)
+    assert {rate for arm, rate in own.validation_gains if arm == report.FULL} == {1e-2, 3e-2}
+    assert {rate for arm, rate in own.validation_gains if arm == 1} == {3e-2, 9e-2}
+
+    def run(out, name):
+        return json.loads((out / "runs" / name / "result.json").read_text())
+
+    keys = ("accuracy", "mean_reward", "rewards", "tokens")
+    for rate in ("0.01", "0.03"):  # Full's runs do not depend on the layers' grid
+        a, b = run(tmp_path / "shared", f"full-lr{rate}"), run(tmp_path / "own", f"full-lr{rate}")
+        assert {k: a[k] for k in keys} == {k: b[k] for k in keys} and a["val"]["rewards"] == b["val"]["rewards"]
+    a, b = run(tmp_path / "shared", "layer-1-lr0.03"), run(tmp_path / "own", "layer-1-lr0.03")
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    with pytest.raises(ValueError, match=r"full_learning_rates"):
+        run_sweep(grid_config(tmp_path / "own", layers="1", seeds=1, dtype="float64",
+                              learning_rates=(3e-2, 9e-2), full_learning_rates=(1e-2, 2e-2)))
+    # one rate for the layers and a grid for Full still selects (validation is scored)
+    one = run_sweep(grid_config(tmp_path / "one", layers="1", seeds=1, learning_rates=(3e-2,),
+                                full_learning_rates=(1e-2, 3e-2)))
+    assert one.settings["val_examples"] == 6 and one.singles[0].learning_rate == 3e-2
+
+
 def test_float64_grid_with_lanes_equals_one_at_a_time(tmp_path):
     """Lanes with their own learning rate and seed compute what each run computes alone."""
     def table(out):
@@ -213,6 +246,9 @@ def test_float64_grid_with_lanes_equals_one_at_a_time(tmp_path):
     (dict(seeds=0), "seeds must be an integer >= 1"),
     (dict(seeds=1.5), "seeds must be an integer >= 1"),
     (dict(val_size=0), "val_size must be an integer >= 1"),
+    (dict(full_learning_rates=()), "full_learning_rates is empty"),
+    (dict(full_learning_rates=(1e-3, -1e-3)), "finite number > 0.*in full_learning_rates"),
+    (dict(full_learning_rates=(1e-3, 1e-3)), "full_learning_rates has a rate twice"),
 ])
 def test_bad_grid_settings(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -228,6 +264,7 @@ def test_bad_grid_settings(tmp_path, overrides, message):
     (["--learning-rates", "1e-3,1e-3"], "a rate twice"),
     (["--seeds", "0"], "seeds must be >= 1"),
     (["--val-size", "0"], "val_size must be >= 1"),
+    (["--full-learning-rates", "1e-5,0"], "finite number > 0"),
 ])
 def test_cli_rejects_bad_grid_flags(tmp_path, capsys, flags, message):
     argv = ["sweep", "--model", "tiny", "--out", str(tmp_path / "s"), *flags]
