@@ -1,12 +1,17 @@
 """Public loss functions: argument checks, then dispatch to `onelayer_fast.kernels`.
 
 Backends (`backend=`):
-- `"auto"`: `"chunked"` on every device, except `"reference"` for float64 states (the chunked path computes in
-  float32; float64 runs exist to test equalities exactly, on small shapes). The Triton path becomes the CUDA default only once a GPU run
-  has validated and timed it against the chunked path (README.md, Performance, says where that stands).
+- `"auto"` (decided in `dispatch.py`, one place):
+  float64 states -> `"reference"` (float64 runs exist to test equalities exactly; the other paths compute in fp32);
+  CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set and triton installed -> `"triton"` once a first-use
+  self-check of the Triton kernels against the chunked path passed on that (device, dtype); a failed check warns
+  once and gives `"chunked"`, and so does an input the Triton path does not cover (a dtype other than
+  fp32 / bf16 / fp16, a weight in another dtype than the states, a completion mask with values other than 0 and 1);
+  plain CPU -> `"chunked"`, without importing the Triton kernels.
 - `"triton"`: the Triton kernels. `grpo_loss` runs the fused path of `kernels/grpo_loss_triton.py`
   (lm_head log-prob kernel -> loss kernel with in-kernel group advantages -> recompute backward kernels);
   `token_logprobs` the custom op `torch.ops.onelayer_fast.token_logprobs` (`kernels/token_logprobs_triton.py`).
+  Every LossConfig setting is covered; an input that is not (see "auto") is a ValueError naming it.
   Needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported (tests).
 - `"chunked"`: plain PyTorch, a chunk of token rows at a time (never a (tokens, vocab) tensor); the CPU path.
 - `"reference"`: materializes the logits; for debugging (the trainer's `loss_backend`) and tests.
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import dispatch
 from .kernels.grpo_loss import (
     FusedTokenGRPOLoss,
     LossConfig,
@@ -64,7 +70,7 @@ def token_logprobs(
     """
     _check_choice("backend", backend, BACKENDS)
     _check_lm_head(hidden, lm_head_weight, token_ids, temperature)
-    backend = _resolve_backend(backend, hidden.dtype)
+    backend = _resolve_backend(backend, hidden, lm_head_weight)
     if backend == "reference":
         return token_logprobs_ref(hidden, lm_head_weight, token_ids.long(), temperature)
     if backend == "triton":
@@ -73,11 +79,15 @@ def token_logprobs(
     return flat.view(token_ids.shape)
 
 
-def _resolve_backend(backend: str, dtype: torch.dtype) -> str:
-    # One place decides what "auto" means (see the module docstring for why it is not Triton on CUDA yet).
-    if backend != "auto":
-        return backend
-    return "reference" if dtype == torch.float64 else "chunked"
+def _resolve_backend(backend: str, hidden: Tensor, weight: Tensor, completion_mask: Tensor | None = None) -> str:
+    """"auto" as `dispatch.auto_backend` decides; an explicit "triton" checked for inputs it does not cover."""
+    if backend == "auto":
+        return dispatch.auto_backend(hidden, weight, completion_mask)
+    if backend == "triton":
+        unsupported = dispatch.triton_unsupported(hidden, weight, completion_mask)
+        if unsupported is not None:
+            raise ValueError(f"backend='triton' does not support {unsupported}; use backend='chunked' or 'auto'")
+    return backend
 
 
 def _triton_token_logprobs(hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float) -> Tensor:
@@ -178,7 +188,7 @@ def grpo_loss(
     _check_per_token("ref_logps", ref_logps, completion_ids.shape)
     if config.beta > 0 and ref_logps is None:
         raise ValueError("beta > 0 needs ref_logps (the KL term would silently be zero without them)")
-    backend = _resolve_backend(backend, hidden.dtype)
+    backend = _resolve_backend(backend, hidden, lm_head_weight, completion_mask)
     if backend == "triton":  # advantages, loss, gradient and metrics all in the Triton kernels
         _check_advantage_inputs(rewards, group_size, advantages, batch)
         from .kernels.grpo_loss_triton import grpo_loss_triton

@@ -76,7 +76,8 @@ class GRPOConfig:
     top_p: float = option(1.0, "nucleus sampling threshold")
     max_completion_length: int = option(256, "most tokens sampled per completion (also the dr_grpo normalizer)")
     seed: int = option(42, "seed of prompts, sampling and preset initialization")
-    loss_backend: str = option("auto", "loss implementation (auto: chunked PyTorch)", choices=BACKENDS)
+    loss_backend: str = option("auto", "loss implementation (auto: the Triton kernels on CUDA once their self-check "
+                                       "passed, else chunked PyTorch; reference for float64)", choices=BACKENDS)
     layout: str = option("auto", "how rows run through the layers; same loss and gradients (auto: shared_prompt "
                          "on CPU for prompt groups, padded elsewhere)", choices=LAYOUTS)
     algo: str = option("grpo", "algorithm preset: dr_grpo sets scale_rewards none + loss_type dr_grpo; gigpo adds "
