@@ -2,7 +2,8 @@
 
 `python -m bench WORKLOAD [flags]` runs one workload; `python -m bench --quick [flags]` runs every registered
 workload at its CI size, one after the other (each as `python -m bench WORKLOAD --quick` would), and exits non-zero
-if any of them failed. `python -m bench _worker ...` is the worker subprocess the parent spawns per contender.
+if any of them failed. `python -m bench gpu-suite` runs the GPU tests and benchmarks (bench/gpu_suite.py).
+`python -m bench _worker ...` is the worker subprocess the parent spawns per contender.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "Without a workload: a directory, each workload's files in it")
     p.add_argument("--device", default=None,
                    help="cpu or cuda[:N] (default: cuda where torch sees a GPU and the workload has a CUDA path, "
-                        f"else cpu; only `step` has one: {CUDA_STATUS}). Without a workload, the workloads that "
-                        "do not run on the device are skipped")
+                        f"else cpu; `step` and `grpo_loss` have one: {CUDA_STATUS}). Without a workload, the "
+                        "workloads that do not run on the device are skipped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wait-idle", type=float, default=120.0, metavar="SECONDS",
                    help="before each subprocess wait (at most this long) until other processes use < 15%% "
@@ -70,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_worker":
         return worker_main(argv[1:])
+    if argv and argv[0] == "gpu-suite":
+        from bench import gpu_suite
+
+        return gpu_suite.main(argv[1:])
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in the JSON (main() may be called with arguments other than sys.argv)
     names = selected_workloads(args)

@@ -51,7 +51,8 @@ class Runner:
 
 @dataclass
 class Target:
-    """`numerator / denominator` of `metric` ("time" = median step time, "memory" = working MiB)."""
+    """`numerator / denominator` of `metric` ("time" = median step time, "memory" = working MiB, "flop_rate" =
+    achieved FLOP/s, see `metric_value`), checked only on the device types in `devices`."""
 
     label: str
     metric: str
@@ -59,6 +60,7 @@ class Target:
     denominator: str
     op: str  # ">=" or "<="
     threshold: float
+    devices: tuple[str, ...] = ("cpu", "cuda")  # e.g. ("cuda",): a GPU target, not shown for CPU runs
 
     def check(self, ratio: float) -> bool:
         return ratio >= self.threshold if self.op == ">=" else ratio <= self.threshold
@@ -84,6 +86,8 @@ class Workload:
                               "tensor_peak_mib: peak live tensor bytes during one extra step under torch.profiler "
                               "(round 0 only), over the step's start")
     skip_reason: Callable[[str], str | None] | None = None  # contender -> why it cannot run here, or None
+    # (contender, device) -> why it does not run on that device (e.g. a CUDA-only kernel on the CPU), or None
+    device_skip_reason: Callable[[str, str], str | None] | None = None
     # One extra profiled step (tensor_peak_mib) in round 0; off where a step is a whole sweep.
     profile_tensor_peak: bool = True
     devices: tuple[str, ...] = ("cpu",)  # device types it runs on (--device)
@@ -141,6 +145,8 @@ def skip_reasons(workload: Workload, contenders: tuple[str, ...], device: str) -
         reason = workload.skip_reason(name) if workload.skip_reason else None
         if reason is None and name in workload.cpu_only_contenders and device.split(":")[0] != "cpu":
             reason = f"{name} is wired for the CPU only (its settings pin the device and fp32), not for {device}"
+        if reason is None and workload.device_skip_reason:
+            reason = workload.device_skip_reason(name, device)
         if reason:
             reasons[name] = reason
     return reasons
@@ -391,10 +397,34 @@ def quantile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def rate(flops: float | None, seconds: float, unit: float) -> float | None:
+    """FLOP/s in `unit` (1e9: GFLOP/s, 1e12: TFLOP/s); None where no count is defined."""
+    return flops / seconds / unit if flops else None
+
+
+def metric_value(entry: dict[str, Any], metric: str) -> float | None:
+    """One contender's value of a ratio or target metric: "time" its median step time, "memory" its working MiB,
+    "flop_rate" its achieved FLOP/s by the workload's count where that applies to it (the floor of the workload's
+    op), else by its own count (a probe that is not the op, e.g. a plain matmul)."""
+    if metric == "time":
+        return entry["median_s"]
+    if metric == "memory":
+        return entry["working_mib"]
+    if metric == "flop_rate":
+        return entry.get("floor_tflop_per_s") or entry.get("kernel_tflop_per_s")
+    raise ValueError(f"unknown metric {metric!r}")
+
+
 def aggregate(workload: Workload, shapes: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per contender: time statistics, tokens/s, FLOP/s, memory, validity; then the workload's ratios and targets.
+
+    FLOP/s: `gflop_per_s` / `floor_tflop_per_s` by the workload's count (workload.flops_per_step; a worker whose
+    Runner.info sets "floor_flops" overrides it for its contender, None: the count does not apply), and
+    `kernel_tflop_per_s` by the contender's own count where its worker gives one (Runner.info "kernel_flops")."""
     tokens = workload.tokens_per_step(shapes)
     if tokens is None:  # counted by the workers on the batch they built (their cross-check compares the batches)
         tokens = next((r["tokens_per_step"] for r in runs if "tokens_per_step" in r), None)
+    workload_flops = workload.flops_per_step(shapes) if workload.flops_per_step else None
     per: dict[str, Any] = {}
     for name in workload.contenders:
         mine = [r for r in runs if r["contender"] == name]
@@ -403,6 +433,8 @@ def aggregate(workload: Workload, shapes: dict[str, Any], runs: list[dict[str, A
         times = [t for r in mine for t in r["times_s"]]
         working = [r["working_mib"] for r in mine]
         median = statistics.median(times)
+        floor_flops = mine[0]["floor_flops"] if "floor_flops" in mine[0] else workload_flops
+        kernel_flops = mine[0].get("kernel_flops")
         per[name] = {
             "median_s": median,
             "min_s": min(times),
@@ -410,7 +442,11 @@ def aggregate(workload: Workload, shapes: dict[str, Any], runs: list[dict[str, A
             "q25_s": quantile(times, 0.25),
             "q75_s": quantile(times, 0.75),
             "tokens_per_s": mine[0].get("tokens_per_step", tokens) / median,
-            "gflop_per_s": (workload.flops_per_step(shapes) / median / 1e9) if workload.flops_per_step else None,
+            "gflop_per_s": rate(floor_flops, median, 1e9),
+            "floor_tflop_per_s": rate(floor_flops, median, 1e12),
+            "kernel_flops_per_step": kernel_flops,
+            "kernel_tflop_per_s": rate(kernel_flops, median, 1e12),
+            "kernel_flops_definition": mine[0].get("kernel_flops_definition"),
             "working_mib": statistics.median(working),
             "working_mib_min": min(working),
             "working_mib_max": max(working),
@@ -423,21 +459,25 @@ def aggregate(workload: Workload, shapes: dict[str, Any], runs: list[dict[str, A
             "runs": mine,
         }
 
-    def value(metric: str, name: str) -> float:
-        return per[name]["median_s" if metric == "time" else "working_mib"]
+    def ratio_of(metric: str, num: str, den: str) -> float | None:
+        if num not in per or den not in per:
+            return None
+        a, b = metric_value(per[num], metric), metric_value(per[den], metric)
+        return a / b if a is not None and b else None
 
     ratios = {}
     for metric, num, den in workload.ratios:
-        if num in per and den in per:
-            ratios[f"{metric}:{num}/{den}"] = value(metric, num) / value(metric, den)
+        ratio = ratio_of(metric, num, den)
+        if ratio is not None:
+            ratios[f"{metric}:{num}/{den}"] = ratio
             if metric == "time":  # the best step of each: the least contention-sensitive estimate
                 ratios[f"time_min:{num}/{den}"] = per[num]["min_s"] / per[den]["min_s"]
             if metric == "memory" and per[num]["tensor_peak_mib"] and per[den]["tensor_peak_mib"]:
                 ratios[f"tensor_peak:{num}/{den}"] = per[num]["tensor_peak_mib"] / per[den]["tensor_peak_mib"]
     targets = []
     for t in workload.targets:
-        if t.numerator in per and t.denominator in per:
-            ratio = value(t.metric, t.numerator) / value(t.metric, t.denominator)
+        ratio = ratio_of(t.metric, t.numerator, t.denominator) if device_type(shapes) in t.devices else None
+        if ratio is not None:
             targets.append({"label": t.label, "metric": t.metric, "ratio": ratio, "op": t.op,
                             "threshold": t.threshold, "pass": t.check(ratio)})
     return {"tokens_per_step": tokens, "contenders": per, "ratios": ratios, "targets": targets}

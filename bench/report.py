@@ -91,7 +91,8 @@ def package_versions() -> dict[str, str | None]:
 
 
 CSV_COLUMNS = ("workload", "contender", "median_s", "q25_s", "q75_s", "min_s", "max_s", "iqr_s", "n_steps",
-               "tokens_per_s", "gflop_per_s", "working_mib", "working_mib_min", "working_mib_max", "tensor_peak_mib",
+               "tokens_per_s", "gflop_per_s", "floor_tflop_per_s", "kernel_tflop_per_s", "working_mib",
+               "working_mib_min", "working_mib_max", "tensor_peak_mib",
                "time_ratio_vs_onelayer_fast", "memory_ratio_vs_onelayer_fast", "valid", "quick", "device", "torch",
                "date", "git_commit")
 
@@ -108,6 +109,7 @@ def contender_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
             "median_s": c["median_s"], "q25_s": c["q25_s"], "q75_s": c["q75_s"], "min_s": c["min_s"], "max_s": c["max_s"],
             "iqr_s": c["q75_s"] - c["q25_s"], "n_steps": sum(len(t) for t in c["raw_times_s"]),
             "tokens_per_s": c["tokens_per_s"], "gflop_per_s": c["gflop_per_s"],
+            "floor_tflop_per_s": c.get("floor_tflop_per_s"), "kernel_tflop_per_s": c.get("kernel_tflop_per_s"),
             "working_mib": c["working_mib"], "working_mib_min": c["working_mib_min"],
             "working_mib_max": c["working_mib_max"], "tensor_peak_mib": c["tensor_peak_mib"],
             "time_ratio_vs_onelayer_fast": c["median_s"] / base["median_s"] if base else None,
@@ -172,9 +174,10 @@ def print_report(workload: Workload, shapes: dict[str, Any], agg: dict[str, Any]
     print(f"tokens/s = {tokens_definition(workload, shapes)}")
     flops = workload.flops_per_step is not None
     if flops:
-        print(f"GFLOP/s = {workload.flops_definition}")
+        print(f"TFLOP/s floor = the workload's FLOP count: {workload.flops_definition}")
+        print(f"TFLOP/s own = {KERNEL_FLOPS_DEFINITION}")
     header = (f"{'contender':<20} {'median s':>9} {'min s':>8} {'max s':>8} {'IQR s':>15} {'tokens/s':>9} "
-              + (f"{'GFLOP/s':>8} " if flops else "") +
+              + (f"{'TFLOP/s floor':>13} {'TFLOP/s own':>11} " if flops else "") +
               f"{'work MiB':>9} {'(range)':>15} {'tensor MiB':>10} {'n':>3} {'busy':>5} valid")
     print(header)
     print("-" * len(header))
@@ -183,7 +186,7 @@ def print_report(workload: Workload, shapes: dict[str, Any], agg: dict[str, Any]
         wrange = f"{c['working_mib_min']:.0f}-{c['working_mib_max']:.0f}"
         n = sum(len(t) for t in c["raw_times_s"])
         tensor = f"{c['tensor_peak_mib']:.1f}" if c["tensor_peak_mib"] is not None else "-"
-        gflops = f"{c['gflop_per_s']:>8.1f} " if flops else ""
+        gflops = f"{tflops(c.get('floor_tflop_per_s')):>13} {tflops(c.get('kernel_tflop_per_s')):>11} " if flops else ""
         print(f"{name:<20} {c['median_s']:>9.3f} {c['min_s']:>8.3f} {c['max_s']:>8.3f} {iqr:>15} "
               f"{c['tokens_per_s']:>9.0f} {gflops}{c['working_mib']:>9.1f} {wrange:>15} {tensor:>10} {n:>3} "
               f"{c['foreign_cpu_fraction_max']:>5.0%} {'yes' if c['valid'] else 'NO'}")
@@ -195,6 +198,9 @@ def print_report(workload: Workload, shapes: dict[str, Any], agg: dict[str, Any]
         print("work MiB = peak RSS growth over the pre-warm-up baseline (taken after the inputs are built) during the measured steps (sampled every 5 ms); "
               "tensor MiB = peak live tensor bytes of one extra profiled step (allocator-independent); "
               "busy = largest share of the CPUs used by OTHER processes during a contender's measured steps")
+    if flops:
+        print("own FLOP counts: " + "; ".join(f"{name}: {c['kernel_flops_definition'] or 'none'}"
+                                                for name, c in per.items()))
     print()
     for key, ratio in agg["ratios"].items():
         metric, pair = key.split(":")
@@ -207,6 +213,15 @@ def print_report(workload: Workload, shapes: dict[str, Any], agg: dict[str, Any]
     invalid = [n for n, c in per.items() if not c["valid"]]
     if invalid:
         print(f"  [INVALID] weights not updated / frozen weights changed / non-finite metrics: {invalid}")
+
+
+KERNEL_FLOPS_DEFINITION = ("each contender's own FLOP count of one step (what its code computes, e.g. a logits "
+                           "recompute in the backward; listed per contender under the table) / median time")
+
+
+def tflops(value: float | None) -> str:
+    """TFLOP/s for the table: 3 significant digits (a CPU gives ~0.01, a GPU hundreds); '-' where not counted."""
+    return "-" if value is None else f"{value:.3g}"
 
 
 MEMORY_DEFINITION_CUDA = ("working_mib: torch.cuda.max_memory_allocated during the measured steps (peak counter reset "
@@ -241,7 +256,9 @@ def build_record(args, workload: Workload, shapes: dict[str, Any], shape_set: st
         "rounds": plan,
         "seed": args.seed,
         "tokens_definition": tokens_definition(workload, shapes),
-        **({"flops_definition": workload.flops_definition} if workload.flops_per_step else {}),
+        **({"flops_definition": workload.flops_definition, "kernel_flops_definition": KERNEL_FLOPS_DEFINITION,
+            "kernel_flops_definitions": {n: c["kernel_flops_definition"] for n, c in agg["contenders"].items()}}
+           if workload.flops_per_step else {}),
         "memory_definition": MEMORY_DEFINITION_CUDA if device_type(shapes) == "cuda" else workload.memory_definition,
         "skipped": skipped,
         "crosscheck": cross,

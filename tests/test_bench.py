@@ -21,6 +21,7 @@ from bench import cli, harness, report
 from bench.contenders.liger import liger_skip_reason
 from bench.contenders.trl_driver import trl_skip_reason
 from bench.workloads import WORKLOADS
+from bench.workloads import grpo_loss as grpo_loss_workload
 from bench.workloads import step as step_workload
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,6 +75,20 @@ def test_quick_grpo_loss_benchmark_runs_and_cross_checks(run_quick):
     assert {"onelayer_fast", "materialized"} <= set(contenders)
     assert all(c["valid"] and c["gflop_per_s"] > 0 for c in contenders.values())
     assert any("onelayer_fast:" in line and "[MATCH]" in line for line in record["crosscheck"])
+    # both FLOP rates: the floor (4 N H V) and each path's own count (auto is the chunked path on the CPU)
+    shapes = record["shapes"]
+    olf_run = contenders["onelayer_fast"]["runs"][0]
+    assert olf_run["auto_resolved_to"] == "chunked"
+    assert contenders["onelayer_fast"]["kernel_flops_per_step"] == grpo_loss_workload.grpo_loss_floor_flops(shapes)
+    assert contenders["materialized"]["kernel_flops_per_step"] == \
+        grpo_loss_workload.grpo_loss_kernel_flops(shapes, "reference")
+    for c in contenders.values():
+        assert c["floor_tflop_per_s"] == pytest.approx(c["gflop_per_s"] / 1e3)
+        if c["kernel_flops_per_step"] is not None:
+            assert c["kernel_tflop_per_s"] == pytest.approx(c["kernel_flops_per_step"] / c["median_s"] / 1e12)
+    assert record["kernel_flops_definitions"]["onelayer_fast"].startswith("chunked: 4 x unmasked tokens")
+    # the CUDA-only contenders, and chunked (what auto runs here), are skipped with their reasons
+    assert {"triton", "matmul", "chunked"} <= set(record["skipped"])
     if "liger" not in contenders:
         assert "liger" in record["skipped"]
     else:
@@ -308,9 +323,10 @@ def test_device_choice_and_cpu_only_contenders(monkeypatch):
     wl = WORKLOADS
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert harness.resolve_device(None, wl["step"]) == "cuda"
-    assert harness.resolve_device(None, wl["grpo_loss"]) == "cpu"  # no CUDA path: stays on the CPU
+    assert harness.resolve_device(None, wl["grpo_loss"]) == "cuda"
+    assert harness.resolve_device(None, wl["iteration"]) == "cpu"  # no CUDA path: stays on the CPU
     assert harness.resolve_device("cpu", wl["step"]) == "cpu"
-    for name in ("step-varlen", "step-real", "iteration", "sweep", "grpo_loss"):
+    for name in ("step-varlen", "step-real", "iteration", "sweep"):
         with pytest.raises(SystemExit, match="not on 'cuda'"):
             harness.resolve_device("cuda", wl[name])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -426,6 +442,101 @@ def test_cuda_shape_set_runs_in_bf16_on_the_cpu():
 
 
 # --------------------------------------------------------------------------------------------------
+# grpo_loss: its FLOP counts, its CUDA shape set, contenders and checks (their code paths run on the CPU here)
+# --------------------------------------------------------------------------------------------------
+def test_grpo_loss_flop_counts_by_hand():
+    # 4 rows x 8 positions, row 1 keeps 5 of them: N = 29 unmasked tokens of 32 positions; H = 48, V = 1013.
+    # N H V = 29 x 48 x 1013 = 1_410_096, counted by hand; every count is 2 FLOP x tokens x H x V per lm_head pass.
+    shapes = {"rows": 4, "completion_length": 8, "completion_lengths": {"1": 5}, "hidden_size": 48,
+              "vocab_size": 1013, "lm_head_requires_grad": False, "importance_sampling_level": "token"}
+    count = grpo_loss_workload.grpo_loss_kernel_flops
+    assert grpo_loss_workload.grpo_loss_unmasked(shapes) == 29
+    assert grpo_loss_workload.grpo_loss_floor_flops(shapes) == 5_640_384  # 4 NHV: logits + grad_hidden
+    assert count(shapes, "triton") == 8_460_576  # 6 NHV: forward logits; backward recompute + grad_hidden
+    assert count(shapes, "chunked") == 5_640_384  # 4 NHV: the gradient formed in the forward, no recompute
+    assert count(shapes, "matmul") == 2_820_192  # 2 NHV: one pass
+    assert count(shapes, "reference") == 6_223_872  # 4 x 32 positions x H x V: masked positions included
+    assert count(shapes, "liger") is None and count(shapes, None) is None
+    trained = {**shapes, "lm_head_requires_grad": True}  # one more pass: grad_W
+    assert (count(trained, "triton"), count(trained, "chunked")) == (11_280_768, 8_460_576)
+    assert count(trained, "matmul") == 2_820_192  # the probe has no backward
+    sequence = {**shapes, "importance_sampling_level": "sequence"}  # ChunkedTokenLogprobs: forward, recompute backward
+    assert count(sequence, "chunked") == 8_460_576
+    assert grpo_loss_workload.kernel_flops_definition(shapes, "triton").startswith("triton: 6 x unmasked tokens")
+    assert grpo_loss_workload.kernel_flops_definition(trained, "chunked").startswith("chunked: 6 x unmasked tokens")
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_grpo_loss_cuda_shape_set_and_contenders_per_device(quick):
+    wl = WORKLOADS["grpo_loss"]
+    assert harness.shape_sets(wl, quick, "cpu") == {"": grpo_loss_workload.grpo_loss_shapes(quick)}  # unchanged
+    ((name, shapes),) = harness.shape_sets(wl, quick, "cuda").items()
+    assert name == "h3584-v151936" and shapes["device"] == "cuda" and shapes["dtype"] == "bfloat16"
+    assert (shapes["hidden_size"], shapes["vocab_size"]) == (3584, 151936) and not shapes["lm_head_requires_grad"]
+    assert (shapes["rows"], shapes["completion_length"]) == ((32, 64) if quick else (256, 64))
+    assert harness.CUDA_STATUS in wl.description(shapes)
+    on_cpu = harness.skip_reasons(wl, wl.contenders, "cpu")
+    on_cuda = harness.skip_reasons(wl, wl.contenders, "cuda")
+    assert {"triton", "matmul", "chunked"} <= set(on_cpu) and not {"onelayer_fast", "materialized"} & set(on_cpu)
+    assert "materialized" in on_cuda and "16384 positions x vocab 151936" in on_cuda["materialized"]
+    assert not {"onelayer_fast", "chunked", "triton", "matmul"} & set(on_cuda)
+    assert ("liger" in on_cpu) == ("liger" in on_cuda) == (liger_skip_reason("liger") is not None)
+
+
+def test_grpo_loss_bf16_checks_and_matmul_probe_run_on_the_cpu(capsys):
+    """The CUDA set's code paths (bf16 inputs, the float64 slice check, the `auto` path read off the loss's graph,
+    the matmul probe, the FLOP rates, the GPU-only targets) at a tiny size, on the CPU, in-process workers."""
+    wl = WORKLOADS["grpo_loss"]
+    cuda_shapes = {**harness.shape_sets(wl, True, "cuda")["h3584-v151936"], "rows": 16, "completion_length": 40,
+                   "completion_lengths": {"3": 35, "10": 38}, "hidden_size": 48, "vocab_size": 1013}
+    shapes = {**cuda_shapes, "device": "cpu"}
+    only = ("onelayer_fast", "materialized", "matmul")
+    runs = [harness.run_worker(wl, name, steps=1, quick=True, seed=0, shapes=shapes) for name in only]
+    for run in runs:
+        assert run["weights_updated_every_step"] and run["frozen_unchanged"] and run["metrics_finite"], run["contender"]
+    olf_run, materialized, probe = runs
+    assert olf_run["auto_resolved_to"] == "chunked" and olf_run["kernel_flops"] == \
+        grpo_loss_workload.grpo_loss_floor_flops(shapes)
+    precision = olf_run["precision"]
+    # the first group (8 rows) x 256 / 8 = 32 positions; row 3 keeps 35 of 40, so all 32 are unmasked
+    assert (precision["rows"], precision["width"], precision["tokens"]) == (8, 32, 256)
+    assert precision["within_bound"] and 0 < precision["torch_grad_err"] and 0 < precision["torch_loss_err"]
+    assert materialized["precision"]["loss_err"] == precision["torch_loss_err"]  # PyTorch's own = materialized
+    assert probe["floor_flops"] is None and "precision" not in probe
+    assert probe["kernel_flops"] == grpo_loss_workload.grpo_loss_kernel_flops(shapes, "matmul")
+
+    agg = harness.aggregate(dataclasses.replace(wl, contenders=only), cuda_shapes, runs)  # as if on CUDA
+    per = agg["contenders"]
+    assert per["matmul"]["floor_tflop_per_s"] is None and per["matmul"]["gflop_per_s"] is None
+    matmul_rate = probe["kernel_flops"] / per["matmul"]["median_s"] / 1e12
+    assert per["matmul"]["kernel_tflop_per_s"] == pytest.approx(matmul_rate)
+    # the issue's measure: the loss's 4 N H V rate as a share of the matmul's 2 N H V rate = 2 x t_matmul / t_loss
+    share = agg["ratios"]["flop_rate:onelayer_fast/matmul"]
+    assert share == pytest.approx(2 * per["matmul"]["median_s"] / per["onelayer_fast"]["median_s"])
+    targets = {t["label"]: t for t in agg["targets"]}
+    assert targets["onelayer_fast FLOP rate (4NHV) / matmul rate"]["ratio"] == pytest.approx(share)
+    cpu_targets = harness.aggregate(dataclasses.replace(wl, contenders=only), shapes, runs)["targets"]
+    assert {t["label"] for t in cpu_targets} == {"memory onelayer_fast / materialized",
+                                                 "time materialized / onelayer_fast"}  # no GPU targets on the CPU
+
+    lines = grpo_loss_workload.grpo_loss_crosscheck(agg, cuda_shapes)
+    assert any("bfloat16 error vs float64" in line for line in lines) and not harness.crosscheck_failed(lines)
+    assert sum("[MATCH]" in line for line in lines) == 2  # onelayer_fast and materialized; the probe has no check
+    report.print_report(wl, cuda_shapes, agg)
+    out = capsys.readouterr().out
+    assert "TFLOP/s floor = the workload's FLOP count: 4 x unmasked tokens x hidden x vocab" in out
+    assert "TFLOP/s own = each contender's own FLOP count" in out and "matmul: 2 x unmasked tokens" in out
+    # a onelayer_fast path outside the bound fails the run; Liger's would only be shown
+    olf_run["precision"] = {**precision, "within_bound": False}
+    assert harness.crosscheck_failed(grpo_loss_workload.grpo_loss_crosscheck(agg, cuda_shapes))
+    agg["contenders"]["liger"] = {**per["onelayer_fast"], "runs": [{"precision": {**precision, "within_bound": False}}]}
+    del agg["contenders"]["onelayer_fast"]
+    lines = grpo_loss_workload.grpo_loss_crosscheck(agg, cuda_shapes)
+    assert any("liger" in line and "informative: outside the bound" in line for line in lines)
+    assert not harness.crosscheck_failed(lines)
+
+
+# --------------------------------------------------------------------------------------------------
 # the entry point: `python -m bench WORKLOAD`, and `python -m bench --quick` over every workload
 # --------------------------------------------------------------------------------------------------
 def test_quick_without_a_workload_selects_every_registered_workload(tmp_path, monkeypatch, capsys):
@@ -462,8 +573,8 @@ def test_quick_without_a_workload_selects_every_registered_workload(tmp_path, mo
 
     ran.clear()  # a device that only some workloads run on: the others are skipped, not failed
     assert cli.main(["--quick", "--wait-idle", "0", "--device", "cuda"]) == 0
-    assert [r[0] for r in ran] == ["step"]
-    assert "grpo_loss    skipped: runs on cpu, not on cuda" in capsys.readouterr().out
+    assert [r[0] for r in ran] == ["step", "grpo_loss"]
+    assert "iteration    skipped: runs on cpu, not on cuda" in capsys.readouterr().out
 
 
 @pytest.mark.slow

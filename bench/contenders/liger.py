@@ -25,19 +25,21 @@ def liger_skip_reason(contender: str) -> str | None:
 LIGER_KNOBS = ("beta", "epsilon_low", "epsilon_high", "loss_type", "importance_sampling_level")
 
 
-def liger_grpo_loss(weight, ids, mask, rewards, old_logps, ref_logps, group_size: int, config) -> Callable:
+def liger_grpo_loss(weight, ids, mask, rewards, old_logps, ref_logps, group_size: int, config,
+                    compiled: bool = False) -> Callable:
     """hidden -> Liger's GRPO loss of `hidden` (rows, completion, hidden) under the frozen lm_head `weight`.
 
     Liger takes advantages, not rewards: they are normalized in groups of `group_size` by onelayer_fast's own
     group_advantages (TRL's normalization), once, here. `config`: onelayer_fast's LossConfig; only its LIGER_KNOBS
     reach Liger, so the comparison holds where the other knobs are at LossConfig's defaults, as in the bench.
-    liger_kernel.chunked_loss is plain PyTorch (compiled=False), so it runs on the CPU too."""
+    liger_kernel.chunked_loss is plain PyTorch, so with compiled=False it runs on the CPU too; `compiled=True` is
+    Liger's own default (each chunk's forward + backward under torch.compile), the fair setting on a GPU."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     from onelayer_fast.kernels.grpo_loss import group_advantages
 
     advantages, _ = group_advantages(rewards, group_size)
-    module = LigerFusedLinearGRPOLoss(compiled=False, use_ref_model=True,
+    module = LigerFusedLinearGRPOLoss(compiled=compiled, use_ref_model=True,
                                       **{k: getattr(config, k) for k in LIGER_KNOBS})
 
     def loss_fn(hidden):
