@@ -292,3 +292,83 @@ def paired_bootstrap(
         layers=stats, num_problems=n, base_seeds=seeds[0], full_seeds=seeds[1], resamples=int(resamples),
         undefined=int((~defined).sum()), level=float(level), recover_threshold=float(recover_threshold),
         seed=seed, paired_seeds=paired_seeds)
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+@dataclass(frozen=True)
+class VarianceComponents:
+    """Two-way random-effects split of a (K seeds, N problems) score array, from the ANOVA mean squares
+    (the seed-by-problem interaction is not separable from noise with one score per cell, so it is in
+    `residual`). Components estimated below 0 are set to 0."""
+
+    seed: float
+    problem: float
+    residual: float
+
+    def variance_of_mean(self, seeds: int, problems: int) -> float:
+        """The variance of the mean over `seeds` seeds and `problems` problems as the paired bootstrap
+        (paired_bootstrap, drawing both) measures it: seed / K + problem / N + 3 residual / (K N). A draw of
+        seeds and problems counts the residual three times (on its own, and inside the seed means and the
+        problem means it resamples), where fresh seeds and problems would vary by 1 residual / (K N): the
+        crossed bootstrap is conservative, and a plan for it must be too. (It also keeps only (K - 1) / K
+        of the seed part; this leaves that shrinkage out, so small K is not planned on an optimistic interval.)"""
+        return self.seed / seeds + self.problem / problems + 3 * self.residual / (seeds * problems)
+
+
+def variance_components(scores: np.ndarray) -> VarianceComponents:
+    """VarianceComponents of a (K, N) array with K >= 2 seeds and N >= 2 problems."""
+    x = np.asarray(scores, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 2 or not np.isfinite(x).all():
+        raise ValueError(f"variance components need a finite (seeds, problems) array with at least 2 of each, "
+                         f"got shape {x.shape}: the seed part cannot be told from noise with one seed")
+    k, n = x.shape
+    rows, cols, grand = x.mean(axis=1), x.mean(axis=0), x.mean()
+    ms_rows = n * ((rows - grand) ** 2).sum() / (k - 1)
+    ms_cols = k * ((cols - grand) ** 2).sum() / (n - 1)
+    ms_err = ((x - rows[:, None] - cols[None, :] + grand) ** 2).sum() / ((k - 1) * (n - 1))
+    return VarianceComponents(seed=max(0.0, (ms_rows - ms_err) / n), problem=max(0.0, (ms_cols - ms_err) / k),
+                              residual=float(ms_err))
+
+
+def _normal_quantile(level: float) -> float:
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(0.5 + level / 2)
+
+
+def contribution_components(base: np.ndarray, full: np.ndarray, single: np.ndarray) -> tuple[VarianceComponents, float]:
+    """The variance components of contribution(i), linearized, and Full's gain over Base.
+
+    Around the point estimate c = (S - B) / (F - B), a change of the arms' means moves c by
+    (dS - c dF - (1 - c) dB) / (F - B): so c's variance is that of the mean of Z = S - c F - (1 - c) B over
+    seeds and problems (seed k of Full and Single(i) paired, as the sweep trains them; Base, untrained, is
+    the same for every seed row), divided by (F - B)^2. full and single: (K, N) with K >= 2; base: (N,)."""
+    base = np.asarray(base, dtype=np.float64).reshape(-1)
+    full, single = np.asarray(full, dtype=np.float64), np.asarray(single, dtype=np.float64)
+    if full.shape != single.shape or full.ndim != 2 or full.shape[1] != base.shape[0]:
+        raise ValueError(f"full and single must be (seeds, problems) arrays of one shape over base's "
+                         f"{base.shape[0]} problems, got {full.shape} and {single.shape}")
+    gain = float(full.mean() - base.mean())
+    if abs(gain) <= GAIN_EPS:
+        raise ValueError("Full does not differ from Base: contribution has no variance to plan for")
+    c = (float(single.mean()) - float(base.mean())) / gain
+    return variance_components(single - c * full - (1 - c) * base[None, :]), gain
+
+
+def contribution_half_width(components: VarianceComponents, gain: float, seeds: int, problems: int,
+                            level: float = 0.95) -> float:
+    """The normal-approximation half-width of contribution(i)'s `level` interval with `seeds` seeds per arm
+    and `problems` test problems, at the variance of `contribution_components`."""
+    return _normal_quantile(level) * math.sqrt(components.variance_of_mean(seeds, problems)) / abs(gain)
+
+
+def problems_needed(components: VarianceComponents, gain: float, seeds: int, half_width: float,
+                    level: float = 0.95) -> int | None:
+    """The fewest test problems that bring contribution(i)'s half-width to `half_width` with `seeds` seeds;
+    None when the seeds alone leave it wider (more problems cannot help: add seeds)."""
+    budget = (half_width * abs(gain) / _normal_quantile(level)) ** 2 - components.seed / seeds
+    if budget <= 0:
+        return None
+    # variance_of_mean(seeds, N) <= target  <=>  (problem + 3 residual / seeds) / N <= budget
+    return max(1, math.ceil((components.problem + 3 * components.residual / seeds) / budget))

@@ -68,7 +68,7 @@ from .models import load_model
 from .models.presets import check_model_source
 from .policy import decoder_of
 from .rollout import encode_prompts
-from .stats import BootstrapResult, paired_bootstrap
+from .stats import BootstrapResult, contribution_components, paired_bootstrap, problems_needed
 from .tasks import eval_examples, get_task, val_examples
 from .trainer import GRPOConfig, GRPOTrainer, RunSpec, finite_positive
 from .update import DivergenceError
@@ -501,6 +501,34 @@ def assemble(settings: dict[str, Any], metric: str, runs: list[RunResult], out: 
                              recover_threshold=RECOVER_THRESHOLD)
     return SweepResult(settings=settings, metric=metric, base=base, full=full, singles=singles, out=out,
                        stats=stats, runs=runs, validation_gains=gains)
+
+
+PLAN_HALF_WIDTH = 0.25  # the contribution interval a sweep should aim for: +-0.25, wide enough to tell 0.5 from 1
+
+
+def planning_note(result: SweepResult, half_width: float = PLAN_HALF_WIDTH) -> str | None:
+    """How big a rerun must be for every contribution interval to reach +-half_width: for the layer with the
+    widest interval, the test problems needed with this sweep's seeds, twice and four times as many, at this
+    sweep's variance (stats.contribution_components). None with one seed (no seed variance to plan with) or
+    without a gain."""
+    k = len(result.full.runs)
+    widths = {layer: s.contribution.width for layer, s in result.stats.layers.items() if s.contribution.width is not None}
+    if k < 2 or not widths or not (result.stats.gain.estimate or 0.0):
+        return None
+    layer = max(widths, key=widths.get)
+    single = next(s for s in result.singles if s.layer == layer)
+    if len(single.runs) != k:
+        return None
+    base = result.base.scores(result.metric)[0]
+    parts, gain = contribution_components(base, result.full.scores(result.metric), single.scores(result.metric))
+    n = result.stats.num_problems
+    options = []
+    for seeds in (k, 2 * k, 4 * k):
+        needed = problems_needed(parts, gain, seeds, half_width)
+        options.append(f"{seeds} seeds: {'no number of problems' if needed is None else f'{needed} test problems'}")
+    return (f"Planning: layer {layer} has the widest contribution interval (width {widths[layer]:.2f}, {k} seeds x "
+            f"{n} test problems). At this sweep's variance (Full's gain {gain:.3f}), +-{half_width:g} for it needs "
+            + "; ".join(options) + ". A larger Full gain narrows every interval in proportion.")
 
 
 # -------------------------------------------------------------------------------------- file helpers
@@ -1078,6 +1106,9 @@ def write_plots_and_report(result: SweepResult) -> None:
         row["train seconds per run"] = arm.train_seconds if arm.mode != "base" else None
     result.report_path = result.out / "report.md"
     notes = [f"Run {r.name} diverged and was never selected: {r.diverged}" for r in result.diverged]
+    plan = planning_note(result)
+    if plan:
+        notes.append(plan)
     report.write_report(result.report_path, result.settings, result.stats, rows=rows,
                         selected_lr=result.selected_learning_rates, plots=result.plots,
                         title=f"Layer sweep: {_title(result)}", notes=notes)

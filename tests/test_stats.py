@@ -3,11 +3,13 @@ contribution, seeds, determinism, undefined resamples and bad input."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
-from onelayer_fast.stats import paired_bootstrap
+from onelayer_fast.stats import (contribution_components, contribution_half_width, paired_bootstrap,
+                                 problems_needed, variance_components)
 from onelayer_fast.sweep import contribution as sweep_contribution
 
 
@@ -282,3 +284,71 @@ def test_bad_input_raises(change, message):
 def test_unequal_seeds_are_fine_when_drawn_per_arm():
     r = paired_bootstrap(np.zeros(10), np.ones((2, 10)), {0: np.ones((3, 10))}, resamples=10, paired_seeds=False)
     assert r.layers[0].seeds == 3 and r.layers[0].contribution.estimate == 1.0
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+def test_variance_components_recover_known_parts():
+    """Seed effects, problem effects and noise of known variance: the ANOVA split finds each, and the
+    variance of the mean it implies is the one a crossed bootstrap of seeds and problems measures."""
+    rng = np.random.default_rng(0)
+    k, n = 200, 1000
+    x = (0.3 * rng.standard_normal((k, 1)) + 0.5 * rng.standard_normal((1, n)) + 0.7 * rng.standard_normal((k, n)))
+    parts = variance_components(x)
+    assert parts.seed == pytest.approx(0.09, rel=0.3)  # 200 seeds: the seed part is the loosest estimate
+    assert parts.problem == pytest.approx(0.25, rel=0.1)
+    assert parts.residual == pytest.approx(0.49, rel=0.03)
+    small = x[:8, :60]
+    means = [small[rng.integers(0, 8, 8)][:, rng.integers(0, 60, 60)].mean() for _ in range(4000)]
+    assert variance_components(small).variance_of_mean(8, 60) == pytest.approx(np.var(means), rel=0.25)
+
+
+def sweep_with_seed_effects(rng, k, n):
+    """0/1 scores: Base 0.3, Full 0.6 and a layer 0.45 on average, with per-problem difficulty shared by
+    the arms and a per-seed luck shared by Full and the layer (the sweep's seed k is one prompt order)."""
+    difficulty = rng.normal(0.0, 0.15, n)
+    luck = rng.normal(0.0, 0.06, (k, 1))
+    base = bernoulli(rng, np.clip(0.3 + difficulty, 0, 1), (n,))
+    full = bernoulli(rng, np.clip(0.6 + difficulty + luck, 0, 1), (k, n))
+    single = bernoulli(rng, np.clip(0.45 + difficulty + 0.5 * luck, 0, 1), (k, n))
+    return base, full, single
+
+
+def test_planned_half_width_matches_the_bootstrap():
+    """At the observed sizes the linearized half-width is the paired bootstrap's, within its own noise."""
+    rng = np.random.default_rng(1)
+    base, full, single = sweep_with_seed_effects(rng, 12, 600)
+    parts, gain = contribution_components(base, full, single)
+    predicted = contribution_half_width(parts, gain, 12, 600)
+    result = paired_bootstrap(base, full, {5: single}, resamples=4000, seed=0)
+    observed = result.layers[5].contribution.width / 2
+    # the bootstrap of K seeds keeps (K - 1) / K of their variance; the plan is for fresh seeds
+    assert predicted == pytest.approx(observed, rel=0.2)
+    assert gain == pytest.approx(result.gain.estimate)
+
+
+def test_problems_needed_reaches_the_target_and_no_fewer_would():
+    rng = np.random.default_rng(2)
+    base, full, single = sweep_with_seed_effects(rng, 4, 300)
+    parts, gain = contribution_components(base, full, single)
+    for seeds in (2, 4, 8, 16):
+        n = problems_needed(parts, gain, seeds, 0.25)
+        if n is None:  # the seed part alone is wider than the target
+            assert math.sqrt(parts.seed / seeds) * 1.959964 / abs(gain) > 0.25
+            continue
+        assert contribution_half_width(parts, gain, seeds, n) <= 0.25 + 1e-12
+        assert n == 1 or contribution_half_width(parts, gain, seeds, n - 1) > 0.25
+    needs = [problems_needed(parts, gain, s, 0.25) for s in (2, 4, 8, 16)]
+    finite = [x for x in needs if x is not None]
+    assert finite and finite == sorted(finite, reverse=True)  # more seeds never need more problems
+
+
+def test_planning_refuses_what_it_cannot_estimate():
+    rng = np.random.default_rng(3)
+    base, full, single = sweep_with_seed_effects(rng, 2, 50)
+    with pytest.raises(ValueError, match="at least 2 of each"):
+        variance_components(full[:1])
+    with pytest.raises(ValueError, match="one shape"):
+        contribution_components(base, full, single[:, :10])
+    with pytest.raises(ValueError, match="Full does not differ"):
+        contribution_components(base, np.tile(base, (2, 1)), single)

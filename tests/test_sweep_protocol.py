@@ -12,9 +12,9 @@ import pytest
 
 from onelayer_fast import report
 from onelayer_fast.cli import main
-from onelayer_fast.stats import paired_bootstrap
+from onelayer_fast.stats import contribution_components, paired_bootstrap, problems_needed
 from onelayer_fast.sweep import (CSV_COLUMNS, RECOVER_THRESHOLD, RunResult, SweepConfig, assemble,
-                                 select_learning_rates, run_sweep)
+                                 select_learning_rates, planning_note, run_sweep)
 from onelayer_fast.trainer import GRPOConfig
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -122,6 +122,24 @@ def test_intervals_are_the_paired_bootstrap_of_the_selected_runs(tmp_path):
     assert row["p_recovers_80"] == stats.p_recovers and row["n_seeds"] == 2 and row["selected_learning_rate"] == 1e-4
 
 
+def test_planning_note_names_the_widest_layer_and_the_sizes_it_needs(tmp_path):
+    """The report's planning line: for the layer with the widest contribution interval, the test problems
+    that +-0.25 needs with K, 2K and 4K seeds, as stats.problems_needed computes them from the selected runs."""
+    runs = made_sweep()
+    result = assemble({"task": "t", "algo": "grpo", "model": "m"}, "accuracy", runs, tmp_path, resamples=500)
+    note = planning_note(result)
+    single = result.singles[0]
+    parts, gain = contribution_components(result.base.scores("accuracy")[0], result.full.scores("accuracy"),
+                                          single.scores("accuracy"))
+    assert note.startswith(f"Planning: layer 3 has the widest contribution interval "
+                           f"(width {result.stats.layers[3].contribution.width:.2f}, 2 seeds x 20 test problems)")
+    for seeds in (2, 4, 8):
+        needed = problems_needed(parts, gain, seeds, 0.25)
+        assert f"{seeds} seeds: {'no number of problems' if needed is None else f'{needed} test problems'}" in note
+    one_seed = [r for r in runs if r.seed in (None, 0)]
+    assert planning_note(assemble(result.settings, "accuracy", one_seed, tmp_path, resamples=100)) is None
+
+
 # ------------------------------------------------------------------------------------ a real grid sweep
 
 def test_grid_sweep_end_to_end(tmp_path):
@@ -163,6 +181,7 @@ def test_grid_sweep_end_to_end(tmp_path):
     text = (out / "report.md").read_text()
     assert "Does any single layer reach 80% of Full's gain?" in text and "Where in the stack" in text
     assert "learning_rates: [0.01, 0.03]" in text
+    assert ("Planning: layer" in text) == (result.stats.gain.estimate != 0)  # 2 seeds: the plan is written
     if HAS_MATPLOTLIB:
         assert (out / "contribution.png").is_file() and (out / "lr_heatmap.png").is_file()
 
@@ -189,7 +208,7 @@ def test_grid_sweep_resumes_and_refuses_another_grid(tmp_path):
 def test_full_has_its_own_grid(tmp_path):
     """--full-learning-rates: Full trains at its grid only, the layers at theirs; each arm selects within
     its own grid, a Full run is the same run whichever grid the layers have, and a change is refused."""
-    shared = run_sweep(grid_config(tmp_path / "shared", layers="1", seeds=1, dtype="float64"))
+    run_sweep(grid_config(tmp_path / "shared", layers="1", seeds=1, dtype="float64"))
     own = run_sweep(grid_config(tmp_path / "own", layers="1", seeds=1, dtype="float64",
                                 learning_rates=(3e-2, 9e-2), full_learning_rates=(1e-2, 3e-2)))
     names = sorted(p.name for p in (tmp_path / "own" / "runs").iterdir())
