@@ -508,7 +508,7 @@ PLAN_HALF_WIDTH = 0.25  # the contribution interval a sweep should aim for: +-0.
 
 def planning_note(result: SweepResult, half_width: float = PLAN_HALF_WIDTH) -> str | None:
     """How big a rerun must be for every contribution interval to reach +-half_width: for the layer with the
-    widest interval, the test problems needed with this sweep's seeds, twice and four times as many, at this
+    widest interval, the test problems needed with this sweep's seeds and 2, 4 and 8 times as many, at this
     sweep's variance (stats.contribution_components). None with one seed (no seed variance to plan with) or
     without a gain."""
     k = len(result.full.runs)
@@ -523,7 +523,7 @@ def planning_note(result: SweepResult, half_width: float = PLAN_HALF_WIDTH) -> s
     parts, gain = contribution_components(base, result.full.scores(result.metric), single.scores(result.metric))
     n = result.stats.num_problems
     options = []
-    for seeds in (k, 2 * k, 4 * k):
+    for seeds in (k, 2 * k, 4 * k, 8 * k):
         needed = problems_needed(parts, gain, seeds, half_width)
         options.append(f"{seeds} seeds: {'no number of problems' if needed is None else f'{needed} test problems'}")
     return (f"Planning: layer {layer} has the widest contribution interval (width {widths[layer]:.2f}, {k} seeds x "

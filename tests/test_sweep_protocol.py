@@ -133,7 +133,7 @@ def test_planning_note_names_the_widest_layer_and_the_sizes_it_needs(tmp_path):
                                           single.scores("accuracy"))
     assert note.startswith(f"Planning: layer 3 has the widest contribution interval "
                            f"(width {result.stats.layers[3].contribution.width:.2f}, 2 seeds x 20 test problems)")
-    for seeds in (2, 4, 8):
+    for seeds in (2, 4, 8, 16):
         needed = problems_needed(parts, gain, seeds, 0.25)
         assert f"{seeds} seeds: {'no number of problems' if needed is None else f'{needed} test problems'}" in note
     one_seed = [r for r in runs if r.seed in (None, 0)]
