@@ -182,6 +182,9 @@ class FusedTokenGRPOLoss(torch.autograd.Function):
     Inputs are the N unmasked tokens, flattened: hidden (N, H), token_ids, advantages, weights
     (normalization), old/ref (N,) or None, the LossConfig and the chunk size in rows.
     Returns (loss, logp (N,) non-differentiable).
+    FLOPs (N tokens, hidden H, vocab V): 2*N*V*H (logits) + 2*N*V*H (grad_hidden) in the forward, + 2*N*V*H
+    (grad_W) only when the lm_head trains; the backward only scales the saved gradients. So 4*N*V*H with a
+    frozen head: the floor that the bench's `grpo_loss` workload counts against.
     """
 
     @staticmethod

@@ -29,6 +29,9 @@ reduce kernel. Saved for backward: hidden, weight, token ids, lse (N,) fp32 and 
 Backward: the lm_head backward of `token_logprobs_triton.py` (`token_logprobs_triton_grads`) fed with
 dlogp * grad_loss: one recompute of each logits tile for the hidden gradient and, only when the lm_head weight
 requires grad, the weight gradient.
+FLOPs (N tokens, hidden H, vocab V): forward 2*N*V*H (logits; the loss kernel is O(N)); backward 2*N*V*H
+(logits recompute) + 2*N*V*H (grad_hidden) + 2*N*V*H (grad_W, only when the lm_head trains). So 6*N*V*H with
+a frozen head, against the floor 4*N*V*H (the bench's `grpo_loss` reports both rates).
 """
 from __future__ import annotations
 
