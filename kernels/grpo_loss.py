@@ -8,14 +8,20 @@ Per token t of row b, with log-ratio d = logp - old_logp (old_logp = logp.detach
     w      = exp(d)                            token level
     w      = exp(sum_t m*d / max(1, sum_t m))  sequence level (one weight per row)
     w1     = min(w, delta) if delta else w
-    loss_t = -min(w1 * A_b, clamp(w, 1-eps_low, 1+eps_high) * A_b) + beta * kl_t
+    loss_t = -min(w1 * A_b, clamp(w, 1-eps_low, 1+eps_high) * A_b) + beta * kl_t     grpo, bnpo, dr_grpo, dapo, luspo
+    loss_t = -sg(min(w, eps_high)) * A_b * logp + beta * kl_t                       cispo (sg: no gradient)
+    loss_t = -sigmoid(tau * (w - 1)) * 4 / tau * A_b + beta * kl_t                  sapo, tau = sapo_temperature_pos
+                                                                                 where A_b > 0, else _neg
     kl_t   = exp(ref - logp) - (ref - logp) - 1        (k3 estimator)
+    kl_t   = kl_t * w     with use_bias_correction_kl (TRL's default): the differentiable ratio before the delta
+                          clamp, so the KL gradient changes even on-policy where w == 1 (its d w / d logp is not 0)
 Normalization over the completion mask m:
     grpo:    mean_b( sum_t m*loss / max(1, sum_t m) )
     bnpo:    sum m*loss / max(1, sum m)
     dapo:    sum m*loss / max(1, sum m)   (TRL divides by the tokens of the whole generation batch;
                                            one process and one batch make that the same as bnpo)
     dr_grpo: sum m*loss / (B * max_completion_length)
+    cispo:   as dapo;  sapo: as grpo;  luspo: mean_b( sum_t m*loss )
 `grpo_loss_ref` materializes the logits and is the reference for the chunked and fused paths.
 """
 from __future__ import annotations
@@ -35,7 +41,8 @@ from .token_logprobs import (
     token_logprobs_ref,
 )
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the PPO-style clipped surrogate
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 STD_EPS = 1e-4
@@ -59,6 +66,9 @@ class LossConfig:
     temperature: float = 1.0
     max_completion_length: int | None = None
     importance_sampling_level: str = "token"
+    use_bias_correction_kl: bool = True  # TRL's default: the KL term times the importance ratio
+    sapo_temperature_pos: float = 1.0  # sapo: the soft gate's temperature where the advantage is > 0
+    sapo_temperature_neg: float = 1.05  # ... and where it is <= 0
 
     def __post_init__(self) -> None:
         for name, choices in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS),
@@ -73,6 +83,8 @@ class LossConfig:
             raise ValueError(f"delta (upper clamp of the ratio) must be > 1, got {self.delta}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a positive number, got {self.temperature}")
+        if not (self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0):
+            raise ValueError(f"sapo temperatures must be > 0, got {self.sapo_temperature_pos} and {self.sapo_temperature_neg}")
         if self.max_completion_length is not None and self.max_completion_length < 1:
             raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
 
@@ -109,10 +121,12 @@ def log_importance_weights(logps: Tensor, old_logps: Tensor | None, mask: Tensor
 
 def token_loss_weights(mask: Tensor, loss_type: str, max_completion_length: int) -> Tensor:
     """(B, T) weights w with loss = sum(w * per_token_loss): the loss-type normalization as one tensor."""
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return mask / (mask.sum(-1, keepdim=True).clamp(min=1.0) * mask.shape[0])
-    if loss_type in ("bnpo", "dapo"):
+    if loss_type in ("bnpo", "dapo", "cispo"):
         return mask / mask.sum().clamp(min=1.0)
+    if loss_type == "luspo":
+        return mask / mask.shape[0]
     if loss_type == "dr_grpo":
         return mask / (mask.shape[0] * max_completion_length)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -123,17 +137,27 @@ def per_token_terms(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Clipped surrogate + beta * k3 KL per token. advantages broadcast against logps.
 
-    Returns (per_token_loss, coef_1 after the delta clamp (TRL's clip metrics use it), per_token_kl or None).
+    Returns (per_token_loss, coef_1 after the delta clamp (TRL's clip metrics use it), per_token_kl or None;
+    per_token_kl is the bias-corrected one when config.use_bias_correction_kl, as TRL logs it).
     """
-    coef_1 = torch.exp(log_weights)
-    coef_2 = torch.clamp(coef_1, 1 - config.epsilon_low, 1 + config.epsilon_high)
-    if config.delta is not None:
-        coef_1 = torch.clamp(coef_1, max=config.delta)
-    per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    ratio = torch.exp(log_weights)
+    coef_1 = ratio
+    if config.loss_type == "cispo":
+        per_token_loss = -torch.clamp(ratio, max=config.epsilon_high).detach() * advantages * logps
+    elif config.loss_type == "sapo":
+        tau = torch.where(advantages > 0, config.sapo_temperature_pos, config.sapo_temperature_neg)
+        per_token_loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - config.epsilon_low, 1 + config.epsilon_high)
+        if config.delta is not None:
+            coef_1 = torch.clamp(coef_1, max=config.delta)
+        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
     per_token_kl = None
     if config.beta != 0.0:
         diff = ref_logps - logps
         per_token_kl = torch.exp(diff) - diff - 1
+        if config.use_bias_correction_kl:
+            per_token_kl = per_token_kl * ratio
         per_token_loss = per_token_loss + config.beta * per_token_kl
     return per_token_loss, coef_1, per_token_kl
 
@@ -164,11 +188,15 @@ def grpo_loss_from_logps(
         return (flags.float() * mask).sum() / token_count
 
     with torch.no_grad():
-        low = (coef_1 < 1 - config.epsilon_low) & (adv < 0)
-        high = (coef_1 > 1 + config.epsilon_high) & (adv > 0)
-        metrics["clip_ratio/low_mean"] = masked_mean(low)
-        metrics["clip_ratio/high_mean"] = masked_mean(high)
-        metrics["clip_ratio/region_mean"] = masked_mean(low | high)
+        # TRL's clip metrics: the clipped surrogate's bounds; cispo's cap; none for sapo's soft gate
+        if config.loss_type in CLIPPED_LOSS_TYPES:
+            low = (coef_1 < 1 - config.epsilon_low) & (adv < 0)
+            high = (coef_1 > 1 + config.epsilon_high) & (adv > 0)
+            metrics["clip_ratio/low_mean"] = masked_mean(low)
+            metrics["clip_ratio/high_mean"] = masked_mean(high)
+            metrics["clip_ratio/region_mean"] = masked_mean(low | high)
+        elif config.loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = masked_mean((coef_1 > config.epsilon_high) & (adv > 0))
         metrics["advantage_mean"] = advantages.float().mean()
     return loss, metrics
 

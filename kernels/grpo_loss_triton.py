@@ -15,6 +15,9 @@ Loss kernel, program b = completion row b (grid (B,)):
     token IS: c = exp(logp - old) (old absent: c = 1, dc/dlogp = 1), S(c) = -min(min(c, delta)*A, clip(c)*A)
     seq. IS:  c = exp(mean_t(logp - old)) per row: a first pass over the row sums the log-ratios
     loss      sum_t w * (S + beta * kl_t),  kl_t = exp(ref - logp) - (ref - logp) - 1
+              use_bias_correction_kl: kl_t * c (c before the delta clamp). Token level: d/dlogp = c * (dkl + kl)
+              (dc/dlogp = c). Sequence level: one c per row, d c / d logp_t = c / n_b, so every token of the row
+              also gets c * sum_s(kl_s) / n_b: the first pass over the row sums the KL too.
     dlogp_t   w * (dS/dlog c + beta * (1 - exp(ref - logp)))   both levels: at sequence level
               d log c / d logp_t = 1/n_b and the row's n_b tokens share w, so the factors cancel.
     dS/dlog c follows torch's own gradient conventions so that the result equals autograd on the reference:
@@ -54,6 +57,7 @@ METRIC_NAMES = (
 )
 _NUM_PARTIALS = 8  # per-row: loss, kl, low, high, region, advantage, constant group, (unused)
 _LOSS_TYPE_CODE = {"grpo": 0, "bnpo": 1, "dapo": 1, "dr_grpo": 2}
+TRITON_LOSS_TYPES = tuple(_LOSS_TYPE_CODE)  # cispo, sapo and luspo run on the chunked path only
 _ADV_CODE = {"given": 0, "group": 1, "batch": 2, "none": 3}
 # Globals read inside the kernels must be tl.constexpr. The reference's std epsilon, and the atol of
 # torch.isclose(std, 0), its test for a constant group.
@@ -111,6 +115,7 @@ def _grpo_loss_fwd_kernel(
     SEQ_LEVEL: tl.constexpr,
     HAS_OLD: tl.constexpr,
     HAS_KL: tl.constexpr,  # beta != 0
+    KL_CORRECTED: tl.constexpr,  # use_bias_correction_kl: KL times the importance ratio
     HAS_DELTA: tl.constexpr,
     NUM_PARTIALS: tl.constexpr,
     BLOCK: tl.constexpr,  # tokens (and batch rewards) per loop step
@@ -169,6 +174,8 @@ def _grpo_loss_fwd_kernel(
     seq_grad = 0.0
     seq_low = 0.0
     seq_high = 0.0
+    seq_coef = 1.0
+    seq_kl_share = 0.0  # c * sum_s kl_s / n_b: what the row's ratio adds to each token's KL gradient
     if SEQ_LEVEL:
         log_ratio = 0.0
         if HAS_OLD:
@@ -180,6 +187,17 @@ def _grpo_loss_fwd_kernel(
                 old = tl.load(old_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 acc += tl.where(m, lp - old, 0.0)
             log_ratio = tl.sum(acc, axis=0) / tl.maximum(count, 1.0)
+        seq_coef = tl.exp(log_ratio)
+        if HAS_KL and KL_CORRECTED:
+            acc = tl.zeros((BLOCK,), tl.float32)
+            for t0 in range(start, end, BLOCK):
+                offs = t0 + tl.arange(0, BLOCK)
+                m = offs < end
+                lp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                ref = tl.load(ref_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                diff = ref - lp
+                acc += tl.where(m, tl.exp(diff) - diff - 1.0, 0.0)
+            seq_kl_share = seq_coef * tl.sum(acc, axis=0) / tl.maximum(count, 1.0)
         s_loss, s_grad, s_low, s_high = _clipped_surrogate(
             tl.exp(log_ratio + tl.zeros((1,), tl.float32)), adv, eps_low, eps_high, delta, HAS_DELTA
         )
@@ -201,6 +219,7 @@ def _grpo_loss_fwd_kernel(
         if SEQ_LEVEL:
             tok_loss = tl.zeros((BLOCK,), tl.float32) + seq_loss
             tok_grad = tl.zeros((BLOCK,), tl.float32) + seq_grad
+            coef = tl.zeros((BLOCK,), tl.float32) + seq_coef
         else:
             if HAS_OLD:
                 old = tl.load(old_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -216,8 +235,15 @@ def _grpo_loss_fwd_kernel(
             diff = ref - lp
             e = tl.exp(diff)
             kl = e - diff - 1.0
+            if KL_CORRECTED:
+                if SEQ_LEVEL:
+                    tok_grad += beta * (coef * (1.0 - e) + seq_kl_share)
+                else:
+                    tok_grad += beta * coef * (1.0 - e + kl)
+                kl = kl * coef
+            else:
+                tok_grad += beta * (1.0 - e)
             tok_loss += beta * kl
-            tok_grad += beta * (1.0 - e)
             kl_acc += tl.where(m, kl, 0.0)
         tl.store(dlogp_ptr + offs, w * tok_grad, mask=m)
         loss_acc += tl.where(m, w * tok_loss, 0.0)
@@ -305,6 +331,9 @@ def grpo_loss_triton_terms(
     for name, t in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if t is not None and t.shape != (n,):
             raise ValueError(f"{name} must be ({n},) like logp, got {tuple(t.shape)}")
+    if config.loss_type not in TRITON_LOSS_TYPES:
+        raise ValueError(f"the Triton GRPO loss covers loss_type {', '.join(TRITON_LOSS_TYPES)}, not "
+                         f"{config.loss_type!r}: use the chunked backend")
     has_kl = config.beta != 0.0
     if has_kl and ref_logps is None:
         raise ValueError("beta != 0 needs ref_logps")
@@ -333,7 +362,8 @@ def grpo_loss_triton_terms(
         float(config.beta), float(config.epsilon_low), float(config.epsilon_high),
         float(config.delta) if config.delta is not None else 0.0,
         ADV_MODE=adv_mode, LOSS_TYPE=_LOSS_TYPE_CODE[config.loss_type], SEQ_LEVEL=seq_level,
-        HAS_OLD=old_logps is not None, HAS_KL=has_kl, HAS_DELTA=config.delta is not None,
+        HAS_OLD=old_logps is not None, HAS_KL=has_kl,
+        KL_CORRECTED=config.use_bias_correction_kl, HAS_DELTA=config.delta is not None,
         NUM_PARTIALS=_NUM_PARTIALS, BLOCK=cfg["LOSS_BLOCK"],
         BLOCK_G=triton.next_power_of_2(max(g, 2)),
         num_warps=cfg["loss_warps"],

@@ -54,14 +54,23 @@ def reset_self_checks() -> None:
     _verdicts.clear()
 
 
-def triton_unsupported(hidden: Tensor, weight: Tensor, completion_mask: Tensor | None = None) -> str | None:
+# Loss types of the Triton loss kernel (kernels/grpo_loss_triton.TRITON_LOSS_TYPES, kept here so that the
+# plain-CPU path need not import the kernels to answer).
+TRITON_LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+
+
+def triton_unsupported(hidden: Tensor, weight: Tensor, completion_mask: Tensor | None = None,
+                       loss_type: str | None = None) -> str | None:
     """What in these inputs the Triton path does not cover, as a phrase naming it; None when it covers them.
 
-    Every LossConfig setting is covered (both importance-sampling levels, every loss type and reward
-    scaling, delta, beta, temperature, given advantages). Not covered: dtypes other than fp32 / bf16 / fp16,
-    a weight whose dtype differs from the states', and a completion mask with values other than 0 and 1
-    (the chunked and reference paths weight tokens by the mask; the Triton loss keeps or drops them).
+    Covered: both importance-sampling levels, the loss types of TRITON_LOSS_TYPES, every reward scaling,
+    delta, beta (with or without the bias-corrected KL), temperature, given advantages. Not covered: the loss
+    types cispo, sapo and luspo, dtypes other than fp32 / bf16 / fp16, a weight whose dtype differs from the
+    states', and a completion mask with values other than 0 and 1 (the chunked and reference paths weight
+    tokens by the mask; the Triton loss keeps or drops them).
     """
+    if loss_type is not None and loss_type not in TRITON_LOSS_TYPES:
+        return f"loss_type {loss_type!r} (the Triton loss covers {', '.join(TRITON_LOSS_TYPES)})"
     if hidden.dtype not in TRITON_DTYPES:
         return f"hidden dtype {hidden.dtype} (the Triton kernels take float32, bfloat16 or float16)"
     if weight.dtype != hidden.dtype:
@@ -73,13 +82,14 @@ def triton_unsupported(hidden: Tensor, weight: Tensor, completion_mask: Tensor |
     return None
 
 
-def auto_backend(hidden: Tensor, weight: Tensor, completion_mask: Tensor | None = None) -> str:
+def auto_backend(hidden: Tensor, weight: Tensor, completion_mask: Tensor | None = None,
+                 loss_type: str | None = None) -> str:
     """The backend "auto" runs for these inputs (the rule in the module docstring)."""
     if hidden.dtype == torch.float64:
         return "reference"
     if not _triton_can_run_on(hidden.device):
         return "chunked"
-    if triton_unsupported(hidden, weight, completion_mask) is not None:
+    if triton_unsupported(hidden, weight, completion_mask, loss_type) is not None:
         return "chunked"
     return "triton" if triton_verified(hidden.device, hidden.dtype) else "chunked"
 

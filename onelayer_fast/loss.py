@@ -6,12 +6,14 @@ Backends (`backend=`):
   CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set and triton installed -> `"triton"` once a first-use
   self-check of the Triton kernels against the chunked path passed on that (device, dtype); a failed check warns
   once and gives `"chunked"`, and so does an input the Triton path does not cover (a dtype other than
-  fp32 / bf16 / fp16, a weight in another dtype than the states, a completion mask with values other than 0 and 1);
+  fp32 / bf16 / fp16, a weight in another dtype than the states, a completion mask with values other than 0 and 1,
+  the loss types cispo, sapo and luspo);
   plain CPU -> `"chunked"`, without importing the Triton kernels.
 - `"triton"`: the Triton kernels. `grpo_loss` runs the fused path of `kernels/grpo_loss_triton.py`
   (lm_head log-prob kernel -> loss kernel with in-kernel group advantages -> recompute backward kernels);
   `token_logprobs` the custom op `torch.ops.onelayer_fast.token_logprobs` (`kernels/token_logprobs_triton.py`).
-  Every LossConfig setting is covered; an input that is not (see "auto") is a ValueError naming it.
+  Covers every LossConfig setting but the loss types cispo, sapo and luspo (chunked only); an input it does not
+  cover (see "auto") is a ValueError naming it.
   Needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported (tests).
 - `"chunked"`: plain PyTorch, a chunk of token rows at a time (never a (tokens, vocab) tensor); the CPU path.
 - `"reference"`: materializes the logits; for debugging (the trainer's `loss_backend`) and tests.
@@ -79,12 +81,13 @@ def token_logprobs(
     return flat.view(token_ids.shape)
 
 
-def _resolve_backend(backend: str, hidden: Tensor, weight: Tensor, completion_mask: Tensor | None = None) -> str:
+def _resolve_backend(backend: str, hidden: Tensor, weight: Tensor, completion_mask: Tensor | None = None,
+                     loss_type: str | None = None) -> str:
     """"auto" as `dispatch.auto_backend` decides; an explicit "triton" checked for inputs it does not cover."""
     if backend == "auto":
-        return dispatch.auto_backend(hidden, weight, completion_mask)
+        return dispatch.auto_backend(hidden, weight, completion_mask, loss_type)
     if backend == "triton":
-        unsupported = dispatch.triton_unsupported(hidden, weight, completion_mask)
+        unsupported = dispatch.triton_unsupported(hidden, weight, completion_mask, loss_type)
         if unsupported is not None:
             raise ValueError(f"backend='triton' does not support {unsupported}; use backend='chunked' or 'auto'")
     return backend
@@ -188,7 +191,7 @@ def grpo_loss(
     _check_per_token("ref_logps", ref_logps, completion_ids.shape)
     if config.beta > 0 and ref_logps is None:
         raise ValueError("beta > 0 needs ref_logps (the KL term would silently be zero without them)")
-    backend = _resolve_backend(backend, hidden, lm_head_weight, completion_mask)
+    backend = _resolve_backend(backend, hidden, lm_head_weight, completion_mask, config.loss_type)
     if backend == "triton":  # advantages, loss, gradient and metrics all in the Triton kernels
         _check_advantage_inputs(rewards, group_size, advantages, batch)
         from .kernels.grpo_loss_triton import grpo_loss_triton

@@ -72,6 +72,10 @@ class GRPOConfig:
                                 choices=SCALE_REWARDS)
     importance_sampling_level: str = option("token", "one importance ratio per token or per sequence",
                                             choices=IMPORTANCE_SAMPLING_LEVELS)
+    sapo_temperature_pos: float = option(1.0, "sapo loss: temperature of the soft gate where the advantage is > 0")
+    sapo_temperature_neg: float = option(1.05, "sapo loss: temperature of the soft gate where the advantage is <= 0")
+    use_bias_correction_kl: bool = option(True, "multiply the KL term by the (differentiable) importance ratio, as "
+                                          "TRL does by default; changes the KL gradient even on-policy")
     temperature: float = option(1.0, "sampling temperature; log-probs are taken at the same temperature")
     top_p: float = option(1.0, "nucleus sampling threshold")
     max_completion_length: int = option(256, "most tokens sampled per completion (also the dr_grpo normalizer)")
@@ -127,6 +131,8 @@ class GRPOConfig:
             epsilon_high=self.epsilon if self.epsilon_high is None else self.epsilon_high, delta=self.delta,
             loss_type=self.loss_type, scale_rewards=self.scale_rewards, temperature=self.temperature,
             max_completion_length=self.max_completion_length, importance_sampling_level=self.importance_sampling_level,
+            use_bias_correction_kl=self.use_bias_correction_kl, sapo_temperature_pos=self.sapo_temperature_pos,
+            sapo_temperature_neg=self.sapo_temperature_neg,
         )
 
     def update_config(self) -> UpdateConfig:

@@ -27,11 +27,11 @@ LOSS_CASES = [
     ("g2_grpo_group_token", 8, 9, 2, dict(loss_type="grpo", scale="group", level="token", beta=0.04, old=True)),
     ("g3_bnpo_batch_seq", 9, 7, 3, dict(loss_type="bnpo", scale="batch", level="sequence", beta=0.0, old=True)),
     ("g4_drgrpo_none_token_delta", 8, 11, 4, dict(loss_type="dr_grpo", scale="none", level="token", beta=0.1,
-                                                  old=True, delta=1.1, max_len=16)),
+                                                  old=True, delta=1.1, max_len=16, kl_corrected=False)),
     ("g5_dapo_group_seq_noold", 10, 6, 5, dict(loss_type="dapo", scale="group", level="sequence", beta=0.04, old=False)),
     ("g6_grpo_batch_token_noold", 12, 5, 6, dict(loss_type="grpo", scale="batch", level="token", beta=0.0, old=False)),
     ("g7_bnpo_none_seq_delta", 7, 8, 7, dict(loss_type="bnpo", scale="none", level="sequence", beta=0.1, old=True,
-                                             delta=1.05, eps=(0.1, 0.3))),
+                                             delta=1.05, eps=(0.1, 0.3), kl_corrected=False)),
     ("g8_drgrpo_group_seq", 16, 5, 8, dict(loss_type="dr_grpo", scale="group", level="sequence", beta=0.0, old=True)),
     ("g8_dapo_group_token_eps0", 16, 4, 8, dict(loss_type="dapo", scale="group", level="token", beta=0.0, old=True,
                                                 eps=(0.0, 0.0))),
@@ -54,6 +54,8 @@ FUSED_CASES = [
                                                   max_len=8)),
     ("dapo_group_seq_g8_noold", 8, 5, 8, dict(loss_type="dapo", scale="group", level="sequence", beta=0.04,
                                               old=False, ref=True, tau=1.3)),
+    ("grpo_group_token_kl_plain", 6, 7, 3, dict(loss_type="grpo", scale="group", level="token", beta=0.04,
+                                                old=True, ref=True, tau=0.7, kl_corrected=False)),
     ("given_grpo_token_wgrad", 6, 7, 3, dict(loss_type="grpo", scale="given", level="token", beta=0.0, old=True,
                                              ref=False, tau=1.0, delta=1.1, weight_grad=True)),
     ("all_masked_bnpo", 4, 5, 2, dict(loss_type="bnpo", scale="group", level="token", beta=0.04, old=True, ref=True,
@@ -109,7 +111,7 @@ def settings_of(group, length, opts):
     eps_low, eps_high = opts.get("eps", (0.2, 0.2))
     return dict(beta=opts["beta"], epsilon_low=eps_low, epsilon_high=eps_high, delta=opts.get("delta"),
                 loss_type=opts["loss_type"], max_completion_length=opts.get("max_len", length),
-                importance_sampling_level=opts["level"])
+                importance_sampling_level=opts["level"], use_bias_correction_kl=opts.get("kl_corrected", True))
 
 
 results = {}

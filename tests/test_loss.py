@@ -48,9 +48,11 @@ def ref_advantages64(rewards, group_size, scale_rewards):
 def ref_grpo64(
     hidden, weight, ids, mask, advantages, old_logps=None, ref_logps=None, beta=0.0, epsilon_low=0.2,
     epsilon_high=0.2, delta=None, loss_type="dapo", temperature=1.0, max_completion_length=None,
-    importance_sampling_level="token",
+    importance_sampling_level="token", use_bias_correction_kl=True, sapo_temperature_pos=1.0,
+    sapo_temperature_neg=1.05,
 ):
-    """Loss and metrics in float64; `hidden`/`weight` are float64 leaves if gradients are wanted."""
+    """Loss and metrics in float64; `hidden`/`weight` are float64 leaves if gradients are wanted.
+    use_bias_correction_kl (TRL 1.16's default): the KL times the differentiable ratio, before the delta clamp."""
     m = mask.double()
     logps = ref_logps64(hidden, weight, ids, temperature)
     old = logps.detach() if old_logps is None else old_logps.double()
@@ -60,21 +62,32 @@ def ref_grpo64(
     else:
         log_w = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0)).unsqueeze(-1)
     coef_1 = torch.exp(log_w)
+    ratio = coef_1
     coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
     if delta is not None:
         coef_1 = torch.clamp(coef_1, max=delta)
     a = advantages.double().unsqueeze(1)
-    per_token_loss = -torch.min(coef_1 * a, coef_2 * a)
+    if loss_type == "cispo":  # TRL 1.16: the capped ratio carries no gradient; the log-prob does
+        per_token_loss = -torch.clamp(ratio, max=epsilon_high).detach() * a * logps
+    elif loss_type == "sapo":
+        tau = torch.where(a > 0, sapo_temperature_pos, sapo_temperature_neg)
+        per_token_loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a
+    else:
+        per_token_loss = -torch.min(coef_1 * a, coef_2 * a)
     metrics = {}
     if beta != 0.0:
         d = ref_logps.double() - logps
         kl = torch.exp(d) - d - 1
+        if use_bias_correction_kl:
+            kl = kl * ratio
         per_token_loss = per_token_loss + beta * kl
         metrics["kl"] = (kl * m).sum() / m.sum().clamp(min=1.0)
     batch, length = ids.shape
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         loss = ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
-    elif loss_type in ("bnpo", "dapo"):  # dapo: tokens of the whole generation batch == this batch
+    elif loss_type == "luspo":
+        loss = (per_token_loss * m).sum(-1).mean()
+    elif loss_type in ("bnpo", "dapo", "cispo"):  # dapo: tokens of the whole generation batch == this batch
         loss = (per_token_loss * m).sum() / m.sum().clamp(min=1.0)
     elif loss_type == "dr_grpo":
         loss = (per_token_loss * m).sum() / (batch * (max_completion_length or length))
@@ -87,11 +100,14 @@ def ref_grpo64(
         return (x.double() * m).sum() / m.sum().clamp(min=1.0)
 
     with torch.no_grad():
-        low = (coef_1 < 1 - epsilon_low) & (a < 0)
-        high = (coef_1 > 1 + epsilon_high) & (a > 0)
-        metrics["clip_ratio/low_mean"] = masked_batch_mean(low)
-        metrics["clip_ratio/high_mean"] = masked_batch_mean(high)
-        metrics["clip_ratio/region_mean"] = masked_batch_mean(low | high)
+        if loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = masked_batch_mean((coef_1 > epsilon_high) & (a > 0))
+        elif loss_type != "sapo":
+            low = (coef_1 < 1 - epsilon_low) & (a < 0)
+            high = (coef_1 > 1 + epsilon_high) & (a > 0)
+            metrics["clip_ratio/low_mean"] = masked_batch_mean(low)
+            metrics["clip_ratio/high_mean"] = masked_batch_mean(high)
+            metrics["clip_ratio/region_mean"] = masked_batch_mean(low | high)
         metrics["advantage_mean"] = advantages.double().mean()
     return loss, metrics, logps.detach()
 
@@ -195,27 +211,30 @@ CLIP_METRICS = ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/regio
 
 
 def _main_cases():
-    """Every loss_type x level x beta, each with two of the four configs (every config 8 times)."""
+    """Every loss_type x level x beta, each with two of the four configs (every config 8 times); with beta,
+    the first of the two with TRL's bias-corrected KL (the default) and the second without."""
     names = list(CONFIGS)
     cases = []
     i = 0
     for loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
         for level in ("token", "sequence"):
             for beta in (0.0, 0.04):
-                for config in (names[i % 4], names[(i + 2) % 4]):
-                    cases.append(pytest.param(loss_type, level, beta, config, id=f"{loss_type}-{level}-beta{beta}-{config}"))
+                for corrected, config in zip((True, False), (names[i % 4], names[(i + 2) % 4])):
+                    kl = "" if not beta else ("-klcorr" if corrected else "-klplain")
+                    cases.append(pytest.param(loss_type, level, beta, config, corrected,
+                                              id=f"{loss_type}-{level}-beta{beta}{kl}-{config}"))
                 i += 1
     return cases
 
 
-@pytest.mark.parametrize("loss_type, level, beta, config", _main_cases())
-def test_grpo_loss_matches_fp64_reference(loss_type, level, beta, config, assert_close, relative_error):
+@pytest.mark.parametrize("loss_type, level, beta, config, corrected", _main_cases())
+def test_grpo_loss_matches_fp64_reference(loss_type, level, beta, config, corrected, assert_close, relative_error):
     batch, length, group_size, temperature, eps_low, eps_high, delta, scale_rewards, mcl = CONFIGS[config]
     hidden, weight, ids, mask, rewards, old_logps, ref_logps = make_case(
         batch, length, group_size, temperature, eps_low, eps_high, delta, level)
     common = dict(old_logps=old_logps, ref_logps=ref_logps if beta else None, beta=beta, epsilon_low=eps_low,
                   epsilon_high=eps_high, delta=delta, loss_type=loss_type, temperature=temperature,
-                  max_completion_length=mcl, importance_sampling_level=level)
+                  max_completion_length=mcl, importance_sampling_level=level, use_bias_correction_kl=corrected)
     out = run_olf(hidden, weight, ids, mask, rewards=rewards, group_size=group_size, scale_rewards=scale_rewards, **common)
     advantages, zero_std = ref_advantages64(rewards, group_size, scale_rewards)
     assert zero_std.any() and not zero_std.all()
@@ -481,3 +500,74 @@ def test_bad_inputs_raise_value_error(case):
     mutate(kwargs)
     with pytest.raises(ValueError, match=match):
         olf.grpo_loss(**kwargs)
+
+
+def test_bias_corrected_kl_changes_the_on_policy_gradient_as_trl_does():
+    """TRL 1.16 multiplies the k3 KL by the differentiable ratio c = exp(logp - old), old = logp.detach()
+    on-policy: c == 1 in value, dc/dlogp = 1, so d(beta * kl * c)/dlogp = beta * (1 - e + kl), e = exp(ref - logp),
+    where the plain KL gives beta * (1 - e). Checked per token (bnpo: weight 1 / tokens) in float64."""
+    from onelayer_fast.kernels.grpo_loss import LossConfig, grpo_loss_from_logps
+
+    gen = torch.Generator().manual_seed(3)
+    logps = (torch.randn(4, 6, generator=gen, dtype=torch.float64) * 0.5 - 2.0).requires_grad_()
+    ref = logps.detach() + 0.4 * torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    mask = torch.ones(4, 6, dtype=torch.float64)
+    mask[2, 4:] = 0
+    zero_adv = torch.zeros(4, dtype=torch.float64)  # the surrogate adds nothing: only the KL term is left
+    grads = {}
+    for corrected in (True, False):
+        config = LossConfig(beta=0.1, loss_type="bnpo", use_bias_correction_kl=corrected)
+        loss, metrics = grpo_loss_from_logps(logps, mask, zero_adv, None, ref, config)
+        (grads[corrected],) = torch.autograd.grad(loss, logps)
+        e = torch.exp(ref - logps.detach())
+        kl = e - (ref - logps.detach()) - 1
+        assert loss.item() == pytest.approx(float(0.1 * (kl * mask).sum() / mask.sum()), rel=1e-12)  # c == 1
+        assert metrics["kl"].item() == pytest.approx(float((kl * mask).sum() / mask.sum()), rel=1e-12)
+        per_token = (1 - e + kl) if corrected else (1 - e)
+        torch.testing.assert_close(grads[corrected], 0.1 * per_token * mask / mask.sum(), rtol=1e-12, atol=1e-15)
+    assert (grads[True] - grads[False]).abs().max() > 1e-3  # the knob matters on-policy
+
+
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "luspo"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_trl_loss_types_match_fp64_formulas(loss_type, level, beta, assert_close, relative_error):
+    """TRL 1.16's cispo, sapo and luspo: the chunked path (float32) against the formulas written out in float64,
+    and the float64 path (reference) exactly; every gradient, the loss and the metrics TRL logs for each."""
+    batch, length, group_size, temperature, eps_low, eps_high, delta, scale_rewards, mcl = CONFIGS["B12G4T13-batch-delta"]
+    delta = None if loss_type != "luspo" else delta  # delta clamps the clipped surrogate only
+    eps_high = 1.1 if loss_type == "cispo" else eps_high  # cispo caps the ratio itself at epsilon_high (TRL's eps_max)
+    hidden, weight, ids, mask, rewards, old_logps, ref_logps = make_case(
+        batch, length, group_size, temperature, eps_low, eps_high, delta, level)
+    common = dict(old_logps=old_logps, ref_logps=ref_logps if beta else None, beta=beta, epsilon_low=eps_low,
+                  epsilon_high=eps_high, delta=delta, loss_type=loss_type, temperature=temperature,
+                  max_completion_length=mcl, importance_sampling_level=level, sapo_temperature_pos=0.9,
+                  sapo_temperature_neg=1.2)
+    advantages = ref_advantages64(rewards, group_size, scale_rewards)[0]
+    names = (["advantage_mean"] + (["kl"] if beta else [])
+             + (["cispo_clip_ratio"] if loss_type == "cispo" else [])
+             + (["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"] if loss_type == "luspo" else []))
+    ref = run_ref(hidden, weight, ids, mask, advantages, weight_grad=True, **common)
+    out = run_olf(hidden, weight, ids, mask, weight_grad=True, rewards=rewards, group_size=group_size,
+                  scale_rewards=scale_rewards, backend="chunked", **common)
+    check_against_ref(out, ref, assert_close, relative_error, names, weight_grad=True)
+    if loss_type == "sapo":
+        assert not any(k.startswith("clip_ratio") for k in out[1])  # TRL logs no clip ratios for the soft gate
+    if loss_type == "cispo":
+        assert 0 < out[1]["cispo_clip_ratio"] < 1 or level == "sequence"  # the cap really bites at token level
+    # float64 states (backend auto -> reference): the written-out formulas, given the same advantages; grpo_loss
+    # keeps advantages and the mask's normalization weights in float32, hence ~1e-8, not 1e-15
+    advantages32 = advantages.float()
+    exact = run_ref(hidden, weight, ids, mask, advantages32.double(), **common)
+    h = hidden.double().requires_grad_()
+    f64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in common.items()}
+    result = olf.grpo_loss(h, weight.double(), ids, mask, advantages=advantages32, **f64)
+    result.loss.backward()
+    torch.testing.assert_close(result.loss, exact[0], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(h.grad, exact[2], rtol=1e-6, atol=1e-12)
+
+
+def test_explicit_triton_refuses_the_chunked_only_loss_types():
+    hidden, weight, ids, mask, rewards, _, _ = make_case(6, 7, 3, 1.0, 0.2, 0.2, None, "token")
+    with pytest.raises(ValueError, match="loss_type 'sapo'"):
+        olf.grpo_loss(hidden, weight, ids, mask, rewards=rewards, group_size=3, loss_type="sapo", backend="triton")

@@ -59,7 +59,8 @@ def trl_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def trl_loss(logps, old_logps, ref_logps, advantages, mask, beta, loss_type):
-    """TRL GRPOTrainer._compute_loss, token-level importance sampling, float32 as in training."""
+    """TRL GRPOTrainer._compute_loss (1.16, default use_bias_correction_kl=True), token-level importance sampling,
+    float32 as in training."""
     m = mask.float()
     coef_1 = torch.exp(logps - old_logps)
     coef_2 = torch.clamp(coef_1, 1 - EPS_LOW, 1 + EPS_HIGH)
@@ -67,7 +68,7 @@ def trl_loss(logps, old_logps, ref_logps, advantages, mask, beta, loss_type):
     per_token_loss = -torch.min(coef_1 * a, coef_2 * a)
     if beta != 0.0:
         d = ref_logps - logps
-        per_token_loss = per_token_loss + beta * (torch.exp(d) - d - 1)
+        per_token_loss = per_token_loss + beta * (torch.exp(d) - d - 1) * coef_1
     if loss_type == "grpo":
         return ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
     if loss_type in ("bnpo", "dapo"):

@@ -3,6 +3,7 @@ where it does not import, and the loss built from the same inputs and loss knobs
 Used by the `grpo_loss` workload and by bench/test_kernels_bench.py."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 
@@ -39,8 +40,13 @@ def liger_grpo_loss(weight, ids, mask, rewards, old_logps, ref_logps, group_size
     from onelayer_fast.kernels.grpo_loss import group_advantages
 
     advantages, _ = group_advantages(rewards, group_size)
-    module = LigerFusedLinearGRPOLoss(compiled=compiled, use_ref_model=True,
-                                      **{k: getattr(config, k) for k in LIGER_KNOBS})
+    knobs = {k: getattr(config, k) for k in LIGER_KNOBS}
+    if config.beta != 0 and config.use_bias_correction_kl:
+        if "use_bias_correction_kl" not in inspect.signature(LigerFusedLinearGRPOLoss.__init__).parameters:
+            raise ValueError("this liger_kernel's LigerFusedLinearGRPOLoss has no use_bias_correction_kl: compare "
+                             "with use_bias_correction_kl=False (or beta=0)")
+        knobs["use_bias_correction_kl"] = True
+    module = LigerFusedLinearGRPOLoss(compiled=compiled, use_ref_model=True, **knobs)
 
     def loss_fn(hidden):
         out = module(hidden, weight, ids, mask, advantages, ref_per_token_logps=ref_logps, old_per_token_logps=old_logps)

@@ -75,6 +75,8 @@ class NaiveTRLStep:
             coef_2 = torch.clamp(coef_1, 1 - s["epsilon"], 1 + s["epsilon"])
             per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
             per_token_kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+            if s["use_bias_correction_kl"]:  # TRL's default: the KL times the (differentiable) ratio
+                per_token_kl = per_token_kl * coef_1
             per_token_loss = per_token_loss + s["beta"] * per_token_kl
             loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)  # dapo
             self.optimizer.zero_grad(set_to_none=True)

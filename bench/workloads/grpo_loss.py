@@ -51,6 +51,8 @@ def grpo_loss_shapes(quick: bool) -> dict[str, Any]:
         # row -> unmasked tokens: "all tokens unmasked except a few"
         "completion_lengths": {"3": shapes["completion_length"] - 5, "10": shapes["completion_length"] - 2},
         **{k: STEP_LOSS[k] for k in ("beta", "epsilon", "loss_type")},  # the loss of the training workloads
+        # Liger's fused GRPO loss has no bias-corrected KL in every version: compare on the math all contenders have
+        "use_bias_correction_kl": False,
         "importance_sampling_level": "token",
         "logp_noise": 0.1,  # old/ref log-probs = true log-probs + N(0, logp_noise^2), independently
         "hidden_requires_grad": True,

@@ -27,7 +27,8 @@ from bench.tokenizer import bench_tokenizer
 STEP_LR = 1e-5  # AdamW's learning rate, torch defaults otherwise, for every contender
 # The loss knobs by TRL's names (GRPOConfig, ours and TRL's, takes them as they are) and the values of every
 # training workload; each workload's shapes carry them, so that the JSON records what ran.
-STEP_LOSS = {"num_iterations": 2, "beta": 0.04, "epsilon": 0.2, "max_grad_norm": 1.0, "loss_type": "dapo"}
+STEP_LOSS = {"num_iterations": 2, "beta": 0.04, "epsilon": 0.2, "max_grad_norm": 1.0, "loss_type": "dapo",
+             "use_bias_correction_kl": True}  # TRL's default
 STEP_LOSS_KEYS = tuple(STEP_LOSS)
 
 
@@ -43,7 +44,8 @@ def loss_config(shapes: dict[str, Any]):
 
     return LossConfig(beta=shapes["beta"], epsilon_low=shapes["epsilon"], epsilon_high=shapes["epsilon"],
                       loss_type=shapes["loss_type"],
-                      importance_sampling_level=shapes.get("importance_sampling_level", "token"))
+                      importance_sampling_level=shapes.get("importance_sampling_level", "token"),
+                      use_bias_correction_kl=shapes.get("use_bias_correction_kl", True))
 
 
 def update_config(shapes: dict[str, Any], layout: str):
