@@ -61,8 +61,7 @@ class CorruptCheckpointWarning(UserWarning):
 
 # ----------------------------------------------------------------------------------------- helpers
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """The file's SHA-256 hex digest, read in 1 MiB pieces (model files can be gigabytes)."""
+def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -164,7 +163,7 @@ def save_checkpoint(
         torch.save({"format_version": FORMAT_VERSION, "step": step,
                     "optimizer": optimizer.state_dict(), "trainer_state": trainer_state}, tmp / OPTIMIZER_NAME)
         # Digests of the bytes as written (read back from the page cache), into meta.json, written last.
-        meta_text = json.dumps({**meta, CHECKSUMS_KEY: {name: file_sha256(tmp / name) for name in _CHECKSUMMED}},
+        meta_text = json.dumps({**meta, CHECKSUMS_KEY: {name: _sha256(tmp / name) for name in _CHECKSUMMED}},
                                indent=2, sort_keys=False)
         (tmp / META_NAME).write_text(meta_text + "\n", encoding="utf-8")
         for name in (WEIGHTS_NAME, META_NAME, OPTIMIZER_NAME):
@@ -337,7 +336,7 @@ def _file_damage(path: Path, name: str, meta: dict[str, Any]) -> str | None:
         raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {name}")
     expected = meta.get(CHECKSUMS_KEY, {}).get(name)
     if expected is not None:
-        actual = file_sha256(file)
+        actual = _sha256(file)
         if actual == expected:
             return None
         return (f"checkpoint file {file} is corrupt: its sha256 is {actual[:16]}..., not the {expected[:16]}... "

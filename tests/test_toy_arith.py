@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from onelayer_fast.checkpoint import file_sha256
 from onelayer_fast.evaluate import evaluate
 from onelayer_fast.models import CharTokenizer, load_model, presets, toy_arith
 from onelayer_fast.models.toy_arith import ToyArithRecipe, build_toy_arith, ensure_toy_arith, is_complete, toy_arith_path
@@ -42,7 +41,7 @@ def _state(directory) -> dict[str, torch.Tensor]:
 # the shipped weights
 # --------------------------------------------------------------------------------------------------
 def test_shipped_file_is_the_recorded_one():
-    assert file_sha256(presets.TOY_ARITH_DIR / "model.safetensors") == toy_arith.SHIPPED_SHA256
+    assert toy_arith.sha256_of(presets.TOY_ARITH_DIR / "model.safetensors") == toy_arith.SHIPPED_SHA256
     info = toy_arith.load_info()  # default: the shipped directory
     assert info["recipe"] == dataclasses.asdict(toy_arith.DEFAULT_RECIPE)
     assert info["version_hash"] == toy_arith.DEFAULT_RECIPE.version_hash()
@@ -87,7 +86,7 @@ def test_rebuild_command(tmp_path, capsys):
     toy_arith.main(["--out", str(tmp_path / "m"), "--steps", "2", "--eval-size", "4"])
     assert is_complete(tmp_path / "m")
     assert toy_arith.load_info(tmp_path / "m")["recipe"]["steps"] == 2
-    digest = file_sha256(tmp_path / "m" / "model.safetensors")
+    digest = toy_arith.sha256_of(tmp_path / "m" / "model.safetensors")
     assert f"sha256 {digest}, different from the shipped weights" in capsys.readouterr().out
 
 
@@ -215,7 +214,7 @@ def test_full_build_is_partly_competent(tmp_path, monkeypatch):
     # Where the shipped weights were built (same CPU model and torch), the build reproduces them bit for bit.
     shipped = toy_arith.load_info()
     if (toy_arith.cpu_name(), torch.__version__) == (shipped["cpu"], shipped["torch"]):
-        assert file_sha256(path / "model.safetensors") == toy_arith.SHIPPED_SHA256
+        assert toy_arith.sha256_of(path / "model.safetensors") == toy_arith.SHIPPED_SHA256
 
 
 def test_sft_data_is_everything_outside_test_as_before_the_val_split():

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..checkpoint import file_sha256
 from ..evaluate import evaluate
 from ..tasks import Example, assign_split, eval_examples
 from ..tasks.arithmetic import ArithmeticTask
@@ -296,6 +295,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def sha256_of(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m onelayer_fast.models.toy_arith",
@@ -308,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-size", type=int, default=200, help="held-out problems in the build's accuracy (default: 200)")
     args = parser.parse_args(argv)
     summary = build_toy_arith(args.out, seed=args.seed, steps=args.steps, eval_size=args.eval_size)
-    digest = file_sha256(Path(args.out) / "model.safetensors")
+    digest = sha256_of(Path(args.out) / "model.safetensors")
     same = "the same as" if digest == SHIPPED_SHA256 else "different from"
     print(f"{NAME} built in {summary['seconds']:.0f} s into {args.out}: greedy held-out accuracy "
           f"{summary['eval_accuracy']:.3f} on {summary['eval_size']} problems; model.safetensors sha256 {digest}, "
