@@ -36,6 +36,7 @@ import functools
 import importlib.util
 import os
 import warnings
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -164,9 +165,17 @@ def _problem(device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
     return {name: t.to(device) for name, t in problem.items()}
 
 
-def _run(backend: str, p: dict[str, Tensor]) -> dict[str, Tensor | None]:
-    from .loss import grpo_loss, token_logprobs  # loss.py imports this module
+# The public loss functions the self-check runs, registered by loss.py when it is imported (loss.py imports this
+# module, so importing loss.py here would be a cycle).
+_public: dict[str, Callable] = {}
 
+
+def register_loss_functions(grpo_loss: Callable, token_logprobs: Callable) -> None:
+    _public.update(grpo_loss=grpo_loss, token_logprobs=token_logprobs)
+
+
+def _run(backend: str, p: dict[str, Tensor]) -> dict[str, Tensor | None]:
+    grpo_loss, token_logprobs = _public["grpo_loss"], _public["token_logprobs"]
     hidden = p["hidden"].clone().requires_grad_()
     weight = p["weight"].clone().requires_grad_()
     result = grpo_loss(hidden, weight, p["ids"], p["mask"], rewards=p["rewards"], group_size=3, old_logps=p["old"],

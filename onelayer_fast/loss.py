@@ -244,3 +244,7 @@ def grpo_loss(
     if constant_group is not None:
         metrics["frac_reward_zero_std"] = constant_group.float().mean()
     return LossResult(loss, logps.detach(), metrics)
+
+
+# The self-check of "auto" runs these public paths (dispatch cannot import this module: it is imported by it).
+dispatch.register_loss_functions(grpo_loss, token_logprobs)
