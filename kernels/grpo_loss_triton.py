@@ -177,27 +177,25 @@ def _grpo_loss_fwd_kernel(
     seq_coef = 1.0
     seq_kl_share = 0.0  # c * sum_s kl_s / n_b: what the row's ratio adds to each token's KL gradient
     if SEQ_LEVEL:
-        log_ratio = 0.0
-        if HAS_OLD:
-            acc = tl.zeros((BLOCK,), tl.float32)
+        # One pass over the row: the summed log-ratio (with old log-probs) and, for the bias-corrected KL, the
+        # summed KL; each token's log-prob is read once for both.
+        ratio_acc = tl.zeros((BLOCK,), tl.float32)
+        kl_row_acc = tl.zeros((BLOCK,), tl.float32)
+        if HAS_OLD or (HAS_KL and KL_CORRECTED):
             for t0 in range(start, end, BLOCK):
                 offs = t0 + tl.arange(0, BLOCK)
                 m = offs < end
                 lp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                old = tl.load(old_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                acc += tl.where(m, lp - old, 0.0)
-            log_ratio = tl.sum(acc, axis=0) / tl.maximum(count, 1.0)
+                if HAS_OLD:
+                    old = tl.load(old_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                    ratio_acc += tl.where(m, lp - old, 0.0)
+                if HAS_KL and KL_CORRECTED:
+                    ref = tl.load(ref_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                    diff = ref - lp
+                    kl_row_acc += tl.where(m, tl.exp(diff) - diff - 1.0, 0.0)
+        log_ratio = tl.sum(ratio_acc, axis=0) / tl.maximum(count, 1.0)  # 0 without old log-probs
         seq_coef = tl.exp(log_ratio)
-        if HAS_KL and KL_CORRECTED:
-            acc = tl.zeros((BLOCK,), tl.float32)
-            for t0 in range(start, end, BLOCK):
-                offs = t0 + tl.arange(0, BLOCK)
-                m = offs < end
-                lp = tl.load(logp_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                ref = tl.load(ref_ptr + offs, mask=m, other=0.0).to(tl.float32)
-                diff = ref - lp
-                acc += tl.where(m, tl.exp(diff) - diff - 1.0, 0.0)
-            seq_kl_share = seq_coef * tl.sum(acc, axis=0) / tl.maximum(count, 1.0)
+        seq_kl_share = seq_coef * tl.sum(kl_row_acc, axis=0) / tl.maximum(count, 1.0)
         s_loss, s_grad, s_low, s_high = _clipped_surrogate(
             tl.exp(log_ratio + tl.zeros((1,), tl.float32)), adv, eps_low, eps_high, delta, HAS_DELTA
         )

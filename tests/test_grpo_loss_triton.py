@@ -419,15 +419,18 @@ for data, dtype in (("*bf16", "bfloat16"), ("*fp32", "float32")):
         done.append(compile_for_h100(tt._token_logprobs_bwd_kernel, data, {**blocks, **dot, **flags},
                                      cfg["num_warps"], cfg["num_stages"]))
 cfg = tt.launch_config(torch.float32, interpreted=False)
-for adv, loss_type, seq, old, kl, delta in ((0, 0, False, True, True, True), (1, 1, True, True, False, False),
-                                            (2, 2, False, False, True, False), (3, 1, True, False, True, True)):
+for adv, loss_type, seq, old, kl, corrected, delta in ((0, 0, False, True, True, False, True),
+                                                       (1, 1, True, True, False, False, False),
+                                                       (2, 2, False, False, True, True, False),
+                                                       (3, 1, True, False, True, True, True)):
     done.append(compile_for_h100(gt._grpo_loss_fwd_kernel, "*fp32", dict(
-        ADV_MODE=adv, LOSS_TYPE=loss_type, SEQ_LEVEL=seq, HAS_OLD=old, HAS_KL=kl, HAS_DELTA=delta,
+        ADV_MODE=adv, LOSS_TYPE=loss_type, SEQ_LEVEL=seq, HAS_OLD=old, HAS_KL=kl, KL_CORRECTED=corrected,
+        HAS_DELTA=delta,
         NUM_PARTIALS=8, BLOCK=cfg["LOSS_BLOCK"], BLOCK_G=8), cfg["loss_warps"], 1))
 # Integer arguments equal to 1 arrive as constexpr (Triton specializes them): B == 1, length 1.
 done.append(compile_for_h100(gt._grpo_loss_fwd_kernel, "*fp32", dict(
     B=1, max_completion_length=1, ADV_MODE=0, LOSS_TYPE=2, SEQ_LEVEL=True, HAS_OLD=True, HAS_KL=True,
-    HAS_DELTA=True, NUM_PARTIALS=8, BLOCK=cfg["LOSS_BLOCK"], BLOCK_G=2), cfg["loss_warps"], 1))
+    KL_CORRECTED=True, HAS_DELTA=True, NUM_PARTIALS=8, BLOCK=cfg["LOSS_BLOCK"], BLOCK_G=2), cfg["loss_warps"], 1))
 for seq in (False, True):
     done.append(compile_for_h100(gt._grpo_loss_reduce_kernel, "*fp32", dict(SEQ_LEVEL=seq, NUM_PARTIALS=8,
                                                                             BLOCK=cfg["LOSS_BLOCK"]), cfg["loss_warps"], 1))
