@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .grpo_loss import STD_EPS, LossConfig
+from .grpo_loss import STD_EPS, TRITON_LOSS_TYPES, LossConfig
 from .token_logprobs_triton import (
     is_interpreted,
     launch_config,
@@ -56,8 +56,8 @@ METRIC_NAMES = (
     "advantage_mean", "frac_reward_zero_std",
 )
 _NUM_PARTIALS = 8  # per-row: loss, kl, low, high, region, advantage, constant group, (unused)
-_LOSS_TYPE_CODE = {"grpo": 0, "bnpo": 1, "dapo": 1, "dr_grpo": 2}
-TRITON_LOSS_TYPES = tuple(_LOSS_TYPE_CODE)  # cispo, sapo and luspo run on the chunked path only
+_LOSS_TYPE_CODE = {"grpo": 0, "bnpo": 1, "dapo": 1, "dr_grpo": 2}  # TRITON_LOSS_TYPES; the others run chunked
+assert set(_LOSS_TYPE_CODE) == set(TRITON_LOSS_TYPES)
 _ADV_CODE = {"given": 0, "group": 1, "batch": 2, "none": 3}
 # Globals read inside the kernels must be tl.constexpr. The reference's std epsilon, and the atol of
 # torch.isclose(std, 0), its test for a constant group.

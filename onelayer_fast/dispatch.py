@@ -41,6 +41,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .kernels.grpo_loss import TRITON_LOSS_TYPES
 from .kernels.token_logprobs import token_logprobs_ref
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -53,11 +54,6 @@ _verdicts: dict[tuple[str, int | None, torch.dtype], bool] = {}
 def reset_self_checks() -> None:
     """Forget every cached self-check verdict, so the next "auto" call on each (device, dtype) checks again."""
     _verdicts.clear()
-
-
-# Loss types of the Triton loss kernel (kernels/grpo_loss_triton.TRITON_LOSS_TYPES, kept here so that the
-# plain-CPU path need not import the kernels to answer).
-TRITON_LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
 
 def triton_unsupported(hidden: Tensor, weight: Tensor, completion_mask: Tensor | None = None,
