@@ -12,6 +12,10 @@ Per token t of row b, with log-ratio d = logp - old_logp (old_logp = logp.detach
     loss_t = -sg(min(w, eps_high)) * A_b * logp + beta * kl_t                       cispo (sg: no gradient)
     loss_t = -sigmoid(tau * (w - 1)) * 4 / tau * A_b + beta * kl_t                  sapo, tau = sapo_temperature_pos
                                                                                  where A_b > 0, else _neg
+    loss_t = -sg(phi_b) * A_b * logp + beta * kl_t                                  vespo (token level only)
+        phi_b  = exp(lam + k * lw - lam * exp(lw)), NaN/inf -> 0     the gamma weight, phi(1) = 1, in log space:
+        lw     = clamp(sum_t m * clamp(d, -20, 20), log(1e-8), 20)   the row's summed (not mean) log-ratio
+        (k, lam) = (vespo_k_pos, vespo_lambda_pos) where A_b >= 0, else (vespo_k_neg, vespo_lambda_neg); lam >= 1e-4
     kl_t   = exp(ref - logp) - (ref - logp) - 1        (k3 estimator)
     kl_t   = kl_t * w     with use_bias_correction_kl (TRL's default): the differentiable ratio before the delta
                           clamp, so the KL gradient changes even on-policy where w == 1 (its d w / d logp is not 0)
@@ -21,8 +25,20 @@ Normalization over the completion mask m:
     dapo:    sum m*loss / max(1, sum m)   (TRL divides by the tokens of the whole generation batch;
                                            one process and one batch make that the same as bnpo)
     dr_grpo: sum m*loss / (B * max_completion_length)
-    cispo:   as dapo;  sapo: as grpo;  luspo: mean_b( sum_t m*loss )
-`grpo_loss_ref` materializes the logits and is the reference for the chunked and fused paths.
+    cispo, vespo: as dapo;  sapo: as grpo;  luspo: mean_b( sum_t m*loss )
+Masks on the policy term (multiplied in this order, before beta * kl_t is added, as TRL does):
+    off_policy_mask_threshold delta:  keep_b = (A_b >= 0) | (sum_t m * (old_logp - sg(logp)) / max(1, sum_t m) <= delta)
+    top_entropy_quantile q < 1:       keep_bt = m_bt != 0 and H_bt >= quantile({H_bt : m_bt != 0}, 1 - q)
+                                      (torch.quantile, linear interpolation; no token when no token is unmasked)
+    H_bt = -sum_v p log p of softmax(logits / temperature): the token's entropy, differentiable
+Entropy bonus (entropy_coef c != 0), after the normalization above, whatever the loss type:
+    loss = loss - c * sum(H * m_e) / max(1, sum m_e),   m_e = m * keep_bt (m without the entropy mask)
+Metrics: "entropy" = sum(H * m) / max(1, sum m) (detached) wherever entropies were computed (any of vespo, the
+masks, the bonus); "vespo/phi_seq_mean" = mean_b phi_b.
+`grpo_loss_ref` materializes the logits and is the reference for the chunked and fused paths. The fused
+token-level op (`FusedTokenGRPOLoss`) sees one token at a time and covers none of vespo, the two masks and the
+entropy bonus: `LossConfig.row_level_knobs` names those, and the public `grpo_loss` then computes log-probs and
+entropies first (`chunked_token_logprobs_entropy`) and this module's formulas on them.
 """
 from __future__ import annotations
 
@@ -38,16 +54,18 @@ from .token_logprobs import (
     softmax_stats_,
     accumulate_input_grads,
     chunk_buffer,
+    token_logprobs_entropy_ref,
     token_logprobs_ref,
 )
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # the PPO-style clipped surrogate
 # What the Triton loss kernel (grpo_loss_triton.py) covers; here, so that dispatch can ask without importing triton.
 TRITON_LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 STD_EPS = 1e-4
+VESPO_LOG_W_MIN = math.log(1e-8)  # TRL's lower clamp of vespo's sequence log-ratio
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,13 @@ class LossConfig:
     use_bias_correction_kl: bool = True  # TRL's default: the KL term times the importance ratio
     sapo_temperature_pos: float = 1.0  # sapo: the soft gate's temperature where the advantage is > 0
     sapo_temperature_neg: float = 1.05  # ... and where it is <= 0
+    vespo_k_pos: float = 2.0  # vespo: the gamma weight's power where the advantage is >= 0
+    vespo_lambda_pos: float = 3.0  # ... and its decay there
+    vespo_k_neg: float = 3.0  # ... power where the advantage is < 0
+    vespo_lambda_neg: float = 2.0  # ... and decay there
+    off_policy_mask_threshold: float | None = None  # drop rows with A < 0 whose mean (old - new) log-prob exceeds it
+    top_entropy_quantile: float = 1.0  # keep only the top-q tokens by entropy in the policy term (1: all)
+    entropy_coef: float = 0.0  # loss -= entropy_coef * mean token entropy
 
     def __post_init__(self) -> None:
         for name, choices in (("loss_type", LOSS_TYPES), ("scale_rewards", SCALE_REWARDS),
@@ -89,6 +114,44 @@ class LossConfig:
             raise ValueError(f"sapo temperatures must be > 0, got {self.sapo_temperature_pos} and {self.sapo_temperature_neg}")
         if self.max_completion_length is not None and self.max_completion_length < 1:
             raise ValueError(f"max_completion_length must be >= 1, got {self.max_completion_length}")
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            raise ValueError("loss_type 'vespo' computes its sequence-level weight itself from the token log-ratios: "
+                             f"importance_sampling_level must be 'token', got {self.importance_sampling_level!r}")
+        threshold = self.off_policy_mask_threshold
+        if threshold is not None and not (threshold >= 0 and math.isfinite(threshold)):
+            raise ValueError("off_policy_mask_threshold (the largest mean log-prob drift old - new kept for a row "
+                             f"with a negative advantage) must be None or a finite number >= 0, got {threshold}")
+        if not 0 <= self.top_entropy_quantile <= 1:
+            raise ValueError("top_entropy_quantile must be in [0, 1] (1 keeps every token, 0 only the highest-entropy "
+                             f"one), got {self.top_entropy_quantile}")
+        # As TRL: a negative coefficient is allowed (an entropy penalty).
+        if not math.isfinite(self.entropy_coef):
+            raise ValueError(f"entropy_coef (the entropy bonus' weight) must be a finite number, got {self.entropy_coef}")
+
+    @property
+    def needs_entropy(self) -> bool:
+        """Whether the loss itself uses the token entropies (the entropy mask or the entropy bonus)."""
+        return self.top_entropy_quantile < 1.0 or self.entropy_coef != 0.0
+
+    @property
+    def row_level_knobs(self) -> tuple[str, ...]:
+        """The settings that need a row's log-probs or the token entropies before the loss: vespo, the
+        off-policy mask, the entropy mask, the entropy bonus; each as `name=value`. Neither the fused token-level
+        op nor the Triton loss computes them; the paths that do also compute the entropies (metric "entropy")."""
+        knobs = []
+        if self.loss_type == "vespo":
+            knobs.append("loss_type='vespo'")
+        if self.off_policy_mask_threshold is not None:
+            knobs.append(f"off_policy_mask_threshold={self.off_policy_mask_threshold}")
+        if self.top_entropy_quantile < 1.0:
+            knobs.append(f"top_entropy_quantile={self.top_entropy_quantile}")
+        if self.entropy_coef != 0.0:
+            knobs.append(f"entropy_coef={self.entropy_coef}")
+        return tuple(knobs)
 
     def normalizer_length(self, completion_width: int) -> int:
         """The dr_grpo normalizer length for a batch whose completions are `completion_width` wide."""
@@ -125,7 +188,7 @@ def token_loss_weights(mask: Tensor, loss_type: str, max_completion_length: int)
     """(B, T) weights w with loss = sum(w * per_token_loss): the loss-type normalization as one tensor."""
     if loss_type in ("grpo", "sapo"):
         return mask / (mask.sum(-1, keepdim=True).clamp(min=1.0) * mask.shape[0])
-    if loss_type in ("bnpo", "dapo", "cispo"):
+    if loss_type in ("bnpo", "dapo", "cispo", "vespo"):
         return mask / mask.sum().clamp(min=1.0)
     if loss_type == "luspo":
         return mask / mask.shape[0]
@@ -134,10 +197,48 @@ def token_loss_weights(mask: Tensor, loss_type: str, max_completion_length: int)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
+def vespo_gamma_weights(advantages: Tensor, log_ratio: Tensor, mask: Tensor, config: LossConfig) -> Tensor:
+    """vespo's gamma weight phi per row (B, 1), no gradient: advantages (B, 1), log_ratio logp - old (B, T)."""
+    with torch.no_grad():
+        summed = (log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
+        log_w = summed.clamp(VESPO_LOG_W_MIN, 20.0)
+        nonneg = advantages >= 0
+
+        def per_sign(pos: float, neg: float) -> Tensor:  # in log_w's dtype: a float32 1.7 is not a float64 1.7
+            as_tensor = lambda x: torch.tensor(x, dtype=log_w.dtype, device=log_w.device)  # noqa: E731
+            return torch.where(nonneg, as_tensor(pos), as_tensor(neg))
+
+        k = per_sign(config.vespo_k_pos, config.vespo_k_neg)
+        lam = per_sign(config.vespo_lambda_pos, config.vespo_lambda_neg).clamp(min=1e-4)
+        log_phi = lam + k * log_w - lam * log_w.exp()
+        return log_phi.exp().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def off_policy_sequence_mask(advantages: Tensor, logps: Tensor, old_logps: Tensor, mask: Tensor,
+                             threshold: float) -> Tensor:
+    """(B, 1) in mask's dtype, 1 = keep: rows whose advantage is >= 0 or whose mean drift old - logp is <= threshold."""
+    drift = torch.nan_to_num(old_logps - logps.detach(), nan=0.0)
+    mean_drift = (drift * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (mean_drift <= threshold)).to(mask.dtype)
+
+
+def high_entropy_mask(entropies: Tensor, mask: Tensor, quantile: float) -> Tensor:
+    """(B, T) in mask's dtype, 1 = keep: unmasked tokens whose entropy is >= the (1 - quantile) quantile of the
+    unmasked tokens' entropies; all 0 when no token is unmasked."""
+    present = mask != 0
+    values = entropies.detach()[present]
+    if values.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(values, 1.0 - quantile)
+    return ((entropies.detach() * mask >= threshold) & present).to(mask.dtype)
+
+
 def per_token_terms(
     logps: Tensor, log_weights: Tensor, advantages: Tensor, ref_logps: Tensor | None, config: LossConfig,
+    vespo_phi: Tensor | None = None, policy_masks: tuple[Tensor, ...] = (),
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Clipped surrogate + beta * k3 KL per token. advantages broadcast against logps.
+    """Policy term (times each of `policy_masks`, in order) + beta * k3 KL per token. advantages broadcast
+    against logps; vespo_phi (B, 1) is vespo's weight (`vespo_gamma_weights`), needed for that loss type only.
 
     Returns (per_token_loss, coef_1 after the delta clamp (TRL's clip metrics use it), per_token_kl or None;
     per_token_kl is the bias-corrected one when config.use_bias_correction_kl, as TRL logs it).
@@ -146,6 +247,10 @@ def per_token_terms(
     coef_1 = ratio
     if config.loss_type == "cispo":
         per_token_loss = -torch.clamp(ratio, max=config.epsilon_high).detach() * advantages * logps
+    elif config.loss_type == "vespo":
+        if vespo_phi is None:
+            raise ValueError("loss_type 'vespo' needs its sequence weight vespo_phi (see vespo_gamma_weights)")
+        per_token_loss = -vespo_phi.detach() * advantages * logps
     elif config.loss_type == "sapo":
         tau = torch.where(advantages > 0, config.sapo_temperature_pos, config.sapo_temperature_neg)
         per_token_loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * advantages
@@ -154,6 +259,8 @@ def per_token_terms(
         if config.delta is not None:
             coef_1 = torch.clamp(coef_1, max=config.delta)
         per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    for policy_mask in policy_masks:
+        per_token_loss = per_token_loss * policy_mask
     per_token_kl = None
     if config.beta != 0.0:
         diff = ref_logps - logps
@@ -171,17 +278,43 @@ def grpo_loss_from_logps(
     old_logps: Tensor | None,
     ref_logps: Tensor | None,
     config: LossConfig,
+    entropies: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """logps (B, T) differentiable, mask (B, T) float, advantages (B,) -> (loss, metrics of 0-d tensors)."""
+    """logps (B, T) differentiable, mask (B, T) float, advantages (B,) -> (loss, metrics of 0-d tensors).
+
+    entropies (B, T), differentiable: the tokens' entropies, needed when config.needs_entropy (the entropy mask,
+    the entropy bonus); whenever given, their masked mean is the metric "entropy".
+    """
+    if config.needs_entropy and entropies is None:
+        raise ValueError(f"{', '.join(config.row_level_knobs)} needs the token entropies (entropies=None given)")
+    # The mask in at least the log-probs' precision: float64 runs normalize exactly.
+    mask = mask.to(torch.promote_types(mask.dtype, logps.dtype))
     adv = advantages.to(logps.dtype).unsqueeze(1)
-    log_weights = log_importance_weights(logps, old_logps, mask, config.importance_sampling_level)
-    per_token_loss, coef_1, per_token_kl = per_token_terms(logps, log_weights, adv, ref_logps, config)
+    old = logps.detach() if old_logps is None else old_logps
+    log_weights = log_importance_weights(logps, old, mask, config.importance_sampling_level)
+    vespo_phi = None
+    if config.loss_type == "vespo":
+        vespo_phi = vespo_gamma_weights(adv, logps.detach() - old, mask, config)
+    policy_masks = []  # TRL's order: the off-policy mask, then the entropy mask
+    if config.off_policy_mask_threshold is not None:
+        policy_masks.append(off_policy_sequence_mask(adv, logps, old, mask, config.off_policy_mask_threshold))
+    entropy_mask = None
+    if config.top_entropy_quantile < 1.0:
+        entropy_mask = high_entropy_mask(entropies, mask, config.top_entropy_quantile)
+        policy_masks.append(entropy_mask)
+    per_token_loss, coef_1, per_token_kl = per_token_terms(logps, log_weights, adv, ref_logps, config, vespo_phi,
+                                                           tuple(policy_masks))
     weights = token_loss_weights(mask, config.loss_type, config.normalizer_length(mask.shape[1]))
     loss = (per_token_loss * weights).sum()
+    if config.entropy_coef != 0.0:
+        effective = mask if entropy_mask is None else mask * entropy_mask
+        loss = loss - config.entropy_coef * (entropies * effective).sum() / effective.sum().clamp(min=1.0)
     token_count = mask.sum().clamp(min=1.0)
     metrics: dict[str, Tensor] = {}
     if per_token_kl is not None:
         metrics["kl"] = ((per_token_kl * mask).sum() / token_count).detach()
+    if entropies is not None:
+        metrics["entropy"] = ((entropies.detach() * mask).sum() / token_count)
 
     def masked_mean(flags: Tensor) -> Tensor:
         # At sequence level there is one weight per row: TRL averages over rows, not tokens.
@@ -199,6 +332,8 @@ def grpo_loss_from_logps(
             metrics["clip_ratio/region_mean"] = masked_mean(low | high)
         elif config.loss_type == "cispo":
             metrics["cispo_clip_ratio"] = masked_mean((coef_1 > config.epsilon_high) & (adv > 0))
+        elif config.loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"] = vespo_phi.mean()  # one weight per row: a mean over rows, as TRL's
         metrics["advantage_mean"] = advantages.float().mean()
     return loss, metrics
 
@@ -269,7 +404,12 @@ def grpo_loss_ref(
     ref_logps: Tensor | None = None,
     config: LossConfig = LossConfig(),
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Reference: hidden (B, T, H), weight (V, H), ids/mask (B, T), advantages (B,); logits materialized."""
-    logps = token_logprobs_ref(hidden, weight, completion_ids, config.temperature)
+    """Reference: hidden (B, T, H), weight (V, H), ids/mask (B, T), advantages (B,); logits materialized.
+    With any of `config.row_level_knobs` it also computes the entropies (autograd through the softmax)."""
+    entropies = None
+    if config.row_level_knobs:
+        logps, entropies = token_logprobs_entropy_ref(hidden, weight, completion_ids, config.temperature)
+    else:
+        logps = token_logprobs_ref(hidden, weight, completion_ids, config.temperature)
     mask = completion_mask.to(logps.dtype)
-    return grpo_loss_from_logps(logps, mask, advantages, old_logps, ref_logps, config)
+    return grpo_loss_from_logps(logps, mask, advantages, old_logps, ref_logps, config, entropies)

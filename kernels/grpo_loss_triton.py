@@ -332,6 +332,8 @@ def grpo_loss_triton_terms(
     if config.loss_type not in TRITON_LOSS_TYPES:
         raise ValueError(f"the Triton GRPO loss covers loss_type {', '.join(TRITON_LOSS_TYPES)}, not "
                          f"{config.loss_type!r}: use the chunked backend")
+    if config.row_level_knobs:
+        raise ValueError(f"the Triton GRPO loss does not cover {', '.join(config.row_level_knobs)}: use the chunked backend")
     has_kl = config.beta != 0.0
     if has_kl and ref_logps is None:
         raise ValueError("beta != 0 needs ref_logps")

@@ -13,6 +13,14 @@ The chunked path processes `rows_per_chunk(vocab)` token rows at a time, so abou
 logits (at least `MIN_CHUNK_ROWS` rows of them) exist at once; the backward recomputes each chunk's logits from the saved
 logsumexp instead of keeping them. `token_logprobs_ref` materializes everything and is the
 reference the tests compare against.
+
+Log-probs and entropies together (`chunked_token_logprobs_entropy`; the loss knobs that need the entropy):
+    p      = softmax(z),  H = -sum_v p_v log p_v = lse - sum_v p_v z_v
+    dH/dz  = -p * (log p + H)                  so, for upstream gradients g = dL/dlogp and e = dL/dH,
+    dL/dz  = g * (onehot(y) - p) - e * p * (log p + H)
+and dL/dh, dL/dW as above (the same 1 / tau). It keeps two chunk buffers (the logits and their softmax) and
+computes in fp32, or in fp64 when the states are fp64 (so a float64 run of it is exact to ~1e-12).
+`token_logprobs_entropy_ref` is its materialized reference.
 """
 from __future__ import annotations
 
@@ -38,13 +46,23 @@ def token_logprobs_ref(hidden: Tensor, weight: Tensor, token_ids: Tensor, temper
     return torch.log_softmax(logits, dim=-1).gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)
 
 
+def token_logprobs_entropy_ref(hidden: Tensor, weight: Tensor, token_ids: Tensor,
+                               temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Reference of the log-probs and the entropy of the temperature-scaled softmax, both differentiable
+    through autograd over materialized logits. hidden (..., H), weight (V, H), token_ids (...) -> two (...)."""
+    logits = (hidden @ weight.T).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return log_probs.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1), entropy
+
+
 def logits_into(buffer: Tensor, hidden_rows: Tensor, weight: Tensor, temperature: float) -> Tensor:
     """Write the fp32 logits of `hidden_rows` into `buffer` (rows, vocab) and return it.
 
     One buffer is reused across chunks: fresh 64 MiB allocations per chunk cost page faults that
     showed up as a large share of the CPU step time.
     """
-    if hidden_rows.dtype == torch.float32 and weight.dtype == torch.float32:
+    if hidden_rows.dtype == buffer.dtype and weight.dtype == buffer.dtype:
         torch.mm(hidden_rows, weight.T, out=buffer)
     else:
         # The matmul runs in the input dtype (bf16 on GPU); the softmax statistics are always fp32
@@ -72,8 +90,9 @@ def probs_to_grad_(probs: Tensor, token_ids: Tensor, grad_logp: Tensor, temperat
     return grad_z
 
 
-def chunk_buffer(num_rows: int, chunk_rows: int, vocab_size: int, device: torch.device) -> Tensor:
-    return torch.empty(min(num_rows, chunk_rows), vocab_size, dtype=torch.float32, device=device)
+def chunk_buffer(num_rows: int, chunk_rows: int, vocab_size: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.empty(min(num_rows, chunk_rows), vocab_size, dtype=dtype, device=device)
 
 
 def chunked_token_logprobs_forward(
@@ -115,10 +134,10 @@ def chunked_token_logprobs_backward(
 
 
 def accumulate_input_grads(grad_z: Tensor, rows: Tensor, weight: Tensor, grad_rows: Tensor, grad_weight: Tensor | None) -> None:
-    """grad_rows = grad_z @ W; grad_weight += grad_z^T @ rows (when asked for)."""
+    """grad_rows = grad_z @ W; grad_weight += grad_z^T @ rows (when asked for; in grad_weight's dtype)."""
     grad_rows.copy_(grad_z.to(weight.dtype) @ weight)
     if grad_weight is not None:
-        grad_weight.addmm_(grad_z.T, rows.float())
+        grad_weight.addmm_(grad_z.T.to(grad_weight.dtype), rows.to(grad_weight.dtype))
 
 
 class ChunkedTokenLogprobs(torch.autograd.Function):
@@ -159,3 +178,119 @@ def chunked_token_logprobs(
     if chunk_rows is None:
         chunk_rows = rows_per_chunk(weight.shape[0])
     return ChunkedTokenLogprobs.apply(hidden.contiguous(), weight, token_ids.contiguous(), float(temperature), chunk_rows)
+
+
+def _compute_dtype(hidden: Tensor) -> torch.dtype:
+    """fp32 for fp32 / bf16 / fp16 states (the softmax statistics are always at least fp32), fp64 for fp64."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
+def chunked_token_logprobs_entropy_forward(
+    hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float, chunk_rows: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """hidden (N, H), weight (V, H), token_ids (N,) -> (logp, entropy, lse), each (N,) in the compute dtype."""
+    n, dtype = hidden.shape[0], _compute_dtype(hidden)
+    logp = torch.empty(n, dtype=dtype, device=hidden.device)
+    entropy = torch.empty(n, dtype=dtype, device=hidden.device)
+    lse = torch.empty(n, dtype=dtype, device=hidden.device)
+    buffer = chunk_buffer(n, chunk_rows, weight.shape[0], hidden.device, dtype)
+    probs_buffer = torch.empty_like(buffer)
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        logits = logits_into(buffer[: stop - start], hidden[start:stop], weight, temperature)
+        target = logits.gather(1, token_ids[start:stop].unsqueeze(1)).squeeze(1)
+        peak = logits.amax(dim=1)
+        shifted = logits.sub_(peak.unsqueeze(1))  # z - max, in place
+        exp = torch.exp(shifted, out=probs_buffer[: stop - start])
+        sum_exp = exp.sum(dim=1)
+        log_sum_exp = sum_exp.log()
+        # H = log(sum exp(z - max)) - sum_v p_v (z_v - max): the max cancels, no large terms
+        entropy[start:stop] = log_sum_exp - exp.mul_(shifted).sum(dim=1) / sum_exp
+        lse[start:stop] = peak + log_sum_exp
+        logp[start:stop] = target - lse[start:stop]
+    return logp, entropy, lse
+
+
+def chunked_token_logprobs_entropy_backward(
+    grad_logp: Tensor | None,
+    grad_entropy: Tensor | None,
+    hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    temperature: float,
+    chunk_rows: int,
+    need_weight_grad: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Recompute each chunk's logits; dL/dz = g * (onehot - p) - e * p * (log p + H), then / tau into the
+    hidden rows and the weight. Returns (grad_hidden (N, H), grad_weight in the compute dtype or None)."""
+    n, dtype = hidden.shape[0], _compute_dtype(hidden)
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight_grad else None
+    buffer = chunk_buffer(n, chunk_rows, weight.shape[0], hidden.device, dtype)
+    probs_buffer = torch.empty_like(buffer)
+    rows = torch.arange(min(n, chunk_rows), device=hidden.device)
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        ids = token_ids[start:stop]
+        log_probs = logits_into(buffer[: stop - start], hidden[start:stop], weight, temperature)
+        log_probs.sub_(lse[start:stop].unsqueeze(1))  # log p
+        probs = torch.exp(log_probs, out=probs_buffer[: stop - start])
+        g = None if grad_logp is None else grad_logp[start:stop].to(dtype)
+        if grad_entropy is not None:
+            # -(g + e * (log p + H)) * p, in the logits buffer
+            e = grad_entropy[start:stop].to(dtype).unsqueeze(1)
+            grad_z = log_probs.add_(entropy[start:stop].unsqueeze(1)).mul_(e)
+            if g is not None:
+                grad_z.add_(g.unsqueeze(1))
+            grad_z.mul_(probs).neg_()
+        else:
+            grad_z = probs.mul_(-g.unsqueeze(1))
+        if g is not None:
+            grad_z[rows[: stop - start], ids] += g
+        if temperature != 1.0:
+            grad_z.div_(temperature)
+        accumulate_input_grads(grad_z, hidden[start:stop], weight, grad_hidden[start:stop], grad_weight)
+    return grad_hidden, grad_weight
+
+
+class ChunkedTokenLogprobsEntropy(torch.autograd.Function):
+    """Autograd wrapper of the chunked log-probs + entropies; inputs already flattened to (N, H) / (N,)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float, chunk_rows: int):
+        logp, entropy, lse = chunked_token_logprobs_entropy_forward(hidden, weight, token_ids, temperature, chunk_rows)
+        ctx.save_for_backward(hidden, weight, token_ids, lse, entropy)
+        ctx.temperature = temperature
+        ctx.chunk_rows = chunk_rows
+        ctx.set_materialize_grads(False)  # an unused output (the entropy, often) costs no backward work
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp: Tensor | None, grad_entropy: Tensor | None):
+        hidden, weight, token_ids, lse, entropy = ctx.saved_tensors
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None
+        grad_hidden, grad_weight = chunked_token_logprobs_entropy_backward(
+            None if grad_logp is None else grad_logp.contiguous(),
+            None if grad_entropy is None else grad_entropy.contiguous(),
+            hidden, weight, token_ids, lse, entropy, ctx.temperature, ctx.chunk_rows,
+            need_weight_grad=ctx.needs_input_grad[1],
+        )
+        if not ctx.needs_input_grad[0]:
+            grad_hidden = None
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def chunked_token_logprobs_entropy(
+    hidden: Tensor, weight: Tensor, token_ids: Tensor, temperature: float = 1.0, chunk_rows: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """hidden (N, H), weight (V, H), token_ids (N,) int64 -> (logp (N,), entropy (N,)), both differentiable,
+    fp32 (fp64 for fp64 states); never a (N, V) tensor, only two (chunk_rows, V) buffers."""
+    if chunk_rows is None:
+        chunk_rows = rows_per_chunk(weight.shape[0])
+    return ChunkedTokenLogprobsEntropy.apply(hidden.contiguous(), weight, token_ids.contiguous(), float(temperature),
+                                             chunk_rows)

@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .kernels.grpo_loss import TRITON_LOSS_TYPES
+from .kernels.grpo_loss import TRITON_LOSS_TYPES, LossConfig
 from .kernels.token_logprobs import token_logprobs_ref
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -57,17 +57,25 @@ def reset_self_checks() -> None:
 
 
 def triton_unsupported(hidden: Tensor, weight: Tensor, completion_mask: Tensor | None = None,
-                       loss_type: str | None = None) -> str | None:
+                       config: LossConfig | None = None) -> str | None:
     """What in these inputs the Triton path does not cover, as a phrase naming it; None when it covers them.
 
+    `config`: the loss settings (None: only the tensors are checked, as for `token_logprobs`).
     Covered: both importance-sampling levels, the loss types of TRITON_LOSS_TYPES, every reward scaling,
-    delta, beta (with or without the bias-corrected KL), temperature, given advantages. Not covered: the loss
-    types cispo, sapo and luspo, dtypes other than fp32 / bf16 / fp16, a weight whose dtype differs from the
-    states', and a completion mask with values other than 0 and 1 (the chunked and reference paths weight
+    delta, beta (with or without the bias-corrected KL), temperature, given advantages. Not covered: the other
+    loss types (cispo, sapo, luspo, vespo), the row-level knobs (`LossConfig.row_level_knobs`: an
+    off_policy_mask_threshold, a top_entropy_quantile below 1, a non-zero entropy_coef: the Triton loss computes
+    no sequence masks and no entropies), dtypes other than fp32 / bf16 / fp16, a weight whose dtype differs from
+    the states', and a completion mask with values other than 0 and 1 (the chunked and reference paths weight
     tokens by the mask; the Triton loss keeps or drops them).
     """
-    if loss_type is not None and loss_type not in TRITON_LOSS_TYPES:
-        return f"loss_type {loss_type!r} (the Triton loss covers {', '.join(TRITON_LOSS_TYPES)})"
+    if config is not None:
+        if config.loss_type not in TRITON_LOSS_TYPES:
+            return f"loss_type {config.loss_type!r} (the Triton loss covers {', '.join(TRITON_LOSS_TYPES)})"
+        knobs = config.row_level_knobs
+        if knobs:
+            return (f"{', '.join(knobs)} (the Triton loss computes no sequence masks and no token entropies; "
+                    f"the chunked path does)")
     if hidden.dtype not in TRITON_DTYPES:
         return f"hidden dtype {hidden.dtype} (the Triton kernels take float32, bfloat16 or float16)"
     if weight.dtype != hidden.dtype:
@@ -80,13 +88,13 @@ def triton_unsupported(hidden: Tensor, weight: Tensor, completion_mask: Tensor |
 
 
 def auto_backend(hidden: Tensor, weight: Tensor, completion_mask: Tensor | None = None,
-                 loss_type: str | None = None) -> str:
+                 config: LossConfig | None = None) -> str:
     """The backend "auto" runs for these inputs (the rule in the module docstring)."""
     if hidden.dtype == torch.float64:
         return "reference"
     if not _triton_can_run_on(hidden.device):
         return "chunked"
-    if triton_unsupported(hidden, weight, completion_mask, loss_type) is not None:
+    if triton_unsupported(hidden, weight, completion_mask, config) is not None:
         return "chunked"
     return "triton" if triton_verified(hidden.device, hidden.dtype) else "chunked"
 

@@ -7,15 +7,22 @@ Backends (`backend=`):
   self-check of the Triton kernels against the chunked path passed on that (device, dtype); a failed check warns
   once and gives `"chunked"`, and so does an input the Triton path does not cover (a dtype other than
   fp32 / bf16 / fp16, a weight in another dtype than the states, a completion mask with values other than 0 and 1,
-  the loss types cispo, sapo and luspo);
+  the loss types cispo, sapo, luspo and vespo, an off_policy_mask_threshold, a top_entropy_quantile below 1, a
+  non-zero entropy_coef);
   plain CPU -> `"chunked"`, without importing the Triton kernels.
 - `"triton"`: the Triton kernels. `grpo_loss` runs the fused path of `kernels/grpo_loss_triton.py`
   (lm_head log-prob kernel -> loss kernel with in-kernel group advantages -> recompute backward kernels);
   `token_logprobs` the custom op `torch.ops.onelayer_fast.token_logprobs` (`kernels/token_logprobs_triton.py`).
-  Covers every LossConfig setting but the loss types cispo, sapo and luspo (chunked only); an input it does not
-  cover (see "auto") is a ValueError naming it.
+  Covers every LossConfig setting but the loss types cispo, sapo, luspo and vespo and the row-level knobs
+  (`LossConfig.row_level_knobs`: off_policy_mask_threshold, top_entropy_quantile < 1, entropy_coef != 0), which
+  run chunked only; an input it does not cover (see "auto") is a ValueError naming it.
   Needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before triton is imported (tests).
 - `"chunked"`: plain PyTorch, a chunk of token rows at a time (never a (tokens, vocab) tensor); the CPU path.
+  Token-level importance sampling without row-level knobs: the fused op (loss and gradient in one pass over
+  the lm_head). Sequence level: log-probs first, then the loss on them. Any of `LossConfig.row_level_knobs`
+  (vespo, the off-policy and entropy masks, the entropy bonus): log-probs and entropies first
+  (`chunked_token_logprobs_entropy`, fp64 for fp64 states), then the loss on them; its metrics include
+  "entropy" (the reference path does the same).
 - `"reference"`: materializes the logits; for debugging (the trainer's `loss_backend`) and tests.
 """
 from __future__ import annotations
@@ -35,7 +42,13 @@ from .kernels.grpo_loss import (
     grpo_loss_from_logps,
     token_loss_weights,
 )
-from .kernels.token_logprobs import chunked_token_logprobs, rows_per_chunk, token_logprobs_ref
+from .kernels.token_logprobs import (
+    chunked_token_logprobs,
+    chunked_token_logprobs_entropy,
+    rows_per_chunk,
+    token_logprobs_entropy_ref,
+    token_logprobs_ref,
+)
 
 BACKENDS = ("auto", "chunked", "triton", "reference")
 
@@ -82,12 +95,12 @@ def token_logprobs(
 
 
 def _resolve_backend(backend: str, hidden: Tensor, weight: Tensor, completion_mask: Tensor | None = None,
-                     loss_type: str | None = None) -> str:
+                     config: LossConfig | None = None) -> str:
     """"auto" as `dispatch.auto_backend` decides; an explicit "triton" checked for inputs it does not cover."""
     if backend == "auto":
-        return dispatch.auto_backend(hidden, weight, completion_mask, loss_type)
+        return dispatch.auto_backend(hidden, weight, completion_mask, config)
     if backend == "triton":
-        unsupported = dispatch.triton_unsupported(hidden, weight, completion_mask, loss_type)
+        unsupported = dispatch.triton_unsupported(hidden, weight, completion_mask, config)
         if unsupported is not None:
             raise ValueError(f"backend='triton' does not support {unsupported}; use backend='chunked' or 'auto'")
     return backend
@@ -191,7 +204,7 @@ def grpo_loss(
     _check_per_token("ref_logps", ref_logps, completion_ids.shape)
     if config.beta > 0 and ref_logps is None:
         raise ValueError("beta > 0 needs ref_logps (the KL term would silently be zero without them)")
-    backend = _resolve_backend(backend, hidden, lm_head_weight, completion_mask, config.loss_type)
+    backend = _resolve_backend(backend, hidden, lm_head_weight, completion_mask, config)
     if backend == "triton":  # advantages, loss, gradient and metrics all in the Triton kernels
         _check_advantage_inputs(rewards, group_size, advantages, batch)
         from .kernels.grpo_loss_triton import grpo_loss_triton
@@ -210,13 +223,24 @@ def grpo_loss(
     advantages = advantages.to(hidden.device)
     # Only unmasked tokens go through the lm_head: padding after EOS costs nothing.
     valid = completion_mask.reshape(-1).bool().nonzero().squeeze(1)
-    fused_loss = None
+    fused_loss = entropies = None
     if backend == "reference":
-        logps = token_logprobs_ref(hidden, lm_head_weight, ids, config.temperature) * mask
+        if config.row_level_knobs:
+            logps, entropies = token_logprobs_entropy_ref(hidden, lm_head_weight, ids, config.temperature)
+            entropies = entropies * mask
+        else:
+            logps = token_logprobs_ref(hidden, lm_head_weight, ids, config.temperature)
+        logps = logps * mask
     else:
         flat_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, valid)
         flat_ids = ids.reshape(-1).index_select(0, valid)
-        if config.importance_sampling_level == "token":
+        valid_entropies = None
+        if config.row_level_knobs:
+            # vespo, the off-policy / entropy masks and the entropy bonus need whole rows or entropies: log-probs
+            # and entropies first (chunked, differentiable; fp64 for fp64 states), then the loss on them
+            valid_logps, valid_entropies = chunked_token_logprobs_entropy(flat_hidden, lm_head_weight, flat_ids,
+                                                                          config.temperature)
+        elif config.importance_sampling_level == "token":
             def at_valid(per_token: Tensor | None) -> Tensor | None:
                 return None if per_token is None else per_token.reshape(-1).float().index_select(0, valid)
 
@@ -229,14 +253,19 @@ def grpo_loss(
             )
         else:  # sequence level: a token's gradient depends on its whole row, so forward then backward
             valid_logps = chunked_token_logprobs(flat_hidden, lm_head_weight, flat_ids, config.temperature)
-        logps = torch.zeros(batch * length, dtype=torch.float32, device=hidden.device).index_put((valid,), valid_logps)
-        logps = logps.view(batch, length)
+        def scatter(values: Tensor) -> Tensor:  # (valid tokens,) -> (batch, length), zero where masked
+            full = torch.zeros(batch * length, dtype=values.dtype, device=hidden.device)
+            return full.index_put((valid,), values).view(batch, length)
+
+        logps = scatter(valid_logps)
+        if valid_entropies is not None:
+            entropies = scatter(valid_entropies)
     # Masked positions must not inject inf/NaN through exp(ref - logp); their value is irrelevant.
     keep = mask.bool()
-    old = None if old_logps is None else torch.where(keep, old_logps.float(), logps.detach())
-    ref = None if ref_logps is None else torch.where(keep, ref_logps.float(), logps.detach())
+    old = None if old_logps is None else torch.where(keep, old_logps.to(logps.dtype), logps.detach())
+    ref = None if ref_logps is None else torch.where(keep, ref_logps.to(logps.dtype), logps.detach())
     if fused_loss is None:
-        loss, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, config)
+        loss, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, config, entropies)
     else:  # the fused op gave loss and gradient; the same formulas on its log-probs give the metrics
         with torch.no_grad():
             _, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, config)

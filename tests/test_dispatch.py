@@ -340,3 +340,40 @@ def test_cuda_self_check_passes(dtype):
     assert dispatch.self_check(device, dtype) is None
     hidden, weight, _ = _inputs(dtype)
     assert dispatch.auto_backend(hidden.to(device), weight.to(device)) == "triton"
+
+
+@pytest.mark.parametrize("knobs, names", [
+    (dict(loss_type="vespo"), ("loss_type 'vespo'",)),
+    (dict(loss_type="cispo"), ("loss_type 'cispo'",)),
+    (dict(off_policy_mask_threshold=0.5), ("off_policy_mask_threshold=0.5",)),
+    (dict(top_entropy_quantile=0.2), ("top_entropy_quantile=0.2",)),
+    (dict(entropy_coef=0.01), ("entropy_coef=0.01",)),
+    (dict(off_policy_mask_threshold=0.0, top_entropy_quantile=0.5, entropy_coef=0.1),
+     ("off_policy_mask_threshold=0.0", "top_entropy_quantile=0.5", "entropy_coef=0.1")),
+])
+def test_triton_unsupported_names_the_loss_settings(knobs, names, monkeypatch):
+    """The LossConfig settings the Triton loss does not cover are named; "auto" then runs them chunked, and on plain
+    CPU (no TRITON_INTERPRET) chunked all the same, without a self-check."""
+    from onelayer_fast.kernels.grpo_loss import LossConfig
+
+    hidden, weight, _ = _inputs()
+    config = LossConfig(**knobs)
+    reason = dispatch.triton_unsupported(hidden, weight, torch.ones(2, 3), config)
+    assert reason is not None and all(name in reason for name in names), reason
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    verdicts = dict(dispatch._verdicts)
+    assert dispatch.auto_backend(hidden, weight, torch.ones(2, 3), config) == "chunked"
+    assert dispatch._verdicts == verdicts  # no self-check ran for it
+    assert dispatch.auto_backend(hidden.double(), weight.double(), None, config) == "reference"
+
+
+def test_triton_unsupported_covers_the_default_and_triton_loss_settings():
+    from onelayer_fast.kernels.grpo_loss import TRITON_LOSS_TYPES, LossConfig
+
+    hidden, weight, _ = _inputs()
+    assert dispatch.triton_unsupported(hidden, weight, torch.ones(2, 3)) is None
+    for loss_type in TRITON_LOSS_TYPES:
+        for level in ("token", "sequence"):
+            config = LossConfig(loss_type=loss_type, importance_sampling_level=level, beta=0.04, delta=1.5,
+                                top_entropy_quantile=1.0, entropy_coef=0.0, off_policy_mask_threshold=None)
+            assert dispatch.triton_unsupported(hidden, weight, torch.ones(2, 3), config) is None, (loss_type, level)

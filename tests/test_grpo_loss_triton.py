@@ -247,6 +247,15 @@ results["dispatch"] = dict(
     calls=calls["n"], loss=rel(out["triton"][0], out["reference"][0]), grad=rel(out["triton"][1], out["reference"][1]),
     keys=[sorted(out["triton"][2]), sorted(out["reference"][2])],
 )
+# Called directly (not through dispatch), the kernel refuses the knobs it does not compute.
+refused = {}
+for knobs in (dict(entropy_coef=0.01), dict(top_entropy_quantile=0.5), dict(off_policy_mask_threshold=0.1)):
+    try:
+        gt.grpo_loss_triton(hidden, weight, ids, mask, rewards=rewards, group_size=2, config=LossConfig(**knobs))
+        refused[str(knobs)] = "ran"
+    except ValueError as error:
+        refused[str(knobs)] = str(error)
+results["refused"] = refused
 
 # ---- torch.library custom op: opcheck and torch.compile(fullgraph=True) ----
 gen = torch.Generator().manual_seed(4)
@@ -360,6 +369,11 @@ def test_public_dispatch_reaches_fused_path(interpreter_results):
     assert r["calls"] == 1, r  # the triton backend went through grpo_loss_triton, the reference did not
     assert r["keys"][0] == r["keys"][1], r
     assert r["loss"] < 1e-5 and r["grad"] < 1e-4, r
+
+
+def test_kernel_refuses_row_level_knobs(interpreter_results):
+    for knobs, outcome in interpreter_results["refused"].items():
+        assert "does not cover" in outcome and knobs.split("'")[1] in outcome, (knobs, outcome)
 
 
 def test_gpu_test_body_on_interpreter(interpreter_results):

@@ -27,6 +27,22 @@ def ref_logps64(hidden, weight, ids, temperature):
     return torch.log_softmax(logits, dim=-1).gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
 
 
+def ref_entropy64(hidden, weight, temperature):
+    """Entropy of softmax(logits / temperature) per token, as logsumexp(z) - sum_v softmax(z)_v z_v (TRL's
+    entropy_from_logits is -sum p log p: the same number, written differently); differentiable."""
+    logits = (hidden.double() @ weight.double().T) / temperature
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def ref_quantile64(values, q):
+    """numpy's / torch's default (linear) quantile of a 1-d tensor, written out: sort, interpolate."""
+    ordered = values.sort().values
+    position = (ordered.numel() - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, ordered.numel() - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
 def ref_advantages64(rewards, group_size, scale_rewards):
     """-> (advantages (B,), zero-std flag per row (B,))."""
     r = rewards.double()
@@ -49,12 +65,19 @@ def ref_grpo64(
     hidden, weight, ids, mask, advantages, old_logps=None, ref_logps=None, beta=0.0, epsilon_low=0.2,
     epsilon_high=0.2, delta=None, loss_type="dapo", temperature=1.0, max_completion_length=None,
     importance_sampling_level="token", use_bias_correction_kl=True, sapo_temperature_pos=1.0,
-    sapo_temperature_neg=1.05,
+    sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
+    off_policy_mask_threshold=None, top_entropy_quantile=1.0, entropy_coef=0.0,
 ):
     """Loss and metrics in float64; `hidden`/`weight` are float64 leaves if gradients are wanted.
-    use_bias_correction_kl (TRL 1.16's default): the KL times the differentiable ratio, before the delta clamp."""
+    use_bias_correction_kl (TRL 1.16's default): the KL times the differentiable ratio, before the delta clamp.
+    TRL 1.16's vespo, off-policy sequence mask, high-entropy token mask and entropy bonus as in its
+    `_compute_loss`, `get_gamma_weights`, `get_off_policy_mask`, `get_high_entropy_mask`; the masks and vespo's
+    weights come back as metrics named "_off_policy_keep", "_entropy_keep", "_phi" (for the tests' own checks)."""
     m = mask.double()
     logps = ref_logps64(hidden, weight, ids, temperature)
+    row_level = (loss_type == "vespo" or off_policy_mask_threshold is not None or top_entropy_quantile < 1
+                 or entropy_coef != 0)
+    entropies = ref_entropy64(hidden, weight, temperature) if row_level else None
     old = logps.detach() if old_logps is None else old_logps.double()
     log_ratio = logps - old
     if importance_sampling_level == "token":
@@ -67,14 +90,37 @@ def ref_grpo64(
     if delta is not None:
         coef_1 = torch.clamp(coef_1, max=delta)
     a = advantages.double().unsqueeze(1)
+    metrics = {}
     if loss_type == "cispo":  # TRL 1.16: the capped ratio carries no gradient; the log-prob does
         per_token_loss = -torch.clamp(ratio, max=epsilon_high).detach() * a * logps
     elif loss_type == "sapo":
         tau = torch.where(a > 0, sapo_temperature_pos, sapo_temperature_neg)
         per_token_loss = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * a
+    elif loss_type == "vespo":
+        with torch.no_grad():  # phi(w) = e^lam w^k e^(-lam w) of the row's summed log-ratio, in log space
+            summed = ((logps - old).clamp(-20.0, 20.0) * m).sum(-1, keepdim=True)
+            log_w = summed.clamp(math.log(1e-8), 20.0)
+            f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+            k = torch.where(a >= 0, f64(vespo_k_pos), f64(vespo_k_neg))
+            lam = torch.where(a >= 0, f64(vespo_lambda_pos), f64(vespo_lambda_neg)).clamp(min=1e-4)
+            phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        per_token_loss = -phi * a * logps
+        metrics["vespo/phi_seq_mean"] = phi.mean()
+        metrics["_phi"] = phi
     else:
         per_token_loss = -torch.min(coef_1 * a, coef_2 * a)
-    metrics = {}
+    if off_policy_mask_threshold is not None:
+        drift = old - logps.detach()
+        mean_drift = (drift * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
+        keep_rows = ((a >= 0) | (mean_drift <= off_policy_mask_threshold)).double()
+        per_token_loss = per_token_loss * keep_rows
+        metrics["_off_policy_keep"] = keep_rows
+    entropy_keep = None
+    if top_entropy_quantile < 1:
+        threshold = ref_quantile64(entropies.detach()[m.bool()], 1 - top_entropy_quantile)
+        entropy_keep = ((entropies.detach() * m >= threshold) & m.bool()).double()
+        per_token_loss = per_token_loss * entropy_keep
+        metrics["_entropy_keep"] = entropy_keep
     if beta != 0.0:
         d = ref_logps.double() - logps
         kl = torch.exp(d) - d - 1
@@ -87,12 +133,17 @@ def ref_grpo64(
         loss = ((per_token_loss * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
     elif loss_type == "luspo":
         loss = (per_token_loss * m).sum(-1).mean()
-    elif loss_type in ("bnpo", "dapo", "cispo"):  # dapo: tokens of the whole generation batch == this batch
+    elif loss_type in ("bnpo", "dapo", "cispo", "vespo"):  # dapo: tokens of the whole generation batch == this batch
         loss = (per_token_loss * m).sum() / m.sum().clamp(min=1.0)
     elif loss_type == "dr_grpo":
         loss = (per_token_loss * m).sum() / (batch * (max_completion_length or length))
     else:
         raise AssertionError(loss_type)
+    if entropy_coef != 0:  # the mean entropy over the tokens the policy term acts on, whatever the loss type
+        effective = m if entropy_keep is None else m * entropy_keep
+        loss = loss - entropy_coef * (entropies * effective).sum() / effective.sum().clamp(min=1.0)
+    if entropies is not None:
+        metrics["entropy"] = (entropies.detach() * m).sum() / m.sum().clamp(min=1.0)
 
     def masked_batch_mean(x):
         if x.shape[1] == 1:  # sequence level: one weight per row
@@ -102,7 +153,7 @@ def ref_grpo64(
     with torch.no_grad():
         if loss_type == "cispo":
             metrics["cispo_clip_ratio"] = masked_batch_mean((coef_1 > epsilon_high) & (a > 0))
-        elif loss_type != "sapo":
+        elif loss_type not in ("sapo", "vespo"):
             low = (coef_1 < 1 - epsilon_low) & (a < 0)
             high = (coef_1 > 1 + epsilon_high) & (a > 0)
             metrics["clip_ratio/low_mean"] = masked_batch_mean(low)
@@ -571,3 +622,268 @@ def test_explicit_triton_refuses_the_chunked_only_loss_types():
     hidden, weight, ids, mask, rewards, _, _ = make_case(6, 7, 3, 1.0, 0.2, 0.2, None, "token")
     with pytest.raises(ValueError, match="loss_type 'sapo'"):
         olf.grpo_loss(hidden, weight, ids, mask, rewards=rewards, group_size=3, loss_type="sapo", backend="triton")
+
+
+# --------------------------------------------------------------------------------------------------
+# TRL 1.16's row-level knobs: vespo, off_policy_mask_threshold, top_entropy_quantile, entropy_coef
+# --------------------------------------------------------------------------------------------------
+KNOB_B, KNOB_T, KNOB_H, KNOB_V, KNOB_OFF_POLICY = 6, 7, 10, 37, 0.1
+# Row 1 is fully masked (make_mask), row 2 half; rows 1, 2 and 4 have negative advantages.
+KNOB_ADVANTAGES = torch.tensor([0.8, -0.5, -1.1, 0.3, -0.7, 1.2])
+
+
+def make_knob_case(temperature, dtype=torch.float64):
+    """B=6 (groups of 3), T=7, H=10, V=37; old log-probs off-policy with row 2 (negative advantage) drifted by
+    +0.3..0.5 per token (the off-policy mask must drop it) and row 4 (negative advantage) by -0.3 (kept)."""
+    hidden = torch.randn(KNOB_B, KNOB_T, KNOB_H, dtype=torch.float64)
+    weight = torch.randn(KNOB_V, KNOB_H, dtype=torch.float64) * 0.6
+    ids = torch.randint(0, KNOB_V, (KNOB_B, KNOB_T))
+    mask = make_mask(KNOB_B, KNOB_T)
+    assert mask[2].sum() == KNOB_T // 2 and mask[4].sum() > 0
+    true = ref_logps64(hidden, weight, ids, temperature)
+    log_ratio = (torch.rand(KNOB_B, KNOB_T, dtype=torch.float64) * 2 - 1) * 0.3
+    log_ratio[2] = -0.4 + 0.1 * (torch.rand(KNOB_T, dtype=torch.float64) * 2 - 1)  # drift old - new ~ +0.4
+    log_ratio[4] = 0.3 + 0.05 * torch.randn(KNOB_T, dtype=torch.float64)  # drift ~ -0.3
+    old_logps = true - log_ratio
+    ref_logps = true + 0.3 * torch.randn(KNOB_B, KNOB_T, dtype=torch.float64)
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    return cast(hidden), cast(weight), ids, mask, cast(old_logps), cast(ref_logps)
+
+
+# name: (LossConfig knobs, advantages all zero (only the entropy bonus and the KL act))
+KNOB_CASES = {
+    "vespo": (dict(loss_type="vespo"), False),
+    "vespo-params-beta": (dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5,
+                               vespo_lambda_neg=1.7, beta=0.04, temperature=0.7), False),
+    "off_policy-grpo-beta": (dict(loss_type="grpo", off_policy_mask_threshold=KNOB_OFF_POLICY, beta=0.04), False),
+    "off_policy-cispo-sequence": (dict(loss_type="cispo", epsilon_high=1.1, off_policy_mask_threshold=KNOB_OFF_POLICY,
+                                       importance_sampling_level="sequence", temperature=1.3), False),
+    "entropy_mask-dapo": (dict(loss_type="dapo", top_entropy_quantile=0.4, temperature=0.7), False),
+    "entropy_mask-grpo-sequence-beta": (dict(loss_type="grpo", top_entropy_quantile=0.6, beta=0.04,
+                                             importance_sampling_level="sequence"), False),
+    "entropy_coef-dapo": (dict(loss_type="dapo", entropy_coef=0.05, temperature=0.7), False),
+    "entropy_coef-only": (dict(loss_type="dr_grpo", entropy_coef=0.3, temperature=1.3), True),
+    "entropy_mask-coef-luspo": (dict(loss_type="luspo", top_entropy_quantile=0.5, entropy_coef=0.1), False),
+    "all-vespo-beta": (dict(loss_type="vespo", off_policy_mask_threshold=KNOB_OFF_POLICY, top_entropy_quantile=0.3,
+                            entropy_coef=0.2, beta=0.04, temperature=0.7), False),
+}
+
+
+def _knob_expected(hidden, weight, ids, mask, advantages, old_logps, ref_logps, knobs):
+    common = dict(knobs, old_logps=old_logps, ref_logps=ref_logps if knobs.get("beta") else None)
+    return run_ref(hidden, weight, ids, mask, advantages, weight_grad=True, **common)
+
+
+def _knob_metric_names(knobs):
+    names = ["entropy", "advantage_mean"] + (["kl"] if knobs.get("beta") else [])
+    loss_type = knobs["loss_type"]
+    if loss_type == "vespo":
+        names.append("vespo/phi_seq_mean")
+    elif loss_type == "cispo":
+        names.append("cispo_clip_ratio")
+    elif loss_type != "sapo":
+        names += ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+    return names
+
+
+@pytest.mark.parametrize("case", list(KNOB_CASES))
+def test_row_level_knobs_match_fp64_trl_formulas(case, monkeypatch):
+    """Each of TRL 1.16's vespo / off-policy mask / entropy mask / entropy bonus: backends "reference" and "chunked"
+    (several small chunks, the last ragged) in float64 against the formulas written out above (`ref_grpo64`), to
+    ~1e-9: the loss, the hidden and lm_head weight gradients, the metrics; with masks that really bite."""
+    import onelayer_fast.kernels.token_logprobs as tl
+
+    knobs, zero_advantages = KNOB_CASES[case]
+    temperature = knobs.get("temperature", 1.0)
+    hidden, weight, ids, mask, old_logps, ref_logps = make_knob_case(temperature)
+    advantages = torch.zeros(KNOB_B) if zero_advantages else KNOB_ADVANTAGES.clone()  # float32 values, exact in fp64
+    expected = _knob_expected(hidden, weight, ids, mask, advantages, old_logps, ref_logps, knobs)
+    e_loss, e_metrics, e_gh, e_gw, _ = expected
+    assert e_gh.abs().max() > 1e-3 and e_gw.abs().max() > 1e-3  # something to compare
+    # the knobs are not no-ops on these inputs
+    if "off_policy_mask_threshold" in knobs:
+        keep = e_metrics["_off_policy_keep"].squeeze(1)
+        assert keep[2] == 0 and keep[4] == 1 and keep.sum() == KNOB_B - 1  # exactly row 2 dropped
+    if knobs.get("top_entropy_quantile", 1.0) < 1:
+        kept, tokens = e_metrics["_entropy_keep"].sum(), mask.sum()
+        assert 0 < kept < tokens, (kept, tokens)
+    if knobs["loss_type"] == "vespo":
+        phi = e_metrics["_phi"].squeeze(1)
+        assert (phi > 0).all() and phi.max() - phi.min() > 0.1, phi
+    chunk = next(c for c in (4, 5, 6, 7) if int(mask.sum()) % c)  # ragged last chunk
+    monkeypatch.setattr(tl, "rows_per_chunk", lambda vocab_size, chunk_elements=None: chunk)
+    names = _knob_metric_names(knobs)
+    for backend in ("reference", "chunked"):
+        loss, metrics, gh, gw = run_olf(hidden, weight, ids, mask, weight_grad=True, advantages=advantages,
+                                        old_logps=old_logps, ref_logps=ref_logps if knobs.get("beta") else None,
+                                        backend=backend, **knobs)
+        assert loss.dtype == torch.float64 and gh.dtype == gw.dtype == torch.float64, backend
+        torch.testing.assert_close(loss, e_loss, rtol=1e-9, atol=1e-12, msg=f"{backend} loss")
+        torch.testing.assert_close(gh, e_gh, rtol=1e-9, atol=1e-12, msg=f"{backend} grad hidden")
+        torch.testing.assert_close(gw, e_gw, rtol=1e-9, atol=1e-12, msg=f"{backend} grad weight")
+        for name in names:
+            assert name in metrics and metrics[name].dim() == 0, (backend, name, sorted(metrics))
+            # the clip fractions are float32 counts (as before these knobs): exact to float32's resolution
+            tol = 1e-7 if "clip_ratio" in name else 1e-9
+            torch.testing.assert_close(metrics[name].double(), e_metrics[name], rtol=tol, atol=1e-12,
+                                       msg=f"{backend} metric {name}")
+        if knobs["loss_type"] == "vespo":  # TRL logs no clip ratios for vespo
+            assert not any(k.startswith("clip_ratio") or k == "cispo_clip_ratio" for k in metrics), sorted(metrics)
+
+
+def test_row_level_knobs_change_the_loss():
+    """Against the same inputs without the knob: each one changes the loss (the mask drops something, the
+    bonus adds something): the comparison above is not one of two identical defaults."""
+    hidden, weight, ids, mask, old_logps, ref_logps = make_knob_case(1.0)
+    base = dict(old_logps=old_logps, advantages=KNOB_ADVANTAGES, backend="reference")  # float64 throughout
+    plain = olf.grpo_loss(hidden, weight, ids, mask, loss_type="dapo", **base).loss
+    for knobs in (dict(off_policy_mask_threshold=KNOB_OFF_POLICY), dict(top_entropy_quantile=0.5),
+                  dict(entropy_coef=0.1)):
+        changed = olf.grpo_loss(hidden, weight, ids, mask, loss_type="dapo", **base, **knobs).loss
+        assert (changed - plain).abs() > 1e-4, knobs
+    # a threshold above every row's drift keeps every row: the plain loss exactly
+    loose = olf.grpo_loss(hidden, weight, ids, mask, loss_type="dapo", off_policy_mask_threshold=10.0, **base).loss
+    torch.testing.assert_close(loose, plain, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("case", ["vespo-params-beta", "off_policy-cispo-sequence", "entropy_mask-grpo-sequence-beta",
+                                  "entropy_coef-only", "all-vespo-beta"])
+def test_row_level_knobs_float32_chunked_matches_reference(case, assert_close, relative_error):
+    """float32 states: the chunked path (never a (tokens, vocab) tensor) against the materialized reference."""
+    knobs, zero_advantages = KNOB_CASES[case]
+    hidden, weight, ids, mask, old_logps, ref_logps = make_knob_case(knobs.get("temperature", 1.0), torch.float32)
+    advantages = torch.zeros(KNOB_B) if zero_advantages else KNOB_ADVANTAGES.clone()
+    common = dict(knobs, advantages=advantages, old_logps=old_logps, ref_logps=ref_logps if knobs.get("beta") else None)
+    results = {b: run_olf(hidden, weight, ids, mask, weight_grad=True, backend=b, **common)
+               for b in ("reference", "chunked", "auto")}
+    r_loss, r_metrics, r_gh, r_gw = results["reference"]
+    assert r_loss.dtype == torch.float32
+    for backend in ("chunked", "auto"):  # auto on CPU: chunked
+        loss, metrics, gh, gw = results[backend]
+        assert_close(loss, r_loss, rtol=1e-5, atol=1e-6, name=f"{backend} loss")
+        assert relative_error(gh, r_gh) < 1e-4 and relative_error(gw, r_gw) < 1e-4, backend
+        assert sorted(metrics) == sorted(r_metrics)
+        for name, value in metrics.items():
+            assert_close(value, r_metrics[name], rtol=1e-5, atol=1e-6, name=f"{backend} {name}")
+    # and the float64 formulas, at float32 accuracy
+    expected = _knob_expected(hidden.double(), weight.double(), ids, mask, advantages, old_logps.double(),
+                              ref_logps.double(), knobs)
+    loss, metrics, gh, gw = results["chunked"]
+    assert_close(loss, expected[0], rtol=1e-5, atol=1e-6, name="loss vs float64")
+    assert relative_error(gh, expected[2]) < 1e-4 and relative_error(gw, expected[3]) < 1e-4
+
+
+def test_chunked_logprobs_entropy_gradients_across_chunks():
+    """`chunked_token_logprobs_entropy` (float64, chunks of 4 rows over 23, the last ragged) against autograd over
+    materialized logits: values, and the hidden / weight gradients from the log-probs alone, the entropies
+    alone and both; a frozen weight gets no gradient."""
+    from onelayer_fast.kernels.token_logprobs import chunked_token_logprobs_entropy
+
+    n, temperature = 23, 0.7
+    hidden = torch.randn(n, KNOB_H, dtype=torch.float64)
+    weight = torch.randn(KNOB_V, KNOB_H, dtype=torch.float64)
+    ids = torch.randint(0, KNOB_V, (n,))
+    g_logp, g_entropy = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    log_probs = torch.log_softmax((h @ w.T) / temperature, dim=-1)
+    e_logp = log_probs.gather(1, ids.unsqueeze(1)).squeeze(1)
+    e_entropy = -(log_probs.exp() * log_probs).sum(-1)
+    logp, entropy = chunked_token_logprobs_entropy(h, w, ids, temperature, chunk_rows=4)
+    torch.testing.assert_close(logp, e_logp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(entropy, e_entropy, rtol=1e-12, atol=1e-12)
+    for uses in ("logp", "entropy", "both"):
+        def objective(lp, ent):
+            return ((lp * g_logp).sum() if uses != "entropy" else 0) + ((ent * g_entropy).sum() if uses != "logp" else 0)
+
+        want = torch.autograd.grad(objective(e_logp, e_entropy), (h, w), retain_graph=True)
+        got = torch.autograd.grad(objective(logp, entropy), (h, w), retain_graph=True)
+        for name, a, b in zip(("hidden", "weight"), got, want):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"{uses}: grad {name}")
+    frozen = hidden.clone().requires_grad_()
+    logp, entropy = chunked_token_logprobs_entropy(frozen, weight, ids, temperature, chunk_rows=4)
+    (logp.sum() + entropy.sum()).backward()
+    assert frozen.grad is not None and weight.grad is None
+
+
+def test_grpo_loss_from_logps_needs_entropies_for_entropy_knobs():
+    from onelayer_fast.kernels.grpo_loss import LossConfig, grpo_loss_from_logps
+
+    logps = -torch.rand(6, 7, dtype=torch.float64)
+    mask = torch.ones(6, 7)
+    for knobs in (dict(top_entropy_quantile=0.5), dict(entropy_coef=0.1)):
+        with pytest.raises(ValueError, match="entropies"):
+            grpo_loss_from_logps(logps, mask, torch.randn(6), None, None, LossConfig(**knobs))
+    # vespo and the off-policy mask need no entropies (and report none when not given)
+    _, metrics = grpo_loss_from_logps(logps, mask, torch.randn(6), None, None,
+                                      LossConfig(loss_type="vespo", off_policy_mask_threshold=0.1))
+    assert "entropy" not in metrics and metrics["vespo/phi_seq_mean"] == 1  # on-policy: w = 1, phi(1) = 1
+
+
+def test_loss_config_row_level_defaults_are_trl_defaults():
+    from onelayer_fast.kernels.grpo_loss import LOSS_TYPES, TRITON_LOSS_TYPES, LossConfig
+
+    config = LossConfig()
+    assert (config.vespo_k_pos, config.vespo_lambda_pos, config.vespo_k_neg, config.vespo_lambda_neg) == (2.0, 3.0, 3.0, 2.0)
+    assert config.off_policy_mask_threshold is None and config.top_entropy_quantile == 1.0 and config.entropy_coef == 0.0
+    assert config.row_level_knobs == () and not config.needs_entropy
+    assert "vespo" in LOSS_TYPES and "vespo" not in TRITON_LOSS_TYPES
+    knobs = LossConfig(loss_type="vespo", off_policy_mask_threshold=0.5, top_entropy_quantile=0.2,
+                       entropy_coef=0.01).row_level_knobs
+    assert knobs == ("loss_type='vespo'", "off_policy_mask_threshold=0.5", "top_entropy_quantile=0.2",
+                     "entropy_coef=0.01")
+
+
+ROW_LEVEL_BAD = {
+    "vespo_sequence": ("importance_sampling_level must be 'token'", dict(loss_type="vespo",
+                                                                          importance_sampling_level="sequence")),
+    "quantile_below_zero": ("top_entropy_quantile", dict(top_entropy_quantile=-0.1)),
+    "quantile_above_one": ("top_entropy_quantile", dict(top_entropy_quantile=1.5)),
+    "quantile_nan": ("top_entropy_quantile", dict(top_entropy_quantile=float("nan"))),
+    "inf_entropy_coef": ("entropy_coef", dict(entropy_coef=float("inf"))),
+    "negative_off_policy_threshold": ("off_policy_mask_threshold", dict(off_policy_mask_threshold=-0.5)),
+    "nan_off_policy_threshold": ("off_policy_mask_threshold", dict(off_policy_mask_threshold=float("nan"))),
+    "negative_vespo_k": ("vespo_k_neg", dict(loss_type="vespo", vespo_k_neg=-1.0)),
+    "negative_vespo_lambda": ("vespo_lambda_pos", dict(loss_type="vespo", vespo_lambda_pos=-3.0)),
+    "nan_vespo_k": ("vespo_k_pos", dict(vespo_k_pos=float("nan"))),
+}
+
+
+def test_trl_edge_values_are_accepted():
+    """TRL allows top_entropy_quantile 0 (only the highest-entropy token trains) and a negative entropy_coef
+    (an entropy penalty): so does LossConfig, and q = 0 keeps exactly the top token of the batch."""
+    from onelayer_fast.kernels.grpo_loss import LossConfig, high_entropy_mask
+
+    LossConfig(entropy_coef=-0.1)
+    LossConfig(top_entropy_quantile=0.0)
+    entropies = torch.rand(3, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mask = torch.ones(3, 5, dtype=torch.float64)
+    mask[1, 3:] = 0
+    keep = high_entropy_mask(entropies, mask, 0.0)
+    assert int(keep.sum()) == 1 and entropies[keep.bool()].item() == entropies[mask.bool()].max().item()
+
+
+@pytest.mark.parametrize("case", list(ROW_LEVEL_BAD))
+def test_row_level_bad_knobs_raise_value_error(case):
+    from onelayer_fast.kernels.grpo_loss import LossConfig
+
+    match, knobs = ROW_LEVEL_BAD[case]
+    hidden, weight, ids, mask, old_logps, _ = make_knob_case(1.0, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        LossConfig(**knobs)
+    with pytest.raises(ValueError, match=match):
+        olf.grpo_loss(hidden, weight, ids, mask, advantages=KNOB_ADVANTAGES, old_logps=old_logps, **knobs)
+
+
+@pytest.mark.parametrize("knobs, match", [
+    (dict(loss_type="vespo"), "loss_type 'vespo'"),
+    (dict(off_policy_mask_threshold=0.5), "off_policy_mask_threshold=0.5"),
+    (dict(top_entropy_quantile=0.2), "top_entropy_quantile=0.2"),
+    (dict(entropy_coef=0.01), "entropy_coef=0.01"),
+])
+def test_explicit_triton_refuses_the_row_level_knobs(knobs, match):
+    """Raised before any kernel module is imported; "auto" on plain CPU runs them chunked."""
+    hidden, weight, ids, mask, old_logps, _ = make_knob_case(1.0, torch.float32)
+    with pytest.raises(ValueError, match=f"backend='triton' does not support {match}"):
+        olf.grpo_loss(hidden, weight, ids, mask, advantages=KNOB_ADVANTAGES, old_logps=old_logps, backend="triton",
+                      **knobs)
