@@ -132,6 +132,36 @@ def episode_returns(steps: Sequence[StepRecord]) -> Tensor:
     return _episode_table(steps)[1].float()
 
 
+def normalize_then_sum(rewards_per_func: Tensor, weights, group_size: int) -> Tensor:
+    """(B,) advantages of TRL's multi_objective_aggregation "normalize_then_sum" (GDPO) from rewards_per_func
+    (B, K), one column per reward function, rows in groups of `group_size`:
+
+        n_k = (r_k - mean_group(r_k)) / (std_group(r_k) + 1e-4)     each function within each group
+        R   = sum_k weights[k] * n_k
+        A   = (R - mean(R)) / (std(R) + 1e-4)                      over the whole batch
+
+    whatever scale_rewards says (TRL's formula; "sum_then_normalize", the default, sums first and leaves the
+    normalization to the loss: `group_advantages`). Bessel stds; a function constant within a group gives 0
+    there exactly, and a batch whose R are all equal gives 0 (never rounding noise divided by 1e-4).
+    """
+    rows, funcs = rewards_per_func.shape
+    if len(weights) != funcs:
+        raise ValueError(f"{funcs} reward functions but {len(weights)} reward weights")
+    if group_size < 2 or rows % group_size != 0:
+        raise ValueError(f"normalize_then_sum needs whole groups of >= 2 rows, got {rows} rows in groups of "
+                         f"{group_size}")
+    grouped = rewards_per_func.view(-1, group_size, funcs)
+    std = grouped.std(dim=1, keepdim=True)
+    normalized = (grouped - grouped.mean(dim=1, keepdim=True)) / (std + STD_EPS)
+    normalized = torch.where(torch.isclose(std, torch.zeros_like(std)), torch.zeros_like(normalized), normalized)
+    weight = torch.as_tensor(weights, dtype=rewards_per_func.dtype, device=rewards_per_func.device)
+    summed = (normalized.reshape(rows, funcs) * weight).sum(dim=1)
+    batch_std = summed.std()
+    if rows < 2 or bool(torch.isclose(batch_std, torch.zeros_like(batch_std))):
+        return torch.zeros_like(summed)
+    return (summed - summed.mean()) / (batch_std + STD_EPS)
+
+
 def episode_advantages(steps: Sequence[StepRecord], scale_rewards: str = "group") -> Tensor:
     """(N,) GRPO / Dr. GRPO on episodes: each step gets its trajectory's group-normalized return.
 

@@ -8,6 +8,7 @@ Whoever builds the batch states the grouping once; nothing downstream re-derives
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -113,3 +114,22 @@ class RolloutBatch:
                  ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "rewards")}
         advantages = None if self.advantages is None else self.advantages.to(device)
         return RolloutBatch(**moved, group_size=self.group_size, advantages=advantages)
+
+
+def truncated_rows(completion_ids: Tensor, completion_mask: Tensor, end_token_ids) -> Tensor:
+    """(B,) True for the rows whose completion was cut off: its last unmasked token is none of `end_token_ids`
+    (EOS, and pad as TRL counts it), so it ran into max_completion_length. Masks are 1...10...0 (rollout.py);
+    a row without tokens is not truncated (it has nothing to mask)."""
+    lengths = completion_mask.sum(dim=1).long()
+    last = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    ends = torch.tensor(sorted({int(t) for t in end_token_ids if t is not None}), dtype=last.dtype, device=last.device)
+    return ~torch.isin(last, ends) & (lengths > 0)
+
+
+def mask_truncated(batch: RolloutBatch, end_token_ids) -> tuple[RolloutBatch, Tensor]:
+    """TRL's mask_truncated_completions: (the batch with the completion mask of every truncated row zeroed, so
+    those rows count in neither the loss nor its token normalizers, the truncated rows (B,) bool). Their rewards
+    (and advantages) stay: they still take part in the group statistics, as in TRL."""
+    truncated = truncated_rows(batch.completion_ids, batch.completion_mask, end_token_ids)
+    mask = batch.completion_mask * (~truncated).unsqueeze(1).to(batch.completion_mask.dtype)
+    return dataclasses.replace(batch, completion_mask=mask), truncated

@@ -19,7 +19,7 @@ from .rollout import encode_prompts, sample_completions
 from .tasks import Example, Task
 from .tasks.rewards import score
 
-DEFAULT_MAX_NEW_TOKENS = 256  # GRPOConfig.max_completion_length's default
+DEFAULT_MAX_NEW_TOKENS = 512  # GRPOConfig.max_completion_length's default (TRL's)
 
 
 @dataclass(frozen=True)

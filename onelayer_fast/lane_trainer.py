@@ -22,13 +22,12 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .advantages import apply_algorithm
-from .batch import RolloutBatch
+from .batch import mask_truncated
 from .episodes import is_environment_task
 from .lanes import Lane, LanePolicy
 from .rollout import DrawKeys, encode_prompts, generate_lanes
 from .tasks import Example, Task
-from .tasks.rewards import score
-from .trainer import GRPOConfig, check_resume, step_prompts
+from .trainer import GRPOConfig, check_resume, scored_batch, step_prompts
 from .update import DivergenceError, lanes_update
 
 
@@ -63,7 +62,8 @@ class LaneTrainer:
         self.update_config = self.config.update_config()
         self.model, self.tokenizer, self.task, self.base_model = model, tokenizer, task, base_model
         self.save_steps, self.save_total_limit, self.progress = save_steps, save_total_limit, progress
-        self.policy = LanePolicy(model, [r.lane for r in runs])
+        # sync_ref_model moves each lane's reference: then every lane needs its own copy of its original layer.
+        self.policy = LanePolicy(model, [r.lane for r in runs], own_references=self.config.sync_ref_model)
         self.runs = [runs[k] for k in self.policy.order]  # policy.lanes order from here on
         self.optimizers = [
             torch.optim.AdamW(self.policy.trainable_parameters(k), lr=lane.learning_rate or self.config.learning_rate,
@@ -71,6 +71,9 @@ class LaneTrainer:
                               weight_decay=self.config.weight_decay)
             for k, lane in enumerate(self.policy.lanes)
         ]
+        # Each lane's own schedule (over its own learning rate), entropy coefficient and reference sync.
+        self.controls = [self.config.step_controls(optimizer, sync_pairs=self._reference_pairs(k))
+                         for k, optimizer in enumerate(self.optimizers)]
         self.steps = [0] * self.policy.num_lanes
         self._saved = [0] * self.policy.num_lanes
         self._updating: list[int] = []  # lanes whose weights may be ahead of their step count right now
@@ -83,6 +86,12 @@ class LaneTrainer:
     @property
     def device(self) -> torch.device:
         return self.policy.lm_head_weight.device
+
+    def _reference_pairs(self, k: int):
+        if self.policy.reference_layers is None:
+            return None
+        return list(zip(self.policy.reference_layers[k].parameters(), self.policy.lane_layers[k].parameters(),
+                        strict=True))
 
     def seed(self, k: int) -> int:
         lane = self.policy.lanes[k]
@@ -101,7 +110,8 @@ class LaneTrainer:
         # The lane's settings (its own learning rate and seed included) must be the checkpoint's.
         check_resume(path, checkpoint.read_meta(path), {**self._metadata(k), "mode": "single", "layer": layer})
         checkpoint.load_lane_layer(self.policy.lane_layers[k], path, layer)
-        self.steps[k], _ = checkpoint.load_training_state(path, self.optimizers[k])
+        self.steps[k], state = checkpoint.load_training_state(path, self.optimizers[k])
+        self.controls[k].resume(self.steps[k] * self.config.num_iterations, state.get("controls", {}))
         self._saved[k] = self.steps[k]
 
     def _save(self, k: int) -> Path:
@@ -111,7 +121,8 @@ class LaneTrainer:
         view = SimpleNamespace(model=self.model, layer_index=lane.layer, target_layer=self.policy.lane_layers[k])
         path = checkpoint.save_checkpoint(
             self.runs[k].output_dir, policy=view, optimizer=self.optimizers[k], step=self.steps[k],
-            metadata=self._metadata(k), trainer_state={}, keep_last=self.save_total_limit,
+            metadata=self._metadata(k), trainer_state={"controls": self.controls[k].state_dict()},
+            keep_last=self.save_total_limit,
         )
         self._saved[k] = self.steps[k]
         return path
@@ -140,12 +151,17 @@ class LaneTrainer:
             pad_token_id=self.tokenizer.pad_token_id, keys=DrawKeys(tuple(self.seed(k) for k in active), step),
             temperature=config.temperature, top_p=config.top_p, group_size=group)
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        rewards = torch.from_numpy(score(self.task, texts, examples)).to(self.device)
-        batch = RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards, group_size=group)
+        batch = scored_batch(config, self.task, texts, examples, prompt_ids, prompt_mask, completion_ids,
+                             completion_mask, self.device, lanes=len(active))
+        rewards = batch.rewards
+        truncated = None
+        if config.mask_truncated_completions:
+            batch, truncated = mask_truncated(batch, config.end_token_ids(self.tokenizer))
         generated = time.perf_counter()
         self._updating = list(active)
         try:
-            histories = lanes_update(policy, [self.optimizers[k] for k in active], batch, self.update_config)
+            histories = lanes_update(policy, [self.optimizers[k] for k in active], batch, self.update_config,
+                                     [self.controls[k] for k in active])
         except DivergenceError as error:
             self._diverged = True
             diverged = tuple(active[i] for i in error.lanes)  # error.lanes index the active lanes
@@ -161,7 +177,7 @@ class LaneTrainer:
             own = slice(i * rows, (i + 1) * rows)
             record = {name: sum(h[name] for h in history) / len(history) for name in history[0]}
             lane_rewards = rewards[own]
-            tokens = int(batch.attention_mask[own].sum())
+            tokens = int(prompt_mask[own].sum() + completion_mask[own].sum())  # generated, masked for the loss or not
             record.update(
                 step=self.steps[k], reward_mean=float(lane_rewards.mean()),
                 reward_std=float(lane_rewards.view(-1, group).std(dim=1).mean()),
@@ -170,6 +186,8 @@ class LaneTrainer:
                 step_time=(finished - started) / share, tokens_per_second=tokens * share / (finished - started),
                 lanes=len(active),
             )
+            if truncated is not None:
+                record["clipped_ratio"] = float(truncated[own].float().mean())  # TRL's completions/clipped_ratio
             records.append(record)
         self._updating = []
         return records

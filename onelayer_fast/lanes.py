@@ -3,7 +3,9 @@
 A lane is one single-layer run: (target layer, learning rate, seed). Each lane owns a trainable copy of
 its layer (and, in the trainer, its optimizer state, rollouts, log and checkpoints); every frozen weight
 exists once. The reference policy of a lane is the shared original layer itself: lanes never edit the
-shared model, so no reference copy is needed.
+shared model, so no reference copy is needed, unless the reference moves (TRL's sync_ref_model): then
+`own_references=True` gives each lane its own reference copy of its layer, which the trainer mixes with the
+lane's layer (update.StepControls).
 
 Rows are laid out lane by lane, in `LanePolicy.lanes` order: deepest target layer first. With that order
 the rows each layer works on are contiguous slices of the batch:
@@ -124,7 +126,8 @@ class LanePolicy(_LayerStackPolicy):
     ref = policy.completion_states(cache, reference=True)  # through the shared original layers
     """
 
-    def __init__(self, model: nn.Module, lanes: Sequence[Lane], lane_layers: Sequence[nn.Module] | None = None):
+    def __init__(self, model: nn.Module, lanes: Sequence[Lane], lane_layers: Sequence[nn.Module] | None = None,
+                 own_references: bool = False, reference_layers: Sequence[nn.Module] | None = None):
         super().__init__(model)
         num_layers = len(self.decoder.layers)
         resolved = resolve_lanes(lanes, num_layers)
@@ -139,10 +142,21 @@ class LanePolicy(_LayerStackPolicy):
                 raise ValueError(f"{len(lanes)} lanes but {len(lane_layers)} lane layers")
             copies = [lane_layers[k] for k in order]
         self.lane_layers = nn.ModuleList(copies)
+        # Each lane's own frozen reference (a copy of its original layer), or None: the shared original layers.
+        self.reference_layers: nn.ModuleList | None = None
+        if reference_layers is not None:
+            if len(reference_layers) != len(lanes):
+                raise ValueError(f"{len(lanes)} lanes but {len(reference_layers)} reference layers")
+            self.reference_layers = nn.ModuleList([reference_layers[k] for k in order])
+        elif own_references:
+            self.reference_layers = nn.ModuleList(
+                [copy.deepcopy(self.decoder.layers[lane.layer]).requires_grad_(False).eval() for lane in self.lanes])
 
     def subset(self, indices: Sequence[int]) -> "LanePolicy":
-        """A LanePolicy over lanes[indices] that shares this one's model and lane layers (no copies)."""
-        return LanePolicy(self.model, [self.lanes[k] for k in indices], [self.lane_layers[k] for k in indices])
+        """A LanePolicy over lanes[indices] that shares this one's model, lane and reference layers (no copies)."""
+        refs = None if self.reference_layers is None else [self.reference_layers[k] for k in indices]
+        return LanePolicy(self.model, [self.lanes[k] for k in indices], [self.lane_layers[k] for k in indices],
+                          reference_layers=refs)
 
     @property
     def num_lanes(self) -> int:
@@ -200,9 +214,11 @@ class LanePolicy(_LayerStackPolicy):
         return cache
 
     def suffix(self, cache: LaneCache, reference: bool = False) -> Tensor:
-        """Every lane's layer (its trainable copy, or with `reference=True` the shared original) and the
-        frozen layers above it, then the final norm: (layout rows, L, H) over all lanes."""
+        """Every lane's layer (its trainable copy, or with `reference=True` its own reference copy when the
+        lanes have them, else the shared original) and the frozen layers above it, then the final norm:
+        (layout rows, L, H) over all lanes."""
         starts = cache.row_starts
+        firsts = self.reference_layers if reference else self.lane_layers  # None: the shared original layers
         hidden = None  # the rows of the lanes that have started, which are the last rows
         with torch.set_grad_enabled(torch.is_grad_enabled() and not reference):
             for j in range(self.lanes[-1].layer, len(self.decoder.layers)):
@@ -212,14 +228,14 @@ class LanePolicy(_LayerStackPolicy):
                 if hidden is None:
                     continue
                 first = starts[self.num_lanes] - hidden.shape[0]
-                if reference or not own:
+                if firsts is None or not own:
                     hidden = run_layers(self.decoder, self.layer_types, hidden, cache.rows(first, starts[-1]), j, j + 1)
                     continue
                 outputs = []
                 for k in own:
                     rows = slice(starts[k] - first, starts[k + 1] - first)
                     outputs.append(run_layers(self.decoder, self.layer_types, hidden[rows], cache.rows(starts[k], starts[k + 1]),
-                                              j, j + 1, first_layer=self.lane_layers[k]))
+                                              j, j + 1, first_layer=firsts[k]))
                 shared_start = starts[own[-1] + 1]
                 if shared_start < starts[-1]:
                     outputs.append(run_layers(self.decoder, self.layer_types, hidden[shared_start - first:],

@@ -14,19 +14,21 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint
-from .advantages import ALGORITHMS, GIGPO_NORMS, apply_algorithm
+from .advantages import ALGORITHMS, GIGPO_NORMS, apply_algorithm, normalize_then_sum
 from .episodes import Episodes, episode_batch, is_environment_task, run_episodes
-from .batch import RolloutBatch
+from .batch import RolloutBatch, mask_truncated
 from .kernels.grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, LossConfig
 from .layout import LAYOUTS, check_layout
 from .loss import BACKENDS
 from .policy import FullModelPolicy, OneLayerPolicy, decoder_of
 from .rollout import encode_prompts, sample_completions
 from .tasks import Example, Task
-from .tasks.rewards import score
-from .update import DivergenceError, UpdateConfig, grpo_update
+from .tasks.rewards import reward_table, weighted_sum
+from .update import (LR_SCHEDULERS, DivergenceError, EntropyControl, StepControls, UpdateConfig, grpo_update,
+                     make_scheduler)
 
 MODES = ("single", "full")
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 def flag(name: str) -> str:
@@ -57,7 +59,11 @@ class GRPOConfig:
     per_device_train_batch_size: int = option(8, "completions per step, a multiple of --num-generations")
     max_steps: int = option(100, "training steps (each: sample a batch, then --num-iterations optimizer steps)")
     num_iterations: int = option(1, "optimizer steps on each sampled batch (TRL's mu)")
-    learning_rate: float = option(1e-6, "AdamW learning rate")
+    learning_rate: float = option(1e-6, "AdamW learning rate (the peak of the --lr-scheduler-type schedule)")
+    lr_scheduler_type: str = option("linear", "learning-rate schedule over the run's max_steps * num_iterations "
+                                    "optimizer steps (transformers' schedules)", choices=LR_SCHEDULERS)
+    warmup_steps: float = option(0, "linear warm-up from 0: optimizer steps (>= 1) or a ratio of all of them "
+                                 "(in [0, 1)), as transformers reads it")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_epsilon: float = option(1e-8, "AdamW epsilon")
@@ -78,7 +84,32 @@ class GRPOConfig:
                                           "TRL does by default; changes the KL gradient even on-policy")
     temperature: float = option(1.0, "sampling temperature; log-probs are taken at the same temperature")
     top_p: float = option(1.0, "nucleus sampling threshold")
-    max_completion_length: int = option(256, "most tokens sampled per completion (also the dr_grpo normalizer)")
+    max_completion_length: int = option(512, "most tokens sampled per completion (also the dr_grpo normalizer)")
+    mask_truncated_completions: bool = option(False, "leave completions cut off at --max-completion-length (no EOS) "
+                                              "out of the loss")
+    sync_ref_model: bool = option(False, "move the reference toward the policy every --ref-model-sync-steps "
+                                  "optimizer steps (TR-DPO; needs --beta > 0)")
+    ref_model_mixup_alpha: float = option(0.6, "reference sync: reference = alpha * policy + (1 - alpha) * reference")
+    ref_model_sync_steps: int = option(512, "reference sync: every this many optimizer steps")
+    multi_objective_aggregation: str = option(
+        "sum_then_normalize", "several reward functions: sum the weighted rewards then normalize, or normalize "
+        "each within its group, sum, then normalize over the batch (GDPO)", choices=MULTI_OBJECTIVE_AGGREGATIONS)
+    vespo_k_pos: float = option(2.0, "vespo loss: power exponent where the advantage is > 0")
+    vespo_lambda_pos: float = option(3.0, "vespo loss: decay factor where the advantage is > 0")
+    vespo_k_neg: float = option(3.0, "vespo loss: power exponent where the advantage is <= 0")
+    vespo_lambda_neg: float = option(2.0, "vespo loss: decay factor where the advantage is <= 0")
+    off_policy_mask_threshold: float | None = option(None, "mask sequences with negative advantage whose KL to the "
+                                                     "sampling policy exceeds this (DeepSeek-V3.2; None: off)")
+    top_entropy_quantile: float = option(1.0, "keep only the top this-fraction of tokens by entropy in the policy "
+                                         "loss (1: all)")
+    entropy_coef: float = option(0.0, "weight of the mean per-token entropy bonus (the start value with "
+                                 "--use-adaptive-entropy)")
+    use_adaptive_entropy: bool = option(False, "adapt --entropy-coef after each optimizer step toward "
+                                        "--entropy-target (Skywork-OR1); applied only at or below the target")
+    entropy_coef_min: float = option(0.0, "adaptive entropy: lower bound of the coefficient")
+    entropy_coef_max: float = option(1.0, "adaptive entropy: upper bound of the coefficient")
+    entropy_coef_delta: float = option(0.005, "adaptive entropy: change of the coefficient per optimizer step")
+    entropy_target: float = option(0.2, "adaptive entropy: target mean per-token entropy (nats)")
     seed: int = option(42, "seed of prompts, sampling and preset initialization")
     loss_backend: str = option("auto", "loss implementation (auto: the Triton kernels on CUDA once their self-check "
                                        "passed, else chunked PyTorch; reference for float64)", choices=BACKENDS)
@@ -123,6 +154,26 @@ class GRPOConfig:
             raise ValueError(f"gigpo_gamma must be in [0, 1], got {self.gigpo_gamma}")
         if self.gigpo_omega < 0:
             raise ValueError(f"gigpo_omega must be >= 0, got {self.gigpo_omega}")
+        if not (math.isfinite(self.warmup_steps) and self.warmup_steps >= 0):
+            raise ValueError(f"{flag('warmup_steps')} must be a number of steps >= 1 or a ratio in [0, 1), "
+                             f"got {self.warmup_steps}")
+        if self.sync_ref_model and self.beta == 0.0:
+            raise ValueError(f"{flag('sync_ref_model')} needs {flag('beta')} > 0: with beta 0 there is no reference "
+                             "to synchronize (as TRL refuses it); drop --sync-ref-model or set --beta")
+        if not 0.0 <= self.ref_model_mixup_alpha <= 1.0:
+            raise ValueError(f"{flag('ref_model_mixup_alpha')} must be in [0, 1], got {self.ref_model_mixup_alpha}")
+        if self.ref_model_sync_steps < 1:
+            raise ValueError(f"{flag('ref_model_sync_steps')} must be >= 1, got {self.ref_model_sync_steps}")
+        # vespo_*, off_policy_mask_threshold, top_entropy_quantile and entropy_coef: LossConfig's checks (below).
+        for name in ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{flag(name)} must be a finite number, got {getattr(self, name)}")
+        if self.use_adaptive_entropy:
+            if not 0.0 <= self.entropy_coef_min <= self.entropy_coef_max:
+                raise ValueError(f"{flag('entropy_coef_min')} and {flag('entropy_coef_max')} must satisfy "
+                                 f"0 <= min <= max, got {self.entropy_coef_min} and {self.entropy_coef_max}")
+            if self.entropy_coef_delta < 0:
+                raise ValueError(f"{flag('entropy_coef_delta')} must be >= 0, got {self.entropy_coef_delta}")
         self.update_config()  # the loss knobs' own checks
 
     def loss_config(self) -> LossConfig:
@@ -132,12 +183,58 @@ class GRPOConfig:
             loss_type=self.loss_type, scale_rewards=self.scale_rewards, temperature=self.temperature,
             max_completion_length=self.max_completion_length, importance_sampling_level=self.importance_sampling_level,
             use_bias_correction_kl=self.use_bias_correction_kl, sapo_temperature_pos=self.sapo_temperature_pos,
-            sapo_temperature_neg=self.sapo_temperature_neg,
+            sapo_temperature_neg=self.sapo_temperature_neg, vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg, vespo_lambda_neg=self.vespo_lambda_neg,
+            off_policy_mask_threshold=self.off_policy_mask_threshold, top_entropy_quantile=self.top_entropy_quantile,
+            entropy_coef=self.entropy_coef,
         )
 
     def update_config(self) -> UpdateConfig:
         return UpdateConfig(loss=self.loss_config(), num_iterations=self.num_iterations,
                             max_grad_norm=self.max_grad_norm, loss_backend=self.loss_backend, layout=self.layout)
+
+    @property
+    def total_optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run: num_iterations per sampled batch (TRL's count with
+        steps_per_generation 1), the length of the learning-rate schedule."""
+        return self.max_steps * self.num_iterations
+
+    def step_controls(self, optimizer: torch.optim.Optimizer, done_steps: int = 0,
+                      sync_pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> StepControls:
+        """A run's per-optimizer-step state over `optimizer` (whose rates are the run's base rates), after
+        `done_steps` training steps: the schedule, the entropy controller at its start value and, with
+        sync_ref_model, the (reference, policy) parameter pairs to mix."""
+        return StepControls(
+            scheduler=make_scheduler(optimizer, self.lr_scheduler_type, self.warmup_steps, self.total_optimizer_steps,
+                                     done_steps * self.num_iterations),
+            entropy=EntropyControl(coef=self.entropy_coef, adaptive=self.use_adaptive_entropy,
+                                   minimum=self.entropy_coef_min, maximum=self.entropy_coef_max,
+                                   delta=self.entropy_coef_delta, target=self.entropy_target),
+            optimizer_steps=done_steps * self.num_iterations,
+            sync_pairs=sync_pairs if self.sync_ref_model else None,
+            sync_alpha=self.ref_model_mixup_alpha, sync_every=self.ref_model_sync_steps,
+        )
+
+    def end_token_ids(self, tokenizer) -> tuple[int, ...]:
+        """The tokens that end a completion (EOS, and pad as TRL counts it): what is not truncated."""
+        return tuple(t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None)
+
+
+def scored_batch(config: GRPOConfig, task: Task, texts: list[str], examples: list[Example], prompt_ids, prompt_mask,
+                 completion_ids, completion_mask, device, lanes: int = 1) -> RolloutBatch:
+    """The rollout batch of single-turn completions (rows in groups of num_generations, lane by lane): rewards
+    summed over the task's weighted reward functions and, with multi_objective_aggregation
+    "normalize_then_sum", TRL's per-function advantages (each lane's rows normalized on their own, as if it
+    ran alone). Truncation masking is the caller's (it reports the unmasked lengths)."""
+    table = reward_table(task, texts, examples)
+    rewards = torch.from_numpy(weighted_sum(table, task.reward_weights)).to(device)
+    advantages = None
+    if config.multi_objective_aggregation == "normalize_then_sum":
+        per_func = torch.from_numpy(table).to(device)
+        advantages = torch.cat([normalize_then_sum(part, task.reward_weights, config.num_generations)
+                                for part in per_func.chunk(lanes)])
+    return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards,
+                        group_size=config.num_generations, advantages=advantages)
 
 
 @dataclass
@@ -163,7 +260,9 @@ class RunSpec:
 
 
 # Settings a resumed run may change, because they change nothing any step computes: max_steps only says where
-# the run stops (extending a finished run is what resuming is for); loss_backend and layout are implementations
+# the run stops (extending a finished run is what resuming is for; with a decaying lr_scheduler_type the steps
+# still to run follow the new length's schedule, as an HF Trainer resumed with a new max_steps does); loss_backend
+# and layout are implementations
 # of the same loss and gradients (equal up to float rounding). A RunSpec's output_dir, save_steps and
 # save_total_limit only say where and how often checkpoints are written, and are not compared at all. Every
 # other hyper-parameter, the task, the base model, the mode and the layer change the math, so a resume refuses
@@ -221,6 +320,9 @@ class GRPOTrainer:
         self.run = run
         self.update_config = config.update_config()
         self.multi_turn = is_environment_task(task)
+        if self.multi_turn and config.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(f"multi_objective_aggregation {config.multi_objective_aggregation!r} needs reward "
+                             f"functions; environment task {task.name!r} is scored by its environment's step rewards")
         if config.algo == "gigpo" and not self.multi_turn:
             raise ValueError(f"algo 'gigpo' needs a multi-turn environment task (with make_env), "
                              f"and task {task.name!r} is single-turn; use grpo or dr_grpo")
@@ -237,6 +339,7 @@ class GRPOTrainer:
             self.policy.trainable_parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
             eps=config.adam_epsilon, weight_decay=config.weight_decay,
         )
+        self.controls = config.step_controls(self.optimizer, sync_pairs=self._reference_pairs())
         self.output_dir = Path(run.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.step = 0
@@ -249,6 +352,17 @@ class GRPOTrainer:
     @property
     def device(self) -> torch.device:
         return self.policy.lm_head_weight.device
+
+    def _reference_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """(reference, policy) parameters that sync_ref_model mixes: the one-layer reference and the trained
+        layer, or in full mode the reference model and the model (TRL's pairing, parameters in order)."""
+        if not self.config.sync_ref_model:
+            return None
+        if isinstance(self.policy, OneLayerPolicy):
+            reference, trained = self.policy.reference_layer, self.policy.target_layer
+        else:
+            reference, trained = self.policy.reference_model, self.model
+        return list(zip(reference.parameters(), trained.parameters(), strict=True))
 
     def _layer(self) -> int | None:
         return self.policy.layer_index if self.run.mode == "single" else None
@@ -266,13 +380,15 @@ class GRPOTrainer:
         checkpoint.load_layer(self.model, path)
         self.step, state = checkpoint.load_training_state(path, self.optimizer)
         torch.set_rng_state(state["torch_rng"])
+        self.controls.resume(self.step * self.config.num_iterations, state.get("controls", {}))
 
     def _save(self) -> Path:
         if self._diverged:  # the last good checkpoint must stand
             raise DivergenceError(f"refusing to save step {self.step}: this run diverged")
         return checkpoint.save_checkpoint(
             self.output_dir, policy=self.policy, optimizer=self.optimizer, step=self.step, metadata=self._metadata(),
-            trainer_state={"torch_rng": torch.get_rng_state()}, keep_last=self.run.save_total_limit,
+            trainer_state={"torch_rng": torch.get_rng_state(), "controls": self.controls.state_dict()},
+            keep_last=self.run.save_total_limit,
         )
 
     def prompts_for_step(self, step: int) -> list[Example]:
@@ -302,9 +418,8 @@ class GRPOTrainer:
             temperature=self.config.temperature, top_p=self.config.top_p, group_size=self.config.num_generations,
         )
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        rewards = torch.from_numpy(score(self.task, texts, grouped)).to(self.device)
-        batch = RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards,
-                             group_size=self.config.num_generations)
+        batch = scored_batch(self.config, self.task, texts, grouped, prompt_ids, prompt_mask, completion_ids,
+                             completion_mask, self.device)
         return batch, texts
 
     def train_step(self) -> dict[str, float]:
@@ -318,10 +433,15 @@ class GRPOTrainer:
         else:
             batch, _ = self.make_rollouts(examples)
             returns = batch.rewards
+        lengths = batch.completion_mask.sum(1).float()
+        tokens = int(batch.attention_mask.sum())  # what was generated and run, masked for the loss or not
+        truncated = None
+        if self.config.mask_truncated_completions:
+            batch, truncated = mask_truncated(batch, self.config.end_token_ids(self.tokenizer))
         generated = time.perf_counter()
         self._updating = True
         try:
-            history = grpo_update(self.policy, self.optimizer, batch, self.update_config)
+            history = grpo_update(self.policy, self.optimizer, batch, self.update_config, self.controls)
         except DivergenceError as error:
             self._diverged = True
             raise DivergenceError(f"training diverged at step {self.step + 1}: {error}. Nothing was saved from it; "
@@ -329,7 +449,6 @@ class GRPOTrainer:
         self.step += 1
         self._updating = False
         finished = time.perf_counter()
-        tokens = int(batch.attention_mask.sum())
         record = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
         grouped = returns.view(-1, self.config.num_generations)
         if self.multi_turn:
@@ -339,10 +458,12 @@ class GRPOTrainer:
                           episode_length=float(episodes.lengths.float().mean()), rows=batch.rewards.shape[0])
         record.update(
             step=self.step, reward_mean=float(returns.mean()), reward_std=float(grouped.std(dim=1).mean()),
-            completion_length=float(batch.completion_mask.sum(1).float().mean()),
+            completion_length=float(lengths.mean()),
             generate_time=generated - started, update_time=finished - generated, step_time=finished - started,
             tokens_per_second=tokens / (finished - started),
         )
+        if truncated is not None:
+            record["clipped_ratio"] = float(truncated.float().mean())  # TRL's completions/clipped_ratio
         return record
 
     def train(self) -> list[dict[str, float]]:

@@ -1,14 +1,17 @@
 """One GRPO update cycle on a fixed rollout batch: prefix once, reference once, then the inner iterations."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from .batch import RolloutBatch
-from .kernels.grpo_loss import LossConfig
+from .kernels.grpo_loss import LossConfig, high_entropy_mask
+from .kernels.token_logprobs import chunked_token_logprobs_entropy
 from .lanes import lane_rows
 from .layout import check_layout, make_layout
 from .loss import BACKENDS, grpo_loss, token_logprobs
@@ -34,6 +37,203 @@ class UpdateConfig:
         # A negative bound would flip the gradient (train against the reward); 0 or nan would zero it.
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a finite number > 0 or None (no clipping), got {self.max_grad_norm}")
+
+
+# ------------------------------------------------------------------------------ what happens at each optimizer step
+# The learning-rate schedules of transformers' `get_scheduler` (5.x), as multipliers of the base rate. Optimizer
+# step n (0-based) runs at base * multiplier(n), as the HF Trainer does (its scheduler steps after each optimizer
+# step); the schedule spans every optimizer step of the run (max_steps * num_iterations here: each sampled batch
+# gets num_iterations steps, as TRL's Trainer counts them with steps_per_generation 1).
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+
+
+def warmup_step_count(warmup_steps: float, total_steps: int) -> int:
+    """transformers' TrainingArguments.get_warmup_steps: >= 1 is a step count (int()), below 1 a ratio of the
+    total (rounded up)."""
+    return int(warmup_steps) if warmup_steps >= 1 else math.ceil(total_steps * warmup_steps)
+
+
+def lr_multiplier(kind: str, step: int, warmup: int, total: int) -> float:
+    """The factor transformers' scheduler `kind` applies to the base learning rate at optimizer step `step`
+    (`warmup` warm-up steps of `total`; cosine with num_cycles 0.5)."""
+    if kind == "constant":
+        return 1.0
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    if kind == "constant_with_warmup":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    if kind == "cosine":
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+    raise ValueError(f"lr_scheduler_type must be one of {LR_SCHEDULERS}, got {kind!r}")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: float, total_steps: int,
+                   done_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over `optimizer`'s current rates with transformers' schedule `kind`, positioned after
+    `done_steps` optimizer steps (a resumed run: the rates are set to step done_steps' own)."""
+    warmup = warmup_step_count(warmup_steps, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(kind, step, warmup, total_steps))
+    if done_steps:
+        set_scheduler_step(scheduler, done_steps)
+    return scheduler
+
+
+def set_scheduler_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put `scheduler` (and its optimizer's rates) at optimizer step `step` without stepping anything."""
+    scheduler.last_epoch = step
+    rates = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
+@dataclass
+class EntropyControl:
+    """TRL's entropy bonus coefficient (Skywork-OR1 adaptive control when `adaptive`).
+
+    The step applies `applied()`: the coefficient as it stood at the end of the previous optimizer step and, in
+    adaptive mode, 0 while the last measured entropy is above the target (inf before the first measurement,
+    so the first step applies no bonus). After each step, adaptive control moves the coefficient by `delta`
+    toward more bonus (entropy <= target, capped at `maximum`) or less (floored at `minimum`).
+    """
+
+    coef: float = 0.0
+    adaptive: bool = False
+    minimum: float = 0.0
+    maximum: float = 1.0
+    delta: float = 0.005
+    target: float = 0.2
+    last_entropy: float = math.inf
+
+    def applied(self) -> float:
+        if self.adaptive:
+            return self.coef if self.last_entropy <= self.target else 0.0
+        return self.coef
+
+    def update(self, entropy: float) -> None:
+        if not self.adaptive:
+            return
+        if entropy <= self.target:
+            self.coef = min(self.coef + self.delta, self.maximum)
+        else:
+            self.coef = max(self.coef - self.delta, self.minimum)
+        self.last_entropy = entropy
+
+
+@dataclass
+class StepControls:
+    """One run's (or lane's) state that changes at every optimizer step, besides its weights and optimizer:
+    the learning-rate schedule, the entropy coefficient, the reference sync (TRL's SyncRefModelCallback:
+    every `sync_every` optimizer steps, at step end, reference = alpha * policy + (1 - alpha) * reference).
+
+    optimizer_steps: the run's optimizer steps so far (TRL's global_step).
+    sync_pairs: (reference parameter, policy parameter) pairs; None: no reference sync.
+    """
+
+    scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+    entropy: EntropyControl = field(default_factory=EntropyControl)
+    optimizer_steps: int = 0
+    sync_pairs: list[tuple[Tensor, Tensor]] | None = None
+    sync_alpha: float = 0.6
+    sync_every: int = 512
+
+    def loss_config(self, loss: LossConfig) -> LossConfig:
+        """The loss knobs of the next optimizer step: the entropy coefficient is the controller's."""
+        coef = self.entropy.applied()
+        return loss if coef == loss.entropy_coef else dataclasses.replace(loss, entropy_coef=coef)
+
+    def learning_rate(self) -> float | None:
+        return None if self.scheduler is None else float(self.scheduler.optimizer.param_groups[0]["lr"])
+
+    @torch.no_grad()
+    def step_end(self, metrics: dict[str, float]) -> None:
+        """After an optimizer step: advance the schedule, then (TRL's on_step_end order) the entropy
+        controller (metrics["entropy"]: the step's measured entropy, see `controlled_entropy`) and the
+        reference sync."""
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer_steps += 1
+        if self.entropy.adaptive:
+            if "entropy" not in metrics:
+                raise ValueError("adaptive entropy control needs the loss's 'entropy' metric")
+            self.entropy.update(metrics["entropy"])
+        if self.sync_pairs is not None and self.optimizer_steps % self.sync_every == 0:
+            for reference, param in self.sync_pairs:
+                reference.mul_(1.0 - self.sync_alpha).add_(param.detach().to(reference.dtype), alpha=self.sync_alpha)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps besides the optimizer: the entropy controller and the synced reference (the
+        schedule follows from the step count, `make_scheduler(done_steps=...)`)."""
+        state: dict[str, Any] = {"entropy_coef": self.entropy.coef, "last_entropy": self.entropy.last_entropy}
+        if self.sync_pairs is not None:
+            state["reference"] = [reference.detach().cpu().clone() for reference, _ in self.sync_pairs]
+        return state
+
+    def resume(self, optimizer_steps: int, state: dict[str, Any]) -> None:
+        """Continue after `optimizer_steps` optimizer steps from a checkpoint's state_dict (the optimizer's own
+        state already loaded): the schedule is put at that step, the rest restored."""
+        self.optimizer_steps = optimizer_steps
+        if self.scheduler is not None:
+            set_scheduler_step(self.scheduler, optimizer_steps)
+        self.load_state_dict(state)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's state_dict (keys a checkpoint lacks keep their fresh values)."""
+        if "entropy_coef" in state:
+            self.entropy.coef = float(state["entropy_coef"])
+            self.entropy.last_entropy = float(state["last_entropy"])
+        if self.sync_pairs is not None and "reference" in state:
+            if len(state["reference"]) != len(self.sync_pairs):
+                raise ValueError(f"the checkpoint's reference has {len(state['reference'])} tensors, "
+                                 f"this run's {len(self.sync_pairs)}")
+            for (reference, _), saved in zip(self.sync_pairs, state["reference"]):
+                reference.copy_(saved)
+
+
+def _controls_loss(controls: StepControls | None, loss: LossConfig) -> LossConfig:
+    return loss if controls is None else controls.loss_config(loss)
+
+
+@torch.no_grad()
+def controlled_entropy(states: Tensor, weight: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+                       loss: LossConfig, metrics: dict[str, float]) -> float:
+    """What TRL's adaptive entropy controller measures in a step: the token-weighted mean entropy over the
+    tokens the policy loss acts on (every unmasked token, or the top_entropy_quantile subset). The loss's own
+    "entropy" metric is that mean over every unmasked token whenever the loss computed entropies; otherwise
+    (no bonus applied this step, or an entropy subset) the entropies are taken here, without autograd."""
+    if "entropy" in metrics and loss.top_entropy_quantile >= 1.0:
+        return metrics["entropy"]
+    valid = completion_mask.bool()
+    _, values = chunked_token_logprobs_entropy(states[valid], weight, completion_ids[valid], loss.temperature)
+    entropies = torch.zeros(valid.shape, dtype=values.dtype, device=values.device)
+    entropies[valid] = values
+    mask = completion_mask.to(values.dtype)
+    if loss.top_entropy_quantile < 1.0:
+        mask = mask * high_entropy_mask(entropies, mask, loss.top_entropy_quantile)
+    return float((entropies * mask).sum() / mask.sum().clamp(min=1.0))
+
+
+def _step_end(controls: StepControls | None, record: dict[str, float], measure=None) -> None:
+    """After an optimizer step: log the rate it ran at, then advance the controls. `measure()` gives the step's
+    entropy for adaptive entropy control (called only then)."""
+    if controls is None:
+        return
+    rate = controls.learning_rate()
+    if rate is not None:
+        record["learning_rate"] = rate  # the rate this step ran at (TRL logs it before the scheduler steps)
+    measured = {}
+    if controls.entropy.adaptive:
+        measured["entropy"] = measure()
+        # Logged as the loss logs it (the mean over every unmasked token) where the loss did not.
+        record.setdefault("entropy", measured["entropy"])
+    controls.step_end(measured)
+    if controls.entropy.adaptive or controls.entropy.coef:
+        record["entropy_coef"] = controls.entropy.coef  # after the update, as TRL logs it
 
 
 class DivergenceError(ValueError):
@@ -140,7 +340,8 @@ def _record(result, grad_norm: Tensor) -> dict[str, float]:
     return record
 
 
-def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, config: UpdateConfig) -> list[dict[str, float]]:
+def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, config: UpdateConfig,
+                controls: StepControls | None = None) -> list[dict[str, float]]:
     """Run `num_iterations` optimizer steps on one rollout batch; return one metrics dict per iteration.
 
     The prefix runs once. Old log-probs are not computed by a separate pass: the first iteration is
@@ -150,6 +351,9 @@ def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, c
     DivergenceError (before the optimizer step) for rewards too large to train on, a non-finite loss or
     gradient norm; (after it) for trained weights that became non-finite or too large. The weights may then
     be a step ahead of the caller's count: a trainer must not save them.
+
+    controls: the run's learning-rate schedule, entropy coefficient and reference sync, advanced after each
+    optimizer step (StepControls); None: the optimizer's rate, config.loss as given, no sync.
     """
     where = _where(policy)
     _check_rewards(batch, where)
@@ -163,7 +367,8 @@ def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, c
     for _ in range(config.num_iterations):
         states = policy.completion_states(cache)
         result = grpo_loss(states, weight, batch.completion_ids, batch.completion_mask, **advantage_args,
-                           old_logps=old_logps, ref_logps=ref_logps, config=config.loss, backend=config.loss_backend)
+                           old_logps=old_logps, ref_logps=ref_logps, config=_controls_loss(controls, config.loss),
+                           backend=config.loss_backend)
         optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         grad_norm = _clip(params, config.max_grad_norm)
@@ -172,18 +377,22 @@ def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, c
         _check_weights(params, where)
         if old_logps is None:
             old_logps = result.token_logps
-        history.append(_record(result, grad_norm))
+        record = _record(result, grad_norm)
+        _step_end(controls, record, lambda: controlled_entropy(states.detach(), weight, batch.completion_ids,
+                                                               batch.completion_mask, config.loss, record))
+        history.append(record)
     return history
 
 
 def lanes_update(policy, optimizers: list[torch.optim.Optimizer], batch: RolloutBatch,
-                 config: UpdateConfig) -> list[list[dict[str, float]]]:
+                 config: UpdateConfig, controls: Sequence[StepControls] | None = None) -> list[list[dict[str, float]]]:
     """`grpo_update` for every lane of a LanePolicy at once: one prefix, one reference pass, and per iteration
     one suffix and one backward over all lanes; each lane's loss is normalized over its own rows exactly as
     if it ran alone, its gradient clipped and its optimizer stepped on its own.
 
     batch: rows laid out lane by lane in `policy.lanes` order, the same number per lane. optimizers[k]
-    steps lane k's layer. Returns, per lane, one metrics dict per iteration.
+    steps lane k's layer; controls[k] (optional) is lane k's schedule, entropy coefficient and reference sync.
+    Returns, per lane, one metrics dict per iteration.
 
     DivergenceError as grpo_update's, naming the lane and its layer (`.lanes`: which lanes). Every lane's
     loss and gradient norm is checked before any lane steps, so a divergence before the step leaves every
@@ -192,6 +401,9 @@ def lanes_update(policy, optimizers: list[torch.optim.Optimizer], batch: Rollout
     lanes = policy.num_lanes
     if len(optimizers) != lanes:
         raise ValueError(f"{lanes} lanes need {lanes} optimizers, got {len(optimizers)}")
+    controls = [None] * lanes if controls is None else list(controls)
+    if len(controls) != lanes:
+        raise ValueError(f"{lanes} lanes need {lanes} step controls, got {len(controls)}")
     layout, starts = policy.layout_of(batch, config.layout)
     cache = policy.prefix_layout(layout, starts)
     weight = policy.lm_head_weight
@@ -208,8 +420,8 @@ def lanes_update(policy, optimizers: list[torch.optim.Optimizer], batch: Rollout
         results = []
         for k, part in enumerate(parts):
             results.append(grpo_loss(states[k], weight, part.completion_ids, part.completion_mask, **_advantage_args(part),
-                                     old_logps=old_logps[k], ref_logps=ref_logps[k], config=config.loss,
-                                     backend=config.loss_backend))
+                                     old_logps=old_logps[k], ref_logps=ref_logps[k],
+                                     config=_controls_loss(controls[k], config.loss), backend=config.loss_backend))
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         # Lanes share no trainable weight, so the gradient of the sum is each lane's own gradient.
@@ -224,5 +436,8 @@ def lanes_update(policy, optimizers: list[torch.optim.Optimizer], batch: Rollout
         for k, (result, grad_norm) in enumerate(zip(results, grad_norms)):
             if old_logps[k] is None:
                 old_logps[k] = result.token_logps
-            history[k].append(_record(result, grad_norm))
+            record = _record(result, grad_norm)
+            _step_end(controls[k], record, lambda: controlled_entropy(
+                states[k].detach(), weight, parts[k].completion_ids, parts[k].completion_mask, config.loss, record))
+            history[k].append(record)
     return history

@@ -28,6 +28,11 @@ BAD_VALUES = [
     ("--temperature", ["0", "-1", "inf", "nan", repr(-random.Random(4).uniform(1e-6, 5.0))]),
     ("--save-total-limit", ["0", str(-random.Random(5).randint(1, 100))]),
     ("--save-steps", ["0", str(-random.Random(6).randint(1, 100))]),
+    # TRL's trainer-level knobs (tests/test_trl_knobs.py)
+    ("--warmup-steps", ["-1", "nan", "inf", repr(-random.Random(7).uniform(1e-6, 10.0))]),
+    ("--ref-model-mixup-alpha", ["1.5", "-0.1", "nan"]),
+    ("--ref-model-sync-steps", ["0", str(-random.Random(8).randint(1, 100))]),
+    ("--entropy-target", ["nan", "inf"]),
 ]
 
 
@@ -49,7 +54,19 @@ def test_output_dir_that_is_a_file(tmp_path, capsys):
     assert out.read_bytes() == content
 
 
+def test_sync_ref_model_without_beta_is_refused(tmp_path, capsys):
+    # TRL refuses it too: with beta 0 there is no reference pass, so nothing to synchronize.
+    assert main(TINY + ["--output-dir", str(tmp_path / "run"), "--sync-ref-model", "--beta", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "--sync-ref-model" in err and "--beta" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_good_edge_values_pass():
     # None still means no clipping; top_p 1 is plain sampling.
     GRPOConfig(max_grad_norm=None, top_p=1.0, temperature=1e-3, learning_rate=1e-12).validate()
+    # warm-up: a ratio in [0, 1) or a step count; the mix-up alpha's bounds; a sync every step
+    GRPOConfig(warmup_steps=0.999, ref_model_mixup_alpha=0.0).validate()
+    GRPOConfig(warmup_steps=10_000, sync_ref_model=True, beta=0.01, ref_model_mixup_alpha=1.0,
+               ref_model_sync_steps=1).validate()
     RunSpec(save_steps=1, save_total_limit=1).validate()

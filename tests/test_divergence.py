@@ -158,7 +158,8 @@ def test_lanes_name_the_diverged_lane(tiny_model, cause):
 def small_config(out, **overrides) -> tuple[GRPOConfig, RunSpec]:
     run_fields = {"output_dir", "layer", "save_steps", "save_total_limit"}
     values = dict(output_dir=str(out), layer=1, max_steps=2, per_device_train_batch_size=4, num_generations=2,
-                  max_completion_length=4, learning_rate=1e-2, save_steps=1, scale_rewards="none")
+                  max_completion_length=4, learning_rate=1e-2, save_steps=1, scale_rewards="none",
+                  lr_scheduler_type="constant")  # resume-vs-straight: a decaying schedule depends on max_steps
     values.update(overrides)
     return (GRPOConfig(**{k: v for k, v in values.items() if k not in run_fields}),
             RunSpec(**{k: v for k, v in values.items() if k in run_fields}))

@@ -105,14 +105,17 @@ def test_training_changes_only_the_target_layer(tmp_path):
 
 @pytest.mark.parametrize("mode", ["single", "full"])
 def test_resume_continues_the_run_exactly(tmp_path, mode):
+    # A constant rate: a decaying schedule spans max_steps, so a run extended from 2 to 4 steps would run its
+    # first steps at other rates than a 4-step run (tests/test_trl_knobs.py resumes scheduled runs).
+    constant = dict(mode=mode, lr_scheduler_type="constant")
     model, tokenizer = load_model("tiny")
-    straight = GRPOTrainer(model, tokenizer, ArithmeticTask(), *small_config(tmp_path / "a", mode=mode, max_steps=4))
+    straight = GRPOTrainer(model, tokenizer, ArithmeticTask(), *small_config(tmp_path / "a", max_steps=4, **constant))
     straight.train()
 
     model, tokenizer = load_model("tiny")
-    GRPOTrainer(model, tokenizer, ArithmeticTask(), *small_config(tmp_path / "b", mode=mode, max_steps=2)).train()
+    GRPOTrainer(model, tokenizer, ArithmeticTask(), *small_config(tmp_path / "b", max_steps=2, **constant)).train()
     model, tokenizer = load_model("tiny")  # a fresh process would start from the base model again
-    resumed = GRPOTrainer(model, tokenizer, ArithmeticTask(), *small_config(tmp_path / "b", mode=mode, max_steps=4))
+    resumed = GRPOTrainer(model, tokenizer, ArithmeticTask(), *small_config(tmp_path / "b", max_steps=4, **constant))
     assert resumed.step == 2
     resumed.train()
     for key, value in straight.model.state_dict().items():
