@@ -58,12 +58,14 @@ class Target:
     metric: str
     numerator: str
     denominator: str
-    op: str  # ">=" or "<="
+    op: str  # ">=", "<=", ">" or "<"
     threshold: float
     devices: tuple[str, ...] = ("cpu", "cuda")  # e.g. ("cuda",): a GPU target, not shown for CPU runs
 
     def check(self, ratio: float) -> bool:
-        return ratio >= self.threshold if self.op == ">=" else ratio <= self.threshold
+        compare = {">=": ratio >= self.threshold, "<=": ratio <= self.threshold,
+                   ">": ratio > self.threshold, "<": ratio < self.threshold}
+        return compare[self.op]
 
 
 @dataclass

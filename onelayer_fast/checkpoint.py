@@ -187,6 +187,28 @@ def save_checkpoint(
     return final
 
 
+def save_layer_weights(directory: str | os.PathLike, layer: nn.Module, layer_index: int, num_layers: int,
+                       step: int, metadata: dict[str, Any] | None = None) -> Path:
+    """Write one trained layer as `layer.safetensors` + `meta.json` into `directory` (created if missing): what
+    `load_layer` and `merge_checkpoint` read, without the optimizer state of a resumable checkpoint (for trainers
+    that keep their own, such as `onelayer_fast.trl`). meta.json is written last, so its presence means the
+    weights are complete."""
+    metadata = dict(metadata or {})
+    if clash := sorted(set(metadata) & set(_RESERVED_META_KEYS)):
+        raise ValueError(f"metadata may not set the reserved keys {clash}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, aliases = _dedupe(layer.state_dict())
+    save_file({k: _to_cpu_copy(v) for k, v in tensors.items()}, str(directory / WEIGHTS_NAME),
+              metadata={_ALIASES_KEY: json.dumps(aliases)} if aliases else None)
+    _fsync_file(directory / WEIGHTS_NAME)
+    meta = {"format_version": FORMAT_VERSION, "mode": "single", "layer": int(layer_index), "num_layers": int(num_layers),
+            "step": int(step), **metadata, CHECKSUMS_KEY: {WEIGHTS_NAME: _sha256(directory / WEIGHTS_NAME)}}
+    (directory / META_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    _fsync_file(directory / META_NAME)
+    return directory
+
+
 def _write_latest(output_dir: Path, name: str) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}latest-", dir=output_dir)
     try:

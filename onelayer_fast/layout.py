@@ -108,9 +108,12 @@ def _mask_kwargs_name() -> str:
 class PaddedLayout:
     """Rows as given: (B, T) ids and attention mask, masks built by transformers for the model's attention
     implementation. With `completion_start` = P (prompts of width P, then completions), the states at
-    P - 1 ... T - 2 predict the completion tokens."""
+    P - 1 ... T - 2 predict the completion tokens. `position_ids` default to `generate`'s count over the mask
+    (`position_ids_from_mask`); TRL's training forward passes none, so the model counts 0 ... T - 1 on every row
+    (`trl.py` passes that, to match it)."""
 
-    def __init__(self, input_ids: Tensor, attention_mask: Tensor | None = None, completion_start: int | None = None):
+    def __init__(self, input_ids: Tensor, attention_mask: Tensor | None = None, completion_start: int | None = None,
+                 position_ids: Tensor | None = None):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         if attention_mask is None:
@@ -119,7 +122,9 @@ class PaddedLayout:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
         self.input_ids = input_ids
         self.attention_mask = attention_mask
-        self.position_ids = position_ids_from_mask(attention_mask)
+        if position_ids is not None and position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        self.position_ids = position_ids_from_mask(attention_mask) if position_ids is None else position_ids
         self.completion_start = completion_start
 
     @classmethod

@@ -144,6 +144,15 @@ class OneLayerPolicy(_LayerStackPolicy):
         cache.hidden = run_layers(self.decoder, self.layer_types, embeds, cache, 0, self.layer_index)
         return cache
 
+    def cache_around(self, layout: Layout, hidden: Tensor) -> PrefixCache:
+        """The cache over `layout` with `hidden` as the prefix output, computed earlier by `prefix_layout` on the
+        same rows: positions and masks are rebuilt (cheap), the prefix layers are not run again."""
+        if hidden.shape[:2] != layout.input_ids.shape:
+            raise ValueError(f"prefix hidden {tuple(hidden.shape)} does not fit the layout's rows {tuple(layout.input_ids.shape)}")
+        cache = self._layer_inputs(layout, hidden)  # hidden stands in for the embeddings: only dtype/device/shape count
+        cache.hidden = hidden
+        return cache
+
     def suffix(self, cache: PrefixCache, reference: bool = False) -> Tensor:
         """Target layer (or its frozen original, `reference=True`) + frozen layers above + final norm."""
         first = self.reference_layer if reference else self.target_layer

@@ -362,3 +362,33 @@ def test_prefix_bad_inputs(tiny_model):
         policy.prefix(ids[0])
     with pytest.raises(ValueError, match="attention_mask"):
         policy.prefix(ids, torch.ones(2, 4, dtype=torch.long))
+
+
+def test_cache_around_a_stored_prefix_equals_a_fresh_prefix():
+    """cache_around rebuilds positions and masks around a prefix output computed earlier (what the TRL backend
+    carries in its batch): the suffix is the same as from prefix_layout, also with explicit position ids
+    (TRL's 0 ... T-1 on every row, which differ from generate's count on left-padded rows)."""
+    from conftest import build_tiny_model
+
+    model = build_tiny_model("qwen2").double()
+    policy = olf.OneLayerPolicy(model, layer=1)
+    ids, mask = torch.randint(1, 50, (3, 7)), torch.ones(3, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    counted = olf.PaddedLayout(ids, mask, completion_start=4)
+    explicit = olf.PaddedLayout(ids, mask, completion_start=4, position_ids=torch.arange(7).expand(3, 7))
+    assert not torch.equal(counted.position_ids, explicit.position_ids)
+    for layout in (counted, explicit):
+        fresh = policy.prefix_layout(layout)
+        again = policy.cache_around(layout, fresh.hidden)
+        torch.testing.assert_close(policy.suffix(again), policy.suffix(fresh), rtol=0, atol=0)
+    # Rotary attention sees relative positions only: a row's positions shifted by its padding give the same
+    # states up to rounding (why TRL's count and generate's agree), float32 rounding here: transformers
+    # computes the rotary angles in float32 even for a float64 model.
+    outputs = [policy.suffix(policy.prefix_layout(layout)) for layout in (counted, explicit)]
+    assert not torch.equal(outputs[0][0], outputs[1][0])
+    torch.testing.assert_close(outputs[0] * mask[..., None], outputs[1] * mask[..., None], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        policy.cache_around(counted, fresh.hidden[:2])
+    with pytest.raises(ValueError, match="position_ids shape"):
+        olf.PaddedLayout(ids, mask, position_ids=torch.arange(6).expand(3, 6))

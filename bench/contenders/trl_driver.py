@@ -1,11 +1,13 @@
-"""TRL's own GRPOTrainer as a contender (`trl_frozen`: one layer trainable, `trl`: every parameter), with the
-`[compare]` extra: its settings, why it is skipped where it does not import, and the driver that runs it one update
+"""TRL's own GRPOTrainer as a contender (`trl_frozen`: one layer trainable, `trl`: every parameter), and
+onelayer_fast's TRL backend (`onelayer_fast_trl`: `onelayer_fast.trl.OneLayerGRPOTrainer`, one layer), with the
+`[compare]` (or `[trl]`) extra: its settings, why it is skipped where it does not import, and the driver that runs it one update
 cycle at a time. The `step` workload feeds it fixed rollouts through TRL's `rollout_func` hook; `iteration` lets it
 generate.
 """
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any, Callable
 
 from bench.harness import scratch_dir
@@ -18,7 +20,7 @@ TRL_SETTINGS = {"gradient_checkpointing": False, "bf16": False, "use_cpu": True,
 
 
 def trl_skip_reason(contender: str) -> str | None:
-    if not contender.startswith("trl"):
+    if not contender.startswith("trl") and contender != "onelayer_fast_trl":
         return None
     try:  # a real import: an installed but incompatible TRL must be skipped, not crash the run
         from trl import GRPOConfig, GRPOTrainer  # noqa: F401
@@ -35,7 +37,8 @@ class TRLDriver:
     hand (not trainer.train()) lets a worker time and check one update cycle at a time.
 
     `trl_frozen`: only layer `layer` requires grad before the trainer is built (how TRL users freeze layers);
-    `trl`: every parameter trains. TRL builds its reference model by reloading the policy from disk, so the
+    `trl`: every parameter trains; `onelayer_fast_trl`: OneLayerGRPOTrainer(layer=`layer`), TRL's loop with
+    onelayer_fast's update (no reference model: a one-layer copy). TRL builds its reference model by reloading the policy from disk, so the
     random-init policy is saved first. TRL's defaults gradient_checkpointing=True and bf16=True are switched
     off (shapes["trl_settings"]) so that it runs the same fp32 model as every other contender.
 
@@ -69,6 +72,10 @@ class TRLDriver:
             shuffle_dataset=t["shuffle_dataset"], steps_per_generation=t["steps_per_generation"],
             report_to="none", save_strategy="no", logging_steps=10**9, disable_tqdm=True, seed=seed,
         )
+        if contender == "onelayer_fast_trl":
+            from onelayer_fast.trl import OneLayerGRPOTrainer
+
+            TRLTrainer = partial(OneLayerGRPOTrainer, layer=shapes["layer"])
         self.trainer = TRLTrainer(model=model, reward_funcs=[reward_func], args=args, train_dataset=Dataset.from_list(rows),
                                   processing_class=tokenizer, rollout_func=rollout_func)
         self.params = [p for p in self.trainer.model.parameters() if p.requires_grad]
@@ -77,8 +84,9 @@ class TRLDriver:
         self.loader = self.trainer.get_train_dataloader()
         self.batches = iter(self.loader)
         ids = {id(p) for p in self.params}
-        self.frozen = ([p for p in self.trainer.model.parameters() if id(p) not in ids]
-                       + list(self.trainer.ref_model.parameters()))
+        reference = (self.trainer.policy.reference_layer if contender == "onelayer_fast_trl"
+                     else self.trainer.ref_model)
+        self.frozen = [p for p in self.trainer.model.parameters() if id(p) not in ids] + list(reference.parameters())
         self.last_metrics: dict[str, list[float]] = {}
 
     def next_batch(self):

@@ -11,7 +11,7 @@ from typing import Any
 
 from bench.contenders.naive_trl import NaiveTRLStep
 from bench.contenders.trl_driver import TRL_SETTINGS, TRLDriver, trl_skip_reason
-from bench.harness import Runner, Workload, scratch_dir
+from bench.harness import Runner, Target, Workload, scratch_dir
 from bench.tokenizer import bench_tokenizer
 from bench.workloads.step import LAYOUT_SCALE_FLOOR, STEP_LOSS, STEP_LR, build_model, loss_knobs, step_shapes
 
@@ -134,7 +134,7 @@ def iteration_setup(contender: str, shapes: dict[str, Any], seed: int) -> Runner
 
         return Runner(step, naive.params, frozen, {"trainable_params": sum(p.numel() for p in naive.params)})
 
-    if contender in ("trl", "trl_frozen"):
+    if contender in ("trl", "trl_frozen", "onelayer_fast_trl"):
         return trl_iteration_runner(contender, model, tokenizer, task, shapes, seed)
     raise ValueError(f"unknown contender {contender!r}")
 
@@ -222,17 +222,21 @@ def iteration_description(s: dict[str, Any]) -> str:
 ITERATION = Workload(
     name="iteration",
     description=iteration_description,
-    contenders=("onelayer_fast", "full", "naive_trl", "trl_frozen", "trl"),
+    contenders=("onelayer_fast", "full", "naive_trl", "trl_frozen", "trl", "onelayer_fast_trl"),
     shapes=iteration_shapes,
     setup=iteration_setup,
     tokens_per_step=iteration_tokens,
     tokens_definition="rows x (longest prompt + max completion) positions per iteration (16 x (6 + 64) = 1120; "
                       "the random-init model rarely samples EOS, so completions nearly always run to the limit: "
                       "see completion_length in the histories) / median iteration time",
-    targets=(),  # no target for a whole iteration: generation, most of its time, is common to all contenders
+    # TRL's loop either way (the same generation): the difference is the update
+    targets=(Target("time trl_frozen / onelayer_fast_trl", "time", "trl_frozen", "onelayer_fast_trl", ">=", 1.5),
+             Target("memory onelayer_fast_trl / trl_frozen", "memory", "onelayer_fast_trl", "trl_frozen", "<", 1.0)),
     ratios=(("time", "naive_trl", "onelayer_fast"), ("time", "full", "onelayer_fast"),
             ("time", "trl_frozen", "onelayer_fast"), ("time", "trl", "onelayer_fast"),
-            ("memory", "onelayer_fast", "naive_trl"), ("memory", "onelayer_fast", "trl_frozen")),
+            ("time", "trl_frozen", "onelayer_fast_trl"), ("time", "trl", "onelayer_fast_trl"),
+            ("memory", "onelayer_fast", "naive_trl"), ("memory", "onelayer_fast", "trl_frozen"),
+            ("memory", "onelayer_fast_trl", "trl_frozen")),
     memory_definition="working_mib: peak RSS during the measured iterations minus RSS after building the model, "
                       "tokenizer, trainer (reference copy, optimizer) and, for TRL, its dataset; sampled every 5 ms. "
                       "tensor_peak_mib: peak live tensor bytes during one extra iteration under torch.profiler "

@@ -1,0 +1,282 @@
+"""onelayer_fast as the update engine of TRL's GRPOTrainer: `OneLayerGRPOTrainer` (the `[trl]` extra).
+
+    from onelayer_fast.trl import OneLayerGRPOTrainer
+    trainer = OneLayerGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...), train_dataset=data, layer=12)
+    trainer.train()
+
+TRL keeps what it does well: the dataset, reward functions, generation (HF `generate` or vLLM as configured),
+advantages, logging, callbacks and the Trainer loop. The update runs through onelayer_fast:
+- only layer `layer` trains (the optimizer holds its parameters alone);
+- the frozen prefix (embeddings + layers below `layer`) runs once per generation batch, under no_grad; its output
+  rides along in the batch (shuffled and split with it) and feeds the old log-probs, the reference log-probs and
+  every iteration's loss;
+- the reference policy is a frozen copy of the original layer alone: TRL's full reference model is never loaded
+  (beta > 0), and `sync_ref_model` mixes one layer;
+- the loss is onelayer_fast's `grpo_loss` (chunked lm_head log-probs, or the fused Triton kernels on CUDA),
+  scaled as TRL scales each loss type under gradient accumulation;
+- checkpoints hold the one layer (`layer.safetensors` + `meta.json`, what `onelayer-fast merge` and `load_layer`
+  read) next to the Trainer's optimizer and scheduler state, and resume from there.
+
+Like TRL's own training forward, the loss forward counts positions 0 ... T - 1 on every row, over its left padding
+(generation counts from the first real token; with rotary attention, which sees relative positions only, both give
+the same states up to float32 rounding).
+What this trainer does not cover raises a clear error at construction: vLLM importance-sampling correction,
+PEFT, multimodal inputs, several processes, adaptive entropy control, lanes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checkpoint import load_layer, read_meta, save_layer_weights
+from .kernels.grpo_loss import LossConfig
+from .layout import PaddedLayout
+from .loss import BACKENDS, grpo_loss, token_logprobs
+from .policy import OneLayerPolicy, decoder_of
+
+SUPPORTED_TRL_VERSIONS = ("1.16",)  # major.minor releases whose GRPOTrainer internals this module was checked against
+PREFIX_KEY = "onelayer_prefix_hidden"  # the batch entry holding the prefix output (B, P + C, H)
+
+try:
+    import trl
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError("onelayer_fast.trl needs TRL: pip install 'onelayer_fast[trl]' "
+                      f"(TRL {', '.join(v + '.x' for v in SUPPORTED_TRL_VERSIONS)})") from error
+
+
+def check_trl_version(version: str | None = None) -> None:
+    """RuntimeError unless `version` (default: the installed TRL) is one this module supports."""
+    version = trl.__version__ if version is None else version
+    if ".".join(version.split(".")[:2]) not in SUPPORTED_TRL_VERSIONS:
+        raise RuntimeError(f"onelayer_fast.trl supports TRL {', '.join(v + '.x' for v in SUPPORTED_TRL_VERSIONS)}, "
+                           f"found TRL {version}: it overrides GRPOTrainer internals that change between releases. "
+                           f"Install a supported one: pip install 'trl=={SUPPORTED_TRL_VERSIONS[-1]}.*'")
+
+
+def loss_config_from_trl(args: GRPOConfig, max_completion_length: int | None = None) -> LossConfig:
+    """The LossConfig of TRL's GRPOConfig: the same knobs under the same names (TRL's `epsilon` is `epsilon_low`).
+    Knobs this LossConfig does not know yet stay at their defaults only when TRL's are at theirs."""
+    fields = {f.name for f in dataclasses.fields(LossConfig)}
+    knobs: dict[str, Any] = {
+        "beta": args.beta, "epsilon_low": args.epsilon,
+        "epsilon_high": args.epsilon if args.epsilon_high is None else args.epsilon_high,
+        "delta": args.delta, "loss_type": args.loss_type, "temperature": args.temperature,
+        "max_completion_length": max_completion_length or args.max_completion_length,
+        "importance_sampling_level": args.importance_sampling_level,
+    }
+    optional = ("use_bias_correction_kl", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
+                "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "off_policy_mask_threshold",
+                "top_entropy_quantile", "entropy_coef")
+    defaults = GRPOConfig.__dataclass_fields__
+    for name in optional:
+        if not hasattr(args, name):
+            continue
+        if name in fields:
+            knobs[name] = getattr(args, name)
+        elif getattr(args, name) != defaults[name].default:
+            raise NotImplementedError(f"OneLayerGRPOTrainer does not support TRL's {name}={getattr(args, name)!r} yet")
+    return LossConfig(**knobs)
+
+
+def _unsupported(args: GRPOConfig, kwargs: dict[str, Any]) -> str | None:
+    if kwargs.get("peft_config") is not None:
+        return "peft_config: OneLayerGRPOTrainer trains one layer itself, not an adapter"
+    if getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False):
+        return ("use_vllm with vllm_importance_sampling_correction=True (the correction is not in onelayer_fast's "
+                "loss yet); set vllm_importance_sampling_correction=False")
+    if getattr(args, "use_adaptive_entropy", False):
+        return "use_adaptive_entropy (adaptive entropy control)"
+    if args.world_size > 1:
+        return f"{args.world_size} processes (the loss forward bypasses the DDP/DeepSpeed wrapper; one process only)"
+    return None
+
+
+class _SyncOneLayerReference(TrainerCallback):
+    """TRL's reference syncing with a one-layer reference: every `ref_model_sync_steps` optimizer steps the
+    reference layer becomes alpha * trained layer + (1 - alpha) * reference layer (TRL's SyncRefModelCallback
+    timing and formula; everything else in TRL's reference equals the policy, so only this layer changes)."""
+
+    def __init__(self, policy: OneLayerPolicy):
+        self.policy = policy
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.ref_model_sync_steps == 0:
+            alpha = args.ref_model_mixup_alpha
+            with torch.no_grad():
+                for ref, cur in zip(self.policy.reference_layer.parameters(), self.policy.target_layer.parameters(),
+                                    strict=True):
+                    ref.mul_(1.0 - alpha).add_(cur, alpha=alpha)
+
+
+class OneLayerGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer (same arguments) with one trainable layer, `layer`, and onelayer_fast's update.
+
+    loss_backend: onelayer_fast.loss.BACKENDS ("auto": Triton kernels on CUDA once their self-check passed,
+    chunked PyTorch on CPU). See the module docstring for what changes and what does not.
+    """
+
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *positional, layer: int,
+                 loss_backend: str = "auto", **kwargs):
+        check_trl_version()
+        if loss_backend not in BACKENDS:
+            raise ValueError(f"loss_backend must be one of {BACKENDS}, got {loss_backend!r}")
+        if isinstance(layer, (list, tuple)):
+            raise NotImplementedError("OneLayerGRPOTrainer trains one layer; lanes (several layers at once) run "
+                                      "through onelayer_fast's own LaneTrainer")
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = GRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-OneLayerGRPO")
+        if (reason := _unsupported(args, kwargs)) is not None:
+            raise NotImplementedError(f"OneLayerGRPOTrainer does not support {reason}")
+        self._loss_config = loss_config_from_trl(args)  # checks the loss knobs before anything loads
+        self.loss_backend = loss_backend
+        # TRL loads a full reference model when beta != 0 (and refuses sync_ref_model when beta == 0): the
+        # one-layer reference replaces it, so TRL is built as if beta were 0 and the knobs restored after.
+        beta, sync = args.beta, args.sync_ref_model
+        args.beta, args.sync_ref_model = 0.0, False
+        try:
+            super().__init__(model, reward_funcs, args, *positional, **kwargs)
+        finally:
+            args.beta, args.sync_ref_model = beta, sync
+        self.beta = beta
+        if sync and beta == 0.0:
+            raise ValueError("sync_ref_model=True needs beta > 0: without the KL term there is no reference to sync")
+        self.policy = OneLayerPolicy(self.model, layer)  # freezes every other parameter: TRL's optimizer skips them
+        if sync:
+            self.add_callback(_SyncOneLayerReference(self.policy))
+        self._prefix_stash: tuple[Tensor, Tensor, Tensor] | None = None
+
+    # ---- the prefix, computed once per generation batch -------------------------------------------------
+    def _layout(self, input_ids: Tensor, attention_mask: Tensor, completion_length: int) -> PaddedLayout:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return PaddedLayout(input_ids, attention_mask, completion_start=input_ids.shape[1] - completion_length,
+                            position_ids=positions)
+
+    def _prefix(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The prefix output over these rows: the one TRL's generation step just computed for them, else new."""
+        stash = self._prefix_stash
+        if stash is not None and stash[0].shape == input_ids.shape and torch.equal(stash[0], input_ids) \
+                and torch.equal(stash[1], attention_mask):
+            return stash[2]
+        layout = self._layout(input_ids, attention_mask, 1)
+        hidden = self.policy.prefix_layout(layout).hidden
+        self._prefix_stash = (input_ids, attention_mask, hidden)
+        return hidden
+
+    def _completion_states(self, prefix_hidden: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                           completion_length: int, reference: bool = False) -> Tensor:
+        layout = self._layout(input_ids, attention_mask, completion_length)
+        cache = self.policy.cache_around(layout, prefix_hidden)
+        return self.policy.completion_states(cache, reference=reference)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """TRL calls this at generation time for the old log-probs (num_iterations > 1): through the cached
+        prefix and the trained layer, on the policy (TRL's reference model is never built)."""
+        if any(value is not None for value in multimodal.values()) or compute_entropy or compute_aux_loss:
+            raise NotImplementedError("OneLayerGRPOTrainer: multimodal inputs, entropies at generation time and MoE "
+                                      "aux losses are not supported")
+        hidden = self._completion_states(self._prefix(input_ids, attention_mask), input_ids, attention_mask,
+                                         logits_to_keep)
+        logps = token_logprobs(hidden, self.policy.lm_head_weight, input_ids[:, -logits_to_keep:],
+                               temperature=self.temperature, backend=self.loss_backend)
+        return logps, None, None
+
+    def _generate_and_score_completions(self, inputs):
+        beta, self.beta = self.beta, 0.0  # TRL's reference pass needs its reference model: ours runs below
+        self._prefix_stash = None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self.beta = beta
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        with torch.no_grad():
+            prefix = self._prefix(input_ids, attention_mask)
+            if self.beta != 0.0:
+                length = output["completion_ids"].shape[1]
+                hidden = self._completion_states(prefix, input_ids, attention_mask, length, reference=True)
+                output["ref_per_token_logps"] = token_logprobs(
+                    hidden, self.policy.lm_head_weight, output["completion_ids"], temperature=self.temperature,
+                    backend=self.loss_backend)
+        output[PREFIX_KEY] = prefix
+        self._prefix_stash = None  # the batch carries it from here
+        return output
+
+    # ---- the loss --------------------------------------------------------------------------------------
+    def _loss_scale(self, mask: Tensor, inputs: dict[str, Any], mode: str) -> float:
+        """TRL's loss over onelayer_fast's for this micro-batch. onelayer_fast normalizes within the micro-batch;
+        TRL divides by the gradient-accumulation steps, and for dapo / cispo / vespo by the tokens of the whole
+        generation batch (rescaled to one accumulation window)."""
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self._loss_config.loss_type not in ("dapo", "cispo", "vespo"):
+            return 1.0 / accumulation
+        normalizer = float(inputs["num_items_in_batch"].clamp(min=1.0)) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * accumulation / self.args.steps_per_generation
+        return max(1.0, float(mask.sum())) / normalizer
+
+    def _compute_loss(self, model, inputs):
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        advantages = inputs["advantages"]
+        if advantages.dim() != 1:
+            raise NotImplementedError("OneLayerGRPOTrainer takes one advantage per completion (shape (B,))")
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        hidden = self._completion_states(inputs[PREFIX_KEY], input_ids, attention_mask, completion_ids.shape[1])
+        mode = "train" if self.model.training else "eval"
+        scale = self._loss_scale(mask, inputs, mode)
+        config = self._loss_config
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if getattr(config, "entropy_coef", 0.0) and scale != 1.0 / accumulation:
+            # TRL's entropy bonus is a per-token mean divided by the accumulation steps alone, whatever the loss
+            # type: pre-divide the coefficient by the policy term's extra scale so that scaling the whole loss
+            # leaves the bonus as TRL has it.
+            config = dataclasses.replace(config, entropy_coef=config.entropy_coef / (scale * accumulation))
+        result = grpo_loss(hidden, self.policy.lm_head_weight, completion_ids, mask, advantages=advantages,
+                           old_logps=inputs.get("old_per_token_logps"), ref_logps=inputs.get("ref_per_token_logps"),
+                           config=config, backend=self.loss_backend)
+        self._log_loss_metrics(result.metrics, mode)
+        return result.loss * scale
+
+    def _log_loss_metrics(self, metrics: dict[str, Tensor], mode: str) -> None:
+        """The metrics TRL's own loss logs, under its names, where onelayer_fast computes them."""
+        wanted = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                  "cispo_clip_ratio", "vespo/phi_seq_mean"]
+        if self.beta != 0.0:
+            wanted.append("kl")
+        for name in wanted:
+            if name in metrics:
+                self._metrics[mode][name].append(float(metrics[name]))
+
+    # ---- one-layer checkpoints -------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The trained layer (`layer.safetensors` + `meta.json`) and the tokenizer, not the whole model."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_layer_weights(output_dir, self.policy.target_layer, self.policy.layer_index,
+                           len(decoder_of(self.model).layers), step=self.state.global_step,
+                           metadata={"trainer": "onelayer_fast.trl.OneLayerGRPOTrainer", "trl_version": trl.__version__})
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        meta = read_meta(resume_from_checkpoint)
+        if meta["mode"] != "single" or meta["layer"] != self.policy.layer_index:
+            raise ValueError(f"checkpoint {resume_from_checkpoint} trained layer {meta['layer']}, this trainer "
+                             f"trains layer {self.policy.layer_index}")
+        load_layer(self.model if model is None else model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+__all__ = ["OneLayerGRPOTrainer", "SUPPORTED_TRL_VERSIONS", "check_trl_version", "loss_config_from_trl"]

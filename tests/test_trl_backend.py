@@ -1,0 +1,216 @@
+"""onelayer_fast.trl.OneLayerGRPOTrainer against TRL's own GRPOTrainer (the [trl] extra; skipped without it).
+
+The same script, seed, dataset and reward function run through TRL's GRPOTrainer with only layer L trainable
+(beta > 0: TRL loads its full reference model) and through OneLayerGRPOTrainer (one-layer reference, cached
+prefix, onelayer_fast's loss), generation included: the trained layers must agree to float32 rounding.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="the [trl] extra is not installed")
+datasets = pytest.importorskip("datasets", reason="the [trl] extra is not installed")
+
+from onelayer_fast.checkpoint import merge_checkpoint, read_meta  # noqa: E402
+from onelayer_fast.trl import (  # noqa: E402
+    SUPPORTED_TRL_VERSIONS,
+    OneLayerGRPOTrainer,
+    check_trl_version,
+    loss_config_from_trl,
+)
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+LAYER = 1
+VOCAB = 128
+PROMPTS = ["1+2=", "33+4=", "5+66=", "7+8=", "12+3=", "4+56=", "9+9=", "61+2="]  # lengths differ: left padding
+
+
+def tiny_model(path, seed: int = 0):
+    """A random-init 3-layer Qwen2, saved where TRL reloads its reference model from. The EOS row of the tied
+    embedding is drawn large (its logit then has a std of ~5 where every other token's is ~0.1) so that some
+    completions end early (masked tails) and others run to the limit."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True, eos_token_id=1, pad_token_id=0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[1] = 1.0 * torch.randn(config.hidden_size)
+    model.save_pretrained(path)
+    model.config._name_or_path = str(path)
+    return model
+
+
+def digit_share(completions, **_):
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+
+def trl_args(out, **overrides):
+    settings = dict(output_dir=str(out), per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
+                    beta=0.04, max_steps=3, learning_rate=1e-2, use_cpu=True, bf16=False,
+                    gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1,
+                    disable_tqdm=True, seed=7, shuffle_dataset=False)
+    settings.update(overrides)
+    return trl.GRPOConfig(**settings)
+
+
+def train(trainer_class, tmp_path, layer_kwargs=None, **overrides):
+    from bench.tokenizer import bench_tokenizer
+
+    model = tiny_model(tmp_path / "model")
+    if trainer_class is trl.GRPOTrainer:  # how a TRL user trains one layer
+        model.requires_grad_(False)
+        model.model.layers[LAYER].requires_grad_(True)
+    data = datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS * 4])
+    trainer = trainer_class(model=model, reward_funcs=[digit_share], args=trl_args(tmp_path / trainer_class.__name__, **overrides),
+                            train_dataset=data, processing_class=bench_tokenizer(VOCAB), **(layer_kwargs or {}))
+    trainer.train()
+    return trainer, {k: v.detach().clone() for k, v in model.model.layers[LAYER].state_dict().items()}
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    num = sum((a[k] - b[k]).double().pow(2).sum() for k in a)
+    return float(num.sqrt() / sum(a[k].double().pow(2).sum() for k in a).sqrt())
+
+
+# Each case runs TRL and onelayer_fast for 3 optimizer steps (generation included), ~1 s each on 2 CPU cores.
+CASES = {
+    "dapo-mu1": dict(num_iterations=1),
+    "dapo-mu2": dict(num_iterations=2),
+    "grpo-mu2": dict(num_iterations=2, loss_type="grpo"),
+    "dr_grpo-mu1": dict(num_iterations=1, loss_type="dr_grpo"),
+    "bnpo-accum2": dict(num_iterations=2, loss_type="bnpo", per_device_train_batch_size=4, gradient_accumulation_steps=2),
+    "dapo-accum2": dict(num_iterations=1, per_device_train_batch_size=4, gradient_accumulation_steps=2),
+    "sequence-is-t0.7": dict(num_iterations=2, importance_sampling_level="sequence", temperature=0.7),
+    "ref-sync": dict(num_iterations=1, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.6),
+    "no-bias-correction-beta0": dict(num_iterations=2, beta=0.0, use_bias_correction_kl=False),
+    "cispo-mu2": dict(num_iterations=2, loss_type="cispo", epsilon_high=1.2),
+    "sapo-mu2": dict(num_iterations=2, loss_type="sapo"),
+    "luspo-sequence": dict(num_iterations=2, loss_type="luspo", importance_sampling_level="sequence"),
+    "vespo-mu2": dict(num_iterations=2, loss_type="vespo"),
+    "entropy-bonus-and-mask": dict(num_iterations=2, entropy_coef=0.05, top_entropy_quantile=0.5),
+    "entropy-bonus-grpo-accum2": dict(num_iterations=1, loss_type="grpo", entropy_coef=0.05,
+                                      per_device_train_batch_size=4, gradient_accumulation_steps=2),
+    "off-policy-mask": dict(num_iterations=2, off_policy_mask_threshold=0.0, epsilon=0.1),
+    "delta-epsilon-high": dict(num_iterations=2, delta=1.5, epsilon_high=0.28),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_same_trained_layer_as_trl(tmp_path, case):
+    overrides = CASES[case]
+    reference, trl_layer = train(trl.GRPOTrainer, tmp_path / "trl", **overrides)
+    ours, our_layer = train(OneLayerGRPOTrainer, tmp_path / "olf", layer_kwargs={"layer": LAYER}, **overrides)
+    initial = tiny_model(tmp_path / "init").model.layers[LAYER].state_dict()
+    moved = relative_difference({k: trl_layer[k] - initial[k] for k in initial}, {k: torch.zeros_like(v) for k, v in initial.items()})
+    assert moved > 1e-3, "the layer barely trained: the comparison would prove nothing"
+    assert relative_difference(trl_layer, our_layer) < 1e-5
+    # The update's difference relative to how far the layer moved: the stricter measure.
+    assert relative_difference({k: trl_layer[k] - initial[k] for k in initial},
+                               {k: our_layer[k] - initial[k] for k in initial}) < 1e-4
+    # The rollouts were the same (same rewards), and some completions ended early (masks exercised).
+    trl_rewards = [h["reward"] for h in reference.state.log_history if "reward" in h]
+    our_rewards = [h["reward"] for h in ours.state.log_history if "reward" in h]
+    assert trl_rewards == our_rewards and len(trl_rewards) >= 1
+    lengths = [h["completions/mean_length"] for h in ours.state.log_history if "completions/mean_length" in h]
+    assert any(length < 8 for length in lengths)
+    if overrides.get("beta", 0.04) > 0:
+        trl_kl = [h["kl"] for h in reference.state.log_history if "kl" in h]
+        our_kl = [h["kl"] for h in ours.state.log_history if "kl" in h]
+        assert our_kl == pytest.approx(trl_kl, rel=1e-4, abs=1e-7)
+        assert max(trl_kl) > 0
+
+
+def test_no_reference_model_and_only_the_layer_trains(tmp_path):
+    trainer, _ = train(OneLayerGRPOTrainer, tmp_path, layer_kwargs={"layer": LAYER}, max_steps=1)
+    assert trainer.ref_model is None  # TRL's full reference model was never loaded
+    assert trainer.beta == 0.04 and trainer.args.beta == 0.04
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in trainer.model.model.layers[LAYER].parameters()}
+
+
+def test_one_layer_checkpoints_merge_and_resume(tmp_path):
+    from bench.tokenizer import bench_tokenizer
+    from onelayer_fast.checkpoint import load_layer
+
+    straight, layer = train(OneLayerGRPOTrainer, tmp_path / "a", layer_kwargs={"layer": LAYER}, max_steps=3,
+                            save_strategy="steps", save_steps=2)
+    checkpoint = tmp_path / "a" / "OneLayerGRPOTrainer" / "checkpoint-2"
+    assert (checkpoint / "layer.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
+    assert read_meta(checkpoint)["layer"] == LAYER and read_meta(checkpoint)["step"] == 2
+    assert (checkpoint / "optimizer.pt").is_file()  # the Trainer's own state, for resuming
+
+    at_step_2 = tiny_model(tmp_path / "base")
+    merged = merge_checkpoint(at_step_2, checkpoint, tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+
+    whole = AutoModelForCausalLM.from_pretrained(merged)
+    for key, value in whole.model.layers[LAYER].state_dict().items():
+        torch.testing.assert_close(value, at_step_2.model.layers[LAYER].state_dict()[key], rtol=0, atol=0)
+    assert relative_difference(layer, at_step_2.model.layers[LAYER].state_dict()) > 1e-4  # step 3 moved it
+
+    # Resuming from step 2 loads the one layer, the Trainer's optimizer, scheduler and RNG state, and ends
+    # where the uninterrupted run ended.
+    model = tiny_model(tmp_path / "resume-model")
+    data = datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS * 4])
+    resumed = OneLayerGRPOTrainer(model=model, reward_funcs=[digit_share], train_dataset=data, layer=LAYER,
+                                  args=trl_args(tmp_path / "b", max_steps=3), processing_class=bench_tokenizer(VOCAB))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 3
+    assert relative_difference(layer, {k: v.detach() for k, v in model.model.layers[LAYER].state_dict().items()}) < 1e-6
+    assert load_layer(tiny_model(tmp_path / "c"), checkpoint)["trainer"] == "onelayer_fast.trl.OneLayerGRPOTrainer"
+
+
+def test_checkpoint_of_another_layer_is_refused(tmp_path):
+    from bench.tokenizer import bench_tokenizer
+
+    _, _ = train(OneLayerGRPOTrainer, tmp_path / "a", layer_kwargs={"layer": LAYER}, max_steps=1,
+                 save_strategy="steps", save_steps=1)
+    checkpoint = tmp_path / "a" / "OneLayerGRPOTrainer" / "checkpoint-1"
+    model = tiny_model(tmp_path / "m")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS])
+    other = OneLayerGRPOTrainer(model=model, reward_funcs=[digit_share], train_dataset=data, layer=0,
+                                args=trl_args(tmp_path / "b", max_steps=2), processing_class=bench_tokenizer(VOCAB))
+    with pytest.raises(ValueError, match="trained layer 1, this trainer trains layer 0"):
+        other.train(resume_from_checkpoint=str(checkpoint))
+    for key, value in model.state_dict().items():  # refused before anything was copied
+        assert torch.equal(value, before[key]), key
+
+
+def test_unsupported_settings_fail_clearly(tmp_path):
+    from bench.tokenizer import bench_tokenizer
+
+    data = datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS])
+
+    def build(layer=LAYER, **overrides):
+        return OneLayerGRPOTrainer(model=tiny_model(tmp_path / "m"), reward_funcs=[digit_share], train_dataset=data,
+                                   args=trl_args(tmp_path / "out", **overrides), processing_class=bench_tokenizer(VOCAB),
+                                   layer=layer)
+
+    with pytest.raises(ValueError, match="out of range"):
+        build(layer=3)
+    with pytest.raises(NotImplementedError, match="lanes"):
+        build(layer=[0, 1])
+    with pytest.raises(ValueError, match="sync_ref_model=True needs beta > 0"):
+        build(beta=0.0, sync_ref_model=True)
+    with pytest.raises(NotImplementedError, match="use_adaptive_entropy"):
+        build(use_adaptive_entropy=True)
+    with pytest.raises(RuntimeError, match="supports TRL"):
+        check_trl_version("1.15.2")
+    check_trl_version(SUPPORTED_TRL_VERSIONS[-1] + ".0")
+
+
+def test_loss_config_follows_trl_names():
+    config = loss_config_from_trl(trl.GRPOConfig(output_dir="unused", beta=0.1, epsilon=0.3, epsilon_high=0.28,
+                                                 loss_type="grpo", temperature=0.9, max_completion_length=33,
+                                                 use_cpu=True, report_to="none"))
+    assert (config.beta, config.epsilon_low, config.epsilon_high, config.loss_type) == (0.1, 0.3, 0.28, "grpo")
+    assert (config.temperature, config.max_completion_length, config.use_bias_correction_kl) == (0.9, 33, True)
+    same = loss_config_from_trl(trl.GRPOConfig(output_dir="unused", epsilon=0.25, use_cpu=True, report_to="none"))
+    assert same.epsilon_high == 0.25  # TRL: epsilon_high defaults to epsilon
