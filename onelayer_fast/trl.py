@@ -26,7 +26,6 @@ PEFT, multimodal inputs, several processes, adaptive entropy control, lanes.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch

@@ -72,11 +72,12 @@ class TRLDriver:
             shuffle_dataset=t["shuffle_dataset"], steps_per_generation=t["steps_per_generation"],
             report_to="none", save_strategy="no", logging_steps=10**9, disable_tqdm=True, seed=seed,
         )
+        trainer_class = TRLTrainer
         if contender == "onelayer_fast_trl":
             from onelayer_fast.trl import OneLayerGRPOTrainer
 
-            TRLTrainer = partial(OneLayerGRPOTrainer, layer=shapes["layer"])
-        self.trainer = TRLTrainer(model=model, reward_funcs=[reward_func], args=args, train_dataset=Dataset.from_list(rows),
+            trainer_class = partial(OneLayerGRPOTrainer, layer=shapes["layer"])
+        self.trainer = trainer_class(model=model, reward_funcs=[reward_func], args=args, train_dataset=Dataset.from_list(rows),
                                   processing_class=tokenizer, rollout_func=rollout_func)
         self.params = [p for p in self.trainer.model.parameters() if p.requires_grad]
         self.trainer.optimizer = torch.optim.AdamW(self.params, lr=lr)  # the same optimizer as every contender
