@@ -26,6 +26,7 @@ PEFT, multimodal inputs, several processes, adaptive entropy control, lanes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from .policy import OneLayerPolicy, decoder_of
 
 SUPPORTED_TRL_VERSIONS = ("1.16",)  # major.minor releases whose GRPOTrainer internals this module was checked against
 PREFIX_KEY = "onelayer_prefix_hidden"  # the batch entry holding the prefix output (B, P + C, H)
+OLD_PENDING_KEY = "onelayer_old_logps_pending"  # (B,) bool: old log-probs still to be taken at first use
 
 try:
     import trl
@@ -150,6 +152,8 @@ class OneLayerGRPOTrainer(GRPOTrainer):
         if sync:
             self.add_callback(_SyncOneLayerReference(self.policy))
         self._prefix_stash: tuple[Tensor, Tensor, Tensor] | None = None
+        self._generating = self._old_logps_pending = False
+        self._old_logps_from_first_use = self.args.gradient_accumulation_steps % self.args.steps_per_generation == 0
 
     # ---- the prefix, computed once per generation batch -------------------------------------------------
     def _layout(self, input_ids: Tensor, attention_mask: Tensor, completion_length: int) -> PaddedLayout:
@@ -177,23 +181,34 @@ class OneLayerGRPOTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
         """TRL calls this at generation time for the old log-probs (num_iterations > 1): through the cached
-        prefix and the trained layer, on the policy (TRL's reference model is never built)."""
+        prefix and the trained layer, on the policy (TRL's reference model is never built).
+
+        When no optimizer step can fall between generation and the first use of every micro-batch (the
+        gradient-accumulation steps are a multiple of steps_per_generation, as with TRL's default), the old
+        log-probs are the first iteration's own log-probs: this returns a placeholder and the first loss call
+        fills it in (`_compute_loss`), which saves a whole pass."""
         if any(value is not None for value in multimodal.values()) or compute_entropy or compute_aux_loss:
             raise NotImplementedError("OneLayerGRPOTrainer: multimodal inputs, entropies at generation time and MoE "
                                       "aux losses are not supported")
-        hidden = self._completion_states(self._prefix(input_ids, attention_mask), input_ids, attention_mask,
-                                         logits_to_keep)
+        prefix = self._prefix(input_ids, attention_mask)
+        if self._generating and self._old_logps_from_first_use:
+            self._old_logps_pending = True
+            return torch.full((input_ids.shape[0], logits_to_keep), math.nan, device=input_ids.device), None, None
+        hidden = self._completion_states(prefix, input_ids, attention_mask, logits_to_keep)
         logps = token_logprobs(hidden, self.policy.lm_head_weight, input_ids[:, -logits_to_keep:],
                                temperature=self.temperature, backend=self.loss_backend)
         return logps, None, None
 
     def _generate_and_score_completions(self, inputs):
         beta, self.beta = self.beta, 0.0  # TRL's reference pass needs its reference model: ours runs below
-        self._prefix_stash = None
+        self._prefix_stash, self._generating, self._old_logps_pending = None, True, False
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
-            self.beta = beta
+            self.beta, self._generating = beta, False
+        if self._old_logps_pending:  # one flag per row, so that it is shuffled and split with the batch
+            output[OLD_PENDING_KEY] = torch.ones(output["completion_ids"].shape[0], dtype=torch.bool,
+                                                 device=output["completion_ids"].device)
         input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
         with torch.no_grad():
@@ -239,9 +254,15 @@ class OneLayerGRPOTrainer(GRPOTrainer):
             # type: pre-divide the coefficient by the policy term's extra scale so that scaling the whole loss
             # leaves the bonus as TRL has it.
             config = dataclasses.replace(config, entropy_coef=config.entropy_coef / (scale * accumulation))
+        old_logps = inputs.get("old_per_token_logps")
+        pending = inputs.get(OLD_PENDING_KEY)
+        first_use = pending is not None and bool(pending.any())
         result = grpo_loss(hidden, self.policy.lm_head_weight, completion_ids, mask, advantages=advantages,
-                           old_logps=inputs.get("old_per_token_logps"), ref_logps=inputs.get("ref_per_token_logps"),
+                           old_logps=None if first_use else old_logps, ref_logps=inputs.get("ref_per_token_logps"),
                            config=config, backend=self.loss_backend)
+        if first_use:  # the weights have not moved since generation: these are the old log-probs (in place:
+            old_logps.copy_(result.token_logps)  # the same micro-batch dict comes back every iteration)
+            pending.zero_()
         self._log_loss_metrics(result.metrics, mode)
         return result.loss * scale
 

@@ -98,6 +98,11 @@ CASES = {
                                       per_device_train_batch_size=4, gradient_accumulation_steps=2),
     "off-policy-mask": dict(num_iterations=2, off_policy_mask_threshold=0.0, epsilon=0.1),
     "delta-epsilon-high": dict(num_iterations=2, delta=1.5, epsilon_high=0.28),
+    # An optimizer step falls between generation and a micro-batch's first use: old log-probs must be taken
+    # at generation time, not at first use.
+    "steps-per-generation2-mu1": dict(num_iterations=1, per_device_train_batch_size=4, steps_per_generation=2),
+    "steps-per-generation2-mu2": dict(num_iterations=2, per_device_train_batch_size=4, steps_per_generation=2,
+                                      max_steps=4),
 }
 
 
@@ -124,6 +129,28 @@ def test_same_trained_layer_as_trl(tmp_path, case):
         our_kl = [h["kl"] for h in ours.state.log_history if "kl" in h]
         assert our_kl == pytest.approx(trl_kl, rel=1e-4, abs=1e-7)
         assert max(trl_kl) > 0
+
+
+def test_old_logprobs_at_first_use_only_when_no_step_can_intervene(tmp_path, monkeypatch):
+    """With TRL's default steps_per_generation (= gradient accumulation) the old log-probs are the first
+    iteration's own (no pass at generation time); with an optimizer step in between they are taken at
+    generation time. Either way they are filled in before the second iteration uses them."""
+    seen = []
+    original = OneLayerGRPOTrainer._compute_loss
+
+    def spy(self, model, inputs):
+        pending = inputs.get("onelayer_old_logps_pending")
+        seen.append((None if pending is None else bool(pending.any()),
+                     bool(torch.isnan(inputs["old_per_token_logps"]).any())))
+        return original(self, model, inputs)
+
+    monkeypatch.setattr(OneLayerGRPOTrainer, "_compute_loss", spy)
+    train(OneLayerGRPOTrainer, tmp_path / "a", layer_kwargs={"layer": LAYER}, num_iterations=2, max_steps=2)
+    assert seen == [(True, True), (False, False)]  # first use fills the placeholder in
+    seen.clear()
+    train(OneLayerGRPOTrainer, tmp_path / "b", layer_kwargs={"layer": LAYER}, num_iterations=2, max_steps=2,
+          per_device_train_batch_size=4, steps_per_generation=2)
+    assert seen == [(None, False)] * 2  # taken at generation time: no placeholder
 
 
 def test_no_reference_model_and_only_the_layer_trains(tmp_path):
@@ -214,3 +241,18 @@ def test_loss_config_follows_trl_names():
     assert (config.temperature, config.max_completion_length, config.use_bias_correction_kl) == (0.9, 33, True)
     same = loss_config_from_trl(trl.GRPOConfig(output_dir="unused", epsilon=0.25, use_cpu=True, report_to="none"))
     assert same.epsilon_high == 0.25  # TRL: epsilon_high defaults to epsilon
+
+
+def test_model_given_as_a_path(tmp_path):
+    """As with GRPOTrainer, `model` may be a path: TRL loads it, then the one layer is split off it."""
+    from bench.tokenizer import bench_tokenizer
+
+    tiny_model(tmp_path / "model")
+    data = datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS])
+    trainer = OneLayerGRPOTrainer(model=str(tmp_path / "model"), reward_funcs=digit_share, layer=-1,
+                                  args=trl_args(tmp_path / "out", max_steps=1), train_dataset=data,
+                                  processing_class=bench_tokenizer(VOCAB))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    changed = {k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("model.layers.2.") for k in changed), changed
