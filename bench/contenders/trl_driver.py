@@ -7,6 +7,7 @@ generate.
 from __future__ import annotations
 
 import os
+import time
 from functools import partial
 from typing import Any, Callable
 
@@ -89,6 +90,19 @@ class TRLDriver:
                      else self.trainer.ref_model)
         self.frozen = [p for p in self.trainer.model.parameters() if id(p) not in ids] + list(reference.parameters())
         self.last_metrics: dict[str, list[float]] = {}
+        # Seconds inside TRL's own sampling (`_generate`) during the last cycle: the rest of a cycle is the update
+        # (scoring, old / reference log-probs, loss, backward, optimizer), what OneLayerGRPOTrainer changes.
+        self.generate_s = 0.0
+        generate = self.trainer._generate
+
+        def timed_generate(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self.generate_s += time.perf_counter() - started
+
+        self.trainer._generate = timed_generate
 
     def next_batch(self):
         try:
@@ -104,6 +118,7 @@ class TRLDriver:
 
         trainer = self.trainer
         history = []
+        self.generate_s = 0.0
         for _ in range(self.shapes["num_iterations"]):
             loss = trainer.training_step(trainer.model, self.next_batch(), None)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.shapes["max_grad_norm"])

@@ -154,13 +154,17 @@ def trl_iteration_runner(contender: str, model, tokenizer, task, shapes: dict[st
                        loss=loss_knobs(shapes), lr=STEP_LR)
 
     def step() -> list[dict[str, float]]:
+        started = time.perf_counter()
         history = driver.cycle()
+        total = time.perf_counter() - started
         m = driver.last_metrics
         record = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
         record.update(reward_mean=m["reward"][-1] if m.get("reward") else float("nan"),
                       completion_length=m["completions/mean_length"][-1] if m.get("completions/mean_length")
                       else float("nan"))
-        return [record]  # generation happens inside TRL's training_step: no generate / update split
+        # TRL samples inside training_step: its `_generate` is timed, everything else counts as the update
+        record.update(generate_s=driver.generate_s, update_s=total - driver.generate_s)
+        return [record]
 
     return Runner(step, driver.params, driver.frozen, {"trainable_params": sum(p.numel() for p in driver.params)})
 
@@ -178,7 +182,8 @@ ITERATION_SCALE_FLOORS = {"loss": LAYOUT_SCALE_FLOOR, "kl": 1e-6}
 def iteration_crosscheck(agg: dict[str, Any], shapes: dict[str, Any] | None = None) -> list[str]:
     """onelayer_fast and naive_trl start from the same weights, RNG state and prompts, so their warm-up
     iterations sample the same rollouts (same rewards) and must then agree on loss, grad norm and KL.
-    Also: each contender's median split of an iteration into generation and update time."""
+    Also: each contender's median split of an iteration into generation and update time, and the update-alone
+    ratio of TRL with one layer trainable to OneLayerGRPOTrainer (the same TRL sampling in both)."""
     per = agg["contenders"]
     lines = []
     for name, c in per.items():
@@ -186,10 +191,15 @@ def iteration_crosscheck(agg: dict[str, Any], shapes: dict[str, Any] | None = No
         if hist and "generate_s" in hist[0]:
             gen = statistics.median(h["generate_s"] for h in hist)
             upd = statistics.median(h["update_s"] for h in hist)
-            lines.append(f"{name}: last measured iteration split (median over runs): generate + score {gen:.3f} s, "
+            sampled = "TRL's _generate" if name.startswith("trl") or name == "onelayer_fast_trl" else "generate + score"
+            lines.append(f"{name}: last measured iteration split (median over runs): {sampled} {gen:.3f} s, "
                          f"update {upd:.3f} s")
-        elif hist:
-            lines.append(f"{name}: generation is inside TRL's training_step; no split measured")
+    updates = {name: statistics.median(r["last_history"][0]["update_s"] for r in c["runs"] if r.get("last_history"))
+               for name, c in per.items() if any(r.get("last_history") for r in c["runs"])}
+    if "trl_frozen" in updates and "onelayer_fast_trl" in updates:
+        lines.append(f"update alone (iteration minus TRL's sampling), trl_frozen / onelayer_fast_trl: "
+                     f"{updates['trl_frozen'] / updates['onelayer_fast_trl']:.2f}x "
+                     f"({updates['trl_frozen']:.3f} s / {updates['onelayer_fast_trl']:.3f} s)")
     if "onelayer_fast" in per and "naive_trl" in per:
         a = per["onelayer_fast"]["runs"][0]["warmup_history"][0]
         b = per["naive_trl"]["runs"][0]["warmup_history"][0]
