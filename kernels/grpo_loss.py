@@ -175,6 +175,14 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "gro
     return advantages, constant_group
 
 
+def check_counts_supported(config: LossConfig, counts: GlobalCounts | None) -> None:
+    """ValueError for a setting whose loss is not yet computed over a batch split across ranks."""
+    if counts is not None and config.top_entropy_quantile < 1.0:
+        raise ValueError("top_entropy_quantile < 1 is not supported with data-parallel ranks yet: its entropy "
+                         "quantile is taken over the whole batch's tokens, which no rank holds; train it in one "
+                         "process (top_entropy_quantile 1 keeps every token)")
+
+
 def log_importance_weights(logps: Tensor, old_logps: Tensor | None, mask: Tensor, level: str) -> Tensor:
     """(B, T) log-ratio per token, or per row broadcast to (B, 1) at sequence level."""
     old = logps.detach() if old_logps is None else old_logps
@@ -184,16 +192,46 @@ def log_importance_weights(logps: Tensor, old_logps: Tensor | None, mask: Tensor
     return ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
 
 
-def token_loss_weights(mask: Tensor, loss_type: str, max_completion_length: int) -> Tensor:
-    """(B, T) weights w with loss = sum(w * per_token_loss): the loss-type normalization as one tensor."""
+@dataclass(frozen=True)
+class GlobalCounts:
+    """The counts of the whole batch when it is split across data-parallel ranks, each rank's loss taking its
+    rows: the unmasked completion tokens (bnpo, dapo, cispo, vespo and the entropy bonus normalize by them) and
+    the rows (grpo, sapo, luspo, dr_grpo average over them). With them each rank's loss is its rows' share of
+    the whole batch's loss, so the sum of the ranks' gradients is the whole batch's gradient."""
+
+    tokens: float
+    rows: int
+
+    def normalizer(self, loss_type: str) -> float:
+        """What a loss type divides the summed (row-normalized) per-token losses by, over the whole batch."""
+        if loss_type in ("bnpo", "dapo", "cispo", "vespo"):
+            return max(1.0, float(self.tokens))
+        return float(self.rows)  # grpo, sapo, luspo, dr_grpo (the latter also by max_completion_length)
+
+    def scale(self, mask: Tensor, loss_type: str) -> float:
+        """local normalizer / global normalizer: turns a loss normalized over the local rows (the Triton path)
+        into this rank's share of the global one. Exact for the loss types with one normalizer and no entropy bonus."""
+        local = GlobalCounts(tokens=float(mask.sum()), rows=mask.shape[0])
+        return local.normalizer(loss_type) / self.normalizer(loss_type)
+
+
+def token_loss_weights(mask: Tensor, loss_type: str, max_completion_length: int,
+                       counts: GlobalCounts | None = None) -> Tensor:
+    """(B, T) weights w with loss = sum(w * per_token_loss): the loss-type normalization as one tensor.
+
+    counts: the whole batch's token and row counts when `mask` holds one data-parallel rank's rows (None: the
+    batch is whole)."""
+    rows = mask.shape[0] if counts is None else counts.rows
     if loss_type in ("grpo", "sapo"):
-        return mask / (mask.sum(-1, keepdim=True).clamp(min=1.0) * mask.shape[0])
+        return mask / (mask.sum(-1, keepdim=True).clamp(min=1.0) * rows)
     if loss_type in ("bnpo", "dapo", "cispo", "vespo"):
+        if counts is not None:
+            return mask / max(1.0, float(counts.tokens))
         return mask / mask.sum().clamp(min=1.0)
     if loss_type == "luspo":
-        return mask / mask.shape[0]
+        return mask / rows
     if loss_type == "dr_grpo":
-        return mask / (mask.shape[0] * max_completion_length)
+        return mask / (rows * max_completion_length)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
@@ -279,14 +317,18 @@ def grpo_loss_from_logps(
     ref_logps: Tensor | None,
     config: LossConfig,
     entropies: Tensor | None = None,
+    counts: GlobalCounts | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """logps (B, T) differentiable, mask (B, T) float, advantages (B,) -> (loss, metrics of 0-d tensors).
 
     entropies (B, T), differentiable: the tokens' entropies, needed when config.needs_entropy (the entropy mask,
     the entropy bonus); whenever given, their masked mean is the metric "entropy".
+    counts: the whole batch's counts when these rows are one data-parallel rank's share (see GlobalCounts): the
+    loss is then normalized over the whole batch (the metrics stay over these rows: the caller reduces them).
     """
     if config.needs_entropy and entropies is None:
         raise ValueError(f"{', '.join(config.row_level_knobs)} needs the token entropies (entropies=None given)")
+    check_counts_supported(config, counts)
     # The mask in at least the log-probs' precision: float64 runs normalize exactly.
     mask = mask.to(torch.promote_types(mask.dtype, logps.dtype))
     adv = advantages.to(logps.dtype).unsqueeze(1)
@@ -304,11 +346,13 @@ def grpo_loss_from_logps(
         policy_masks.append(entropy_mask)
     per_token_loss, coef_1, per_token_kl = per_token_terms(logps, log_weights, adv, ref_logps, config, vespo_phi,
                                                            tuple(policy_masks))
-    weights = token_loss_weights(mask, config.loss_type, config.normalizer_length(mask.shape[1]))
+    weights = token_loss_weights(mask, config.loss_type, config.normalizer_length(mask.shape[1]), counts)
     loss = (per_token_loss * weights).sum()
     if config.entropy_coef != 0.0:
         effective = mask if entropy_mask is None else mask * entropy_mask
-        loss = loss - config.entropy_coef * (entropies * effective).sum() / effective.sum().clamp(min=1.0)
+        # with counts there is no entropy mask (check_counts_supported): the effective tokens are all tokens
+        bonus_tokens = effective.sum().clamp(min=1.0) if counts is None else max(1.0, float(counts.tokens))
+        loss = loss - config.entropy_coef * (entropies * effective).sum() / bonus_tokens
     token_count = mask.sum().clamp(min=1.0)
     metrics: dict[str, Tensor] = {}
     if per_token_kl is not None:

@@ -37,7 +37,9 @@ from torch import Tensor
 from . import dispatch
 from .kernels.grpo_loss import (
     FusedTokenGRPOLoss,
+    GlobalCounts,
     LossConfig,
+    check_counts_supported,
     group_advantages,
     grpo_loss_from_logps,
     token_loss_weights,
@@ -182,6 +184,7 @@ def grpo_loss(
     ref_logps: Tensor | None = None,
     config: LossConfig | None = None,
     backend: str = "auto",
+    counts: GlobalCounts | None = None,
     **knobs,
 ) -> LossResult:
     """GRPO loss with TRL GRPOTrainer semantics (see `kernels/grpo_loss.py` for the math).
@@ -191,6 +194,9 @@ def grpo_loss(
     advantages (B,); old_logps, ref_logps (B, T) or None.
     The loss knobs come as a LossConfig (`config`), as keywords (`beta=0.04, loss_type="grpo"`, the
     LossConfig field names), or both (keywords override the config).
+    counts: the whole batch's token and row counts when these rows are one data-parallel rank's share
+    (kernels.grpo_loss.GlobalCounts); the loss is then this rank's share of the whole batch's loss, and the sum
+    of the ranks' gradients the whole batch's gradient. The metrics stay over these rows.
     """
     config = loss_config(config, **knobs)
     _check_choice("backend", backend, BACKENDS)
@@ -204,6 +210,7 @@ def grpo_loss(
     _check_per_token("ref_logps", ref_logps, completion_ids.shape)
     if config.beta > 0 and ref_logps is None:
         raise ValueError("beta > 0 needs ref_logps (the KL term would silently be zero without them)")
+    check_counts_supported(config, counts)
     backend = _resolve_backend(backend, hidden, lm_head_weight, completion_mask, config)
     if backend == "triton":  # advantages, loss, gradient and metrics all in the Triton kernels
         _check_advantage_inputs(rewards, group_size, advantages, batch)
@@ -215,6 +222,8 @@ def grpo_loss(
             advantages=None if advantages is None else advantages.float(), old_logps=old_logps, ref_logps=ref_logps,
             config=config,
         )
+        if counts is not None:  # the kernel normalizes over these rows; one normalizer (no entropy bonus here)
+            loss = loss * counts.scale(completion_mask, config.loss_type)
         return LossResult(loss, token_logps, metrics)
     advantages, constant_group = _resolve_advantages(rewards, group_size, advantages, batch, config.scale_rewards)
 
@@ -245,7 +254,7 @@ def grpo_loss(
                 return None if per_token is None else per_token.reshape(-1).float().index_select(0, valid)
 
             row_of_token = valid // length
-            weights = token_loss_weights(mask, config.loss_type, config.normalizer_length(length))
+            weights = token_loss_weights(mask, config.loss_type, config.normalizer_length(length), counts)
             fused_loss, valid_logps = FusedTokenGRPOLoss.apply(
                 flat_hidden, lm_head_weight, flat_ids, advantages.index_select(0, row_of_token),
                 at_valid(weights), at_valid(old_logps), at_valid(ref_logps), config,
@@ -265,7 +274,7 @@ def grpo_loss(
     old = None if old_logps is None else torch.where(keep, old_logps.to(logps.dtype), logps.detach())
     ref = None if ref_logps is None else torch.where(keep, ref_logps.to(logps.dtype), logps.detach())
     if fused_loss is None:
-        loss, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, config, entropies)
+        loss, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, config, entropies, counts)
     else:  # the fused op gave loss and gradient; the same formulas on its log-probs give the metrics
         with torch.no_grad():
             _, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, config)

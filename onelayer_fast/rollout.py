@@ -252,6 +252,9 @@ class DrawKeys:
 
     seeds: tuple[int, ...]  # one per lane, in the lane batch's order
     step: int
+    # the step-wide index of the rows' first prompt group: a data-parallel rank samples the groups
+    # first_group, first_group + 1, ... of the step, and draws what one process sampling them all would draw
+    first_group: int = 0
 
 
 @torch.no_grad()
@@ -296,7 +299,7 @@ def generate_lanes(policy, prompt_ids: Tensor, prompt_mask: Tensor, max_new_toke
     alive = torch.arange(rows_total, device=device)  # the rows still decoding, by their index in the batch
     if keys is not None:
         seed = torch.tensor(keys.seeds, device=device).repeat_interleave(rows)
-        group, in_group = (alive % rows) // group_size, alive % group_size
+        group, in_group = (alive % rows) // group_size + keys.first_group, alive % group_size
     next_position = mask.long().sum(-1)
     completion_ids = torch.full((rows_total, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
@@ -324,3 +327,44 @@ def generate_lanes(policy, prompt_ids: Tensor, prompt_mask: Tensor, max_new_toke
     completion_ids = completion_ids[:, :t + 1]
     completion_mask = completion_mask_after_eos(completion_ids, eos_token_id)
     return completion_ids.masked_fill(completion_mask == 0, pad_token_id), completion_mask
+
+
+class _WholeModel:
+    """A model as generate_lanes sees a LanePolicy of one lane that trains no layer copy of its own: every row
+    runs through the model's own layers (which hold the policy being trained: OneLayerPolicy trains its layer in
+    place, FullModelPolicy every weight)."""
+
+    num_lanes = 1
+    lane_layers = ()
+
+    def __init__(self, model):
+        from .layout import layer_types
+        from .policy import decoder_of, lm_head_weight_of
+
+        self.model = model
+        self.decoder = decoder_of(model)
+        self.layer_types = layer_types(model.config)
+        self.lm_head_weight = lm_head_weight_of(model)
+
+    def lanes_at(self, j: int) -> range:
+        return range(0)
+
+
+@torch.no_grad()
+def sample_keyed(model, prompt_ids: Tensor, prompt_mask: Tensor, max_completion_length: int, eos_token_id: int,
+                 pad_token_id: int, keys: DrawKeys, temperature: float = 1.0, top_p: float = 1.0,
+                 group_size: int = 1) -> tuple[Tensor, Tensor]:
+    """`sample_completions` with keyed draws: each token from keyed_uniform(seed, step, group, row in group,
+    position) (keys: one seed; first_group the step-wide index of these rows' first group), so a prompt
+    group's completions are the same whichever process, and whichever batch, samples it. -> completion_ids
+    (B, C) padded with pad_token_id, completion_mask (B, C); C is the longest completion (at most
+    max_completion_length)."""
+    if len(keys.seeds) != 1:
+        raise ValueError(f"sample_keyed takes one seed, got {len(keys.seeds)}")
+    was_training = model.training
+    model.eval()
+    try:
+        return generate_lanes(_WholeModel(model), prompt_ids, prompt_mask, max_completion_length, eos_token_id,
+                              pad_token_id, keys=keys, temperature=temperature, top_p=top_p, group_size=group_size)
+    finally:
+        model.train(was_training)

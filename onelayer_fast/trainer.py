@@ -17,17 +17,19 @@ from . import checkpoint
 from .advantages import ALGORITHMS, GIGPO_NORMS, apply_algorithm, normalize_then_sum
 from .episodes import Episodes, episode_batch, is_environment_task, run_episodes
 from .batch import RolloutBatch, mask_truncated
-from .kernels.grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, LossConfig
+from .distributed import World
+from .kernels.grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS, LossConfig, group_advantages
 from .layout import LAYOUTS, check_layout
 from .loss import BACKENDS
 from .policy import FullModelPolicy, OneLayerPolicy, decoder_of
-from .rollout import encode_prompts, sample_completions
+from .rollout import DrawKeys, encode_prompts, sample_completions, sample_keyed
 from .tasks import Example, Task
 from .tasks.rewards import reward_table, weighted_sum
 from .update import (LR_SCHEDULERS, DivergenceError, EntropyControl, StepControls, UpdateConfig, grpo_update,
                      make_scheduler)
 
 MODES = ("single", "full")
+SAMPLERS = ("auto", "generate", "keyed")
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
@@ -111,6 +113,10 @@ class GRPOConfig:
     entropy_coef_delta: float = option(0.005, "adaptive entropy: change of the coefficient per optimizer step")
     entropy_target: float = option(0.2, "adaptive entropy: target mean per-token entropy (nats)")
     seed: int = option(42, "seed of prompts, sampling and preset initialization")
+    sampler: str = option("auto", "how completions are sampled: generate (HF generate, torch's random stream), keyed "
+                          "(every token from a uniform keyed by seed, step, prompt group, row and position: a group "
+                          "samples the same on any data-parallel rank), auto (keyed under torchrun with several "
+                          "ranks, else generate)", choices=SAMPLERS)
     loss_backend: str = option("auto", "loss implementation (auto: the Triton kernels on CUDA once their self-check "
                                        "passed, else chunked PyTorch; reference for float64)", choices=BACKENDS)
     layout: str = option("auto", "how rows run through the layers; same loss and gradients (auto: shared_prompt "
@@ -221,13 +227,21 @@ class GRPOConfig:
 
 
 def scored_batch(config: GRPOConfig, task: Task, texts: list[str], examples: list[Example], prompt_ids, prompt_mask,
-                 completion_ids, completion_mask, device, lanes: int = 1) -> RolloutBatch:
+                 completion_ids, completion_mask, device, lanes: int = 1, world: World | None = None) -> RolloutBatch:
     """The rollout batch of single-turn completions (rows in groups of num_generations, lane by lane): rewards
     summed over the task's weighted reward functions and, with multi_objective_aggregation
     "normalize_then_sum", TRL's per-function advantages (each lane's rows normalized on their own, as if it
-    ran alone). Truncation masking is the caller's (it reports the unmasked lengths)."""
+    ran alone). Truncation masking is the caller's (it reports the unmasked lengths).
+
+    world: these rows are one data-parallel rank's share of the step's batch (one lane): the advantages are then
+    always computed, over every rank's rewards (all-gathered: the batch std of scale_rewards "batch" and the
+    batch normalization of normalize_then_sum are the whole batch's), and this rank's rows of them kept."""
     table = reward_table(task, texts, examples)
     rewards = torch.from_numpy(weighted_sum(table, task.reward_weights)).to(device)
+    if world is not None:
+        return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards,
+                            group_size=config.num_generations,
+                            advantages=_data_parallel_advantages(config, task, table, rewards, world).to(device))
     advantages = None
     if config.multi_objective_aggregation == "normalize_then_sum":
         per_func = torch.from_numpy(table).to(device)
@@ -235,6 +249,22 @@ def scored_batch(config: GRPOConfig, task: Task, texts: list[str], examples: lis
                                 for part in per_func.chunk(lanes)])
     return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards,
                         group_size=config.num_generations, advantages=advantages)
+
+
+def _data_parallel_advantages(config: GRPOConfig, task: Task, table, rewards: torch.Tensor, world: World) -> torch.Tensor:
+    """This rank's rows of the advantages of the whole step's batch, from every rank's rewards."""
+    rows = rewards.shape[0]
+    own = slice(world.rank * rows, (world.rank + 1) * rows)
+    if config.multi_objective_aggregation == "normalize_then_sum":
+        per_func = world.all_gather_rows(torch.from_numpy(table))
+        return normalize_then_sum(per_func, task.reward_weights, config.num_generations)[own]
+    everyone = world.all_gather_rows(rewards)
+    if not torch.isfinite(everyone).all():  # the check the loss makes of rewards, on every rank alike
+        bad = (~torch.isfinite(everyone)).nonzero().flatten().tolist()
+        raise ValueError(f"rewards contain NaN or inf at rows {bad} of the step's batch")
+    # as the loss computes them from rewards (loss._resolve_advantages), over the whole batch
+    advantages, _ = group_advantages(everyone.float(), config.num_generations, config.scale_rewards)
+    return advantages[own]
 
 
 @dataclass
@@ -297,6 +327,29 @@ def check_resume(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> 
                          "(or pass --no-resume)")
 
 
+def resolve_sampler(config: GRPOConfig, task: Task, world: World) -> str:
+    """config.sampler with "auto" decided ("keyed" with several data-parallel ranks, else "generate"); ValueError
+    for what data-parallel training cannot run (yet): HF generate on several ranks (a group's completions would
+    depend on the rank sampling it), environment tasks, a step's prompt groups that do not split evenly."""
+    sampler = config.sampler
+    if sampler == "auto":
+        sampler = "keyed" if world.distributed else "generate"
+    if world.distributed and sampler != "keyed":
+        raise ValueError(f"{flag('sampler')} {sampler} with {world.size} data-parallel ranks: a prompt group's "
+                         "completions must not depend on the rank that samples it; use --sampler keyed (or auto)")
+    if sampler == "keyed" and is_environment_task(task):
+        raise ValueError(f"{flag('sampler')} keyed (and data-parallel training) runs single-turn tasks; {task.name!r} "
+                         "is an environment task: train it in one process with --sampler generate")
+    groups = config.per_device_train_batch_size // config.num_generations
+    if groups % world.size != 0:
+        raise ValueError(f"{groups} prompt groups per step ({flag('per_device_train_batch_size')} "
+                         f"{config.per_device_train_batch_size} / {flag('num_generations')} {config.num_generations}) "
+                         f"do not split evenly across {world.size} ranks: a group never splits across ranks, so the "
+                         f"groups per step must be a multiple of the number of ranks (the batch size here is the "
+                         "step's total over every rank)")
+    return sampler
+
+
 def step_prompts(task: Task, seed: int, step: int, count: int) -> list[Example]:
     """The `count` training examples of step `step` of a run seeded `seed`: drawn from (seed, step) alone, so
     a resumed run, and a lane among other lanes, sees exactly the prompts it would have seen."""
@@ -312,11 +365,16 @@ class GRPOTrainer:
     """
 
     def __init__(self, model, tokenizer, task: Task, config: GRPOConfig, run: RunSpec | None = None,
-                 base_model: str = "", resume: bool = True, progress: bool = True):
+                 base_model: str = "", resume: bool = True, progress: bool = True, world: World | None = None):
         run = run or RunSpec()
         config.validate()
         run.validate()
         config = apply_algorithm(config)  # a copy: dr_grpo / gigpo fix some loss knobs
+        world = world or World()
+        config = dataclasses.replace(config, sampler=resolve_sampler(config, task, world))
+        # Keyed sampling runs the data-parallel code path (with one process: the reference of N ranks), and
+        # HF generate the plain one: self.world is None there.
+        self.world = world if config.sampler == "keyed" else None
         self.run = run
         self.update_config = config.update_config()
         self.multi_turn = is_environment_task(task)
@@ -346,8 +404,11 @@ class GRPOTrainer:
         self._updating = False  # True while the weights may be ahead of self.step (inside an update)
         self._diverged = False  # once set, the live weights are bad: nothing may be saved from them
         torch.manual_seed(config.seed)
+        world.resume_hint = (f"the last checkpoint in {self.output_dir} (written by rank 0 every {flag('save_steps')} "
+                             "steps) stands: rerun the same command to resume every rank from it")
         if resume and (path := checkpoint.latest_checkpoint(self.output_dir)) is not None:
             self._resume(path)
+        world.same_on_every_rank(self.step, "the step resumed from")
 
     @property
     def device(self) -> torch.device:
@@ -392,8 +453,14 @@ class GRPOTrainer:
         )
 
     def prompts_for_step(self, step: int) -> list[Example]:
-        return step_prompts(self.task, self.config.seed, step,
-                            self.config.per_device_train_batch_size // self.config.num_generations)
+        """The step's prompts: every prompt group of the step, or with data-parallel ranks this rank's share
+        of them (a contiguous block: rank r samples groups r * n .. r * n + n - 1 of the step's N * n)."""
+        groups = self.config.per_device_train_batch_size // self.config.num_generations
+        examples = step_prompts(self.task, self.config.seed, step, groups)
+        if self.world is None:
+            return examples
+        share = groups // self.world.size
+        return examples[self.world.rank * share:(self.world.rank + 1) * share]
 
     def make_episodes(self, examples: list[Example]) -> tuple[RolloutBatch, Episodes]:
         """Environment tasks: G episodes per example, one batch row per step (see episodes.py)."""
@@ -412,14 +479,20 @@ class GRPOTrainer:
             return batch, episodes.transcripts
         grouped = [e for e in examples for _ in range(self.config.num_generations)]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [e.prompt for e in grouped], self.device)
-        completion_ids, completion_mask = sample_completions(
-            self.model, prompt_ids, prompt_mask, self.config.max_completion_length,
-            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-            temperature=self.config.temperature, top_p=self.config.top_p, group_size=self.config.num_generations,
-        )
+        sampling = dict(eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                        temperature=self.config.temperature, top_p=self.config.top_p,
+                        group_size=self.config.num_generations)
+        if self.world is None:
+            completion_ids, completion_mask = sample_completions(
+                self.model, prompt_ids, prompt_mask, self.config.max_completion_length, **sampling)
+        else:  # keyed: this rank's groups are the step's groups first_group, first_group + 1, ...
+            first_group = self.world.rank * len(examples)
+            completion_ids, completion_mask = sample_keyed(
+                self.model, prompt_ids, prompt_mask, self.config.max_completion_length,
+                keys=DrawKeys((self.config.seed,), self.step, first_group=first_group), **sampling)
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         batch = scored_batch(self.config, self.task, texts, grouped, prompt_ids, prompt_mask, completion_ids,
-                             completion_mask, self.device)
+                             completion_mask, self.device, world=self.world)
         return batch, texts
 
     def train_step(self) -> dict[str, float]:
@@ -441,7 +514,7 @@ class GRPOTrainer:
         generated = time.perf_counter()
         self._updating = True
         try:
-            history = grpo_update(self.policy, self.optimizer, batch, self.update_config, self.controls)
+            history = grpo_update(self.policy, self.optimizer, batch, self.update_config, self.controls, self.world)
         except DivergenceError as error:
             self._diverged = True
             raise DivergenceError(f"training diverged at step {self.step + 1}: {error}. Nothing was saved from it; "
@@ -450,6 +523,12 @@ class GRPOTrainer:
         self._updating = False
         finished = time.perf_counter()
         record = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+        if self.world is not None:  # the whole step's batch: every rank's rows
+            returns, lengths, truncated = (None if x is None else self.world.all_gather_rows(x)
+                                           for x in (returns, lengths, truncated))
+            tokens = int(self.world.all_reduce_sum(torch.tensor([float(tokens)], dtype=torch.float64)))
+            record["frac_reward_zero_std"] = float(group_advantages(returns.float(), self.config.num_generations,
+                                                                    self.config.scale_rewards)[1].float().mean())
         grouped = returns.view(-1, self.config.num_generations)
         if self.multi_turn:
             constant = torch.isclose(grouped.std(dim=1), torch.zeros(()))  # groups with no episode-level signal
@@ -466,26 +545,41 @@ class GRPOTrainer:
             record["clipped_ratio"] = float(truncated.float().mean())  # TRL's completions/clipped_ratio
         return record
 
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the log and checkpoints (rank 0, or the only process)."""
+        return self.world is None or self.world.is_main
+
     def train(self) -> list[dict[str, float]]:
         """Run until max_steps; a KeyboardInterrupt saves a checkpoint before it propagates, unless it lands
-        inside an update (the weights may be a step ahead of the step count) or after a divergence."""
+        inside an update (the weights may be a step ahead of the step count) or after a divergence.
+
+        With data-parallel ranks every rank returns the same (global) records; rank 0 alone writes log.jsonl
+        and the checkpoints, and the others wait for each checkpoint (a barrier), so that a rank that fails
+        later finds it on disk."""
         log_path = self.output_dir / "log.jsonl"
         records = []
         bar = tqdm(total=self.config.max_steps, initial=self.step, desc=f"{self.config.algo} {self.run.mode}", unit="step",
-                   disable=not self.progress)
+                   disable=not (self.progress and self.is_main))
         try:
             while self.step < self.config.max_steps:
                 record = self.train_step()
                 records.append(record)
-                with log_path.open("a") as log:
-                    log.write(json.dumps(record) + "\n")
+                if self.is_main:
+                    with log_path.open("a") as log:
+                        log.write(json.dumps(record) + "\n")
                 bar.update(1)
                 bar.set_postfix(reward=f"{record['reward_mean']:.3f}", loss=f"{record['loss']:.4f}",
-                                kl=f"{record.get('kl', 0.0):.4f}", clip=f"{record['clip_ratio/region_mean']:.3f}",
+                                kl=f"{record.get('kl', 0.0):.4f}", clip=f"{record.get('clip_ratio/region_mean', 0.0):.3f}",
                                 tok_s=f"{record['tokens_per_second']:.0f}")
                 if self.step % self.run.save_steps == 0 or self.step == self.config.max_steps:
-                    self._save()
+                    if self.is_main:
+                        self._save()
+                    if self.world is not None:
+                        self.world.barrier()
         except KeyboardInterrupt:
+            if not self.is_main:
+                raise
             if self.step > 0 and not (self._updating or self._diverged):
                 saved = self._save()
                 print(f"\ninterrupted: saved step {self.step} to {saved}; run the same command to resume")

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from .batch import RolloutBatch
-from .kernels.grpo_loss import LossConfig, high_entropy_mask
+from .distributed import World
+from .kernels.grpo_loss import GlobalCounts, LossConfig, high_entropy_mask
 from .kernels.token_logprobs import chunked_token_logprobs_entropy
 from .lanes import lane_rows
 from .layout import check_layout, make_layout
@@ -201,7 +202,7 @@ def _controls_loss(controls: StepControls | None, loss: LossConfig) -> LossConfi
 
 @torch.no_grad()
 def controlled_entropy(states: Tensor, weight: Tensor, completion_ids: Tensor, completion_mask: Tensor,
-                       loss: LossConfig, metrics: dict[str, float]) -> float:
+                       loss: LossConfig, metrics: dict[str, float], world: World | None = None) -> float:
     """What TRL's adaptive entropy controller measures in a step: the token-weighted mean entropy over the
     tokens the policy loss acts on (every unmasked token, or the top_entropy_quantile subset). The loss's own
     "entropy" metric is that mean over every unmasked token whenever the loss computed entropies; otherwise
@@ -215,6 +216,9 @@ def controlled_entropy(states: Tensor, weight: Tensor, completion_ids: Tensor, c
     mask = completion_mask.to(values.dtype)
     if loss.top_entropy_quantile < 1.0:
         mask = mask * high_entropy_mask(entropies, mask, loss.top_entropy_quantile)
+    if world is not None:  # data parallel: the token mean over every rank's rows (metrics already reduced)
+        total, count = world.all_reduce_sum(torch.stack([(entropies * mask).sum(), mask.sum()]).double()).tolist()
+        return total / max(1.0, count)
     return float((entropies * mask).sum() / mask.sum().clamp(min=1.0))
 
 
@@ -340,8 +344,43 @@ def _record(result, grad_norm: Tensor) -> dict[str, float]:
     return record
 
 
+# The loss metrics that are means over unmasked tokens (at token-level importance sampling; at sequence level the
+# clip ratios are means over rows); every other loss metric is a mean over rows. How data-parallel ranks combine them.
+TOKEN_MEAN_METRICS = frozenset({"kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
+                                "clip_ratio/region_mean", "cispo_clip_ratio"})
+SEQUENCE_LEVEL_ROW_METRICS = frozenset({"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                                        "cispo_clip_ratio"})
+
+
+def global_counts(world: World, completion_mask: Tensor) -> GlobalCounts:
+    """The whole batch's unmasked tokens and rows, summed over the ranks."""
+    local = torch.tensor([float(completion_mask.sum()), float(completion_mask.shape[0])], dtype=torch.float64)
+    tokens, rows = world.all_reduce_sum(local).tolist()
+    return GlobalCounts(tokens=tokens, rows=int(rows))
+
+
+def reduce_record(world: World, record: dict[str, float], completion_mask: Tensor, loss: LossConfig) -> dict[str, float]:
+    """The whole batch's metrics from each rank's (over its own rows): "loss" summed (each rank's loss is its
+    share), token means weighted by each rank's unmasked tokens, row means by its rows; grad_norm (taken after
+    the gradient all-reduce) is the same on every rank. One collective."""
+    names = sorted(k for k in record if k not in ("loss", "grad_norm"))
+    tokens, rows = float(completion_mask.sum()), float(completion_mask.shape[0])
+    sequence = loss.importance_sampling_level == "sequence"
+
+    per_token = [name in TOKEN_MEAN_METRICS and not (sequence and name in SEQUENCE_LEVEL_ROW_METRICS) for name in names]
+    local = torch.tensor([record["loss"], *(record[n] * (tokens if t else rows) for n, t in zip(names, per_token)),
+                          tokens, rows], dtype=torch.float64)
+    total = world.all_reduce_sum(local).tolist()
+    all_tokens, all_rows = total[-2], total[-1]
+    reduced = dict(record)
+    reduced["loss"] = total[0]
+    for name, value, t in zip(names, total[1:-2], per_token):
+        reduced[name] = value / max(1.0, all_tokens if t else all_rows)
+    return reduced
+
+
 def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, config: UpdateConfig,
-                controls: StepControls | None = None) -> list[dict[str, float]]:
+                controls: StepControls | None = None, world: World | None = None) -> list[dict[str, float]]:
     """Run `num_iterations` optimizer steps on one rollout batch; return one metrics dict per iteration.
 
     The prefix runs once. Old log-probs are not computed by a separate pass: the first iteration is
@@ -354,9 +393,19 @@ def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, c
 
     controls: the run's learning-rate schedule, entropy coefficient and reference sync, advanced after each
     optimizer step (StepControls); None: the optimizer's rate, config.loss as given, no sync.
+
+    world: `batch` is this data-parallel rank's share of the step's batch (distributed.World, possibly of one
+    process): the loss is normalized over the whole batch (global token and row counts), the gradients are
+    summed over the ranks before clipping, and the metrics are the whole batch's. The batch must then carry
+    its advantages, computed over the whole batch (each rank's rows of them).
     """
     where = _where(policy)
     _check_rewards(batch, where)
+    counts = None
+    if world is not None:
+        if batch.advantages is None:
+            raise ValueError("a data-parallel update needs the batch's advantages computed over every rank's rewards")
+        counts = global_counts(world, batch.completion_mask)
     cache = prefix_cache(policy, batch, config)
     weight = policy.lm_head_weight
     ref_logps = reference_logps(policy, cache, batch, config)
@@ -368,18 +417,24 @@ def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, c
         states = policy.completion_states(cache)
         result = grpo_loss(states, weight, batch.completion_ids, batch.completion_mask, **advantage_args,
                            old_logps=old_logps, ref_logps=ref_logps, config=_controls_loss(controls, config.loss),
-                           backend=config.loss_backend)
+                           backend=config.loss_backend, counts=counts)
         optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
+        loss = result.loss
+        if world is not None:
+            world.all_reduce_gradients(params)
+            loss = world.all_reduce_sum(result.loss.detach().double())  # every rank checks the same loss
         grad_norm = _clip(params, config.max_grad_norm)
-        _check_step(result.loss, grad_norm, where)
+        _check_step(loss, grad_norm, where)
         optimizer.step()
         _check_weights(params, where)
         if old_logps is None:
             old_logps = result.token_logps
         record = _record(result, grad_norm)
+        if world is not None:
+            record = reduce_record(world, record, batch.completion_mask, config.loss)
         _step_end(controls, record, lambda: controlled_entropy(states.detach(), weight, batch.completion_ids,
-                                                               batch.completion_mask, config.loss, record))
+                                                               batch.completion_mask, config.loss, record, world))
         history.append(record)
     return history
 
