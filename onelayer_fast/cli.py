@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Each run's output directory, mode and layer come from the sweep; only the checkpoint cadence is the user's.
     add_dataclass_flags(sweep, RunSpec, only=("save_steps", "save_total_limit"))
     add_dataclass_flags(sweep, GRPOConfig)
+    from .sweep import EXECUTOR_FIELDS, SweepConfig
+
+    add_dataclass_flags(sweep, SweepConfig, only=EXECUTOR_FIELDS)  # --executor, --ray-address, ...
 
     evaluate = commands.add_parser("eval", help="greedy evaluation of a model (optionally with a checkpoint) on a task")
     evaluate.add_argument("--model", required=True, help="the base model: preset name or local directory")
@@ -194,7 +197,7 @@ def _lanes_value(text: str) -> int | str:
 
 
 def _run_sweep(args: argparse.Namespace) -> None:
-    from .sweep import SweepConfig, print_table, resolve_device, run_sweep
+    from .sweep import EXECUTOR_FIELDS, SweepConfig, print_table, resolve_device, run_sweep
 
     resolve_device(args.device, what="--device")  # SweepConfig checks it too, but cannot name the flag
     config = SweepConfig(model=args.model, out=args.out, task=args.task, task_path=args.task_path, layers=args.layers,
@@ -203,7 +206,8 @@ def _run_sweep(args: argparse.Namespace) -> None:
                          full_learning_rates=args.full_learning_rates, seeds=args.seeds, eval_seed=args.eval_seed, eval_batch_size=args.eval_batch_size, metric=args.metric,
                          device=args.device, dtype=args.dtype, progress=args.progress, save_steps=args.save_steps,
                          save_total_limit=args.save_total_limit, lanes=args.lanes,
-                         memory_budget_mib=args.memory_budget_mib)
+                         memory_budget_mib=args.memory_budget_mib,
+                         **{name: getattr(args, name) for name in EXECUTOR_FIELDS})
     result = run_sweep(config)
     print_table(result)
     written = [result.out / "results.csv", result.out / "results.json", *result.plots]
@@ -243,6 +247,46 @@ def _run_eval(args: argparse.Namespace) -> None:
           f"mean reward {result.mean_reward:.4f}, {result.seconds:.1f} s")
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    """`train`, in one process or as one rank of a torchrun group (data parallel: distributed.py)."""
+    from .distributed import PeerRankError, init_world
+    from .models import load_model
+    from .models.presets import check_model_source
+    from .sweep import DTYPES
+    from .tasks import get_task
+    from .trainer import GRPOTrainer
+
+    config = config_from_args(GRPOConfig, args)
+    run = config_from_args(RunSpec, args)
+    # Everything that needs no model first: a bad setting, model name or task file fails at once.
+    config.validate()
+    run.validate()
+    check_model_source(args.model)
+    task = get_task(args.task, args.task_path)
+    world = init_world()  # a no-op World() without torchrun's environment
+    try:
+        model, tokenizer = load_model(args.model, seed=config.seed, dtype=DTYPES[args.dtype])
+        if world.device is not None:  # under torchrun: this rank's device (cuda:LOCAL_RANK, or the CPU)
+            model = model.to(world.device)
+        trainer = GRPOTrainer(model, tokenizer, task, config, run, base_model=args.model, resume=not args.no_resume,
+                              world=world)
+        records = trainer.train()
+    except PeerRankError as error:
+        print(f"onelayer-fast: error: {error}", file=sys.stderr)
+        return 1
+    world.close()
+    if not world.is_main:
+        return 0
+    ranks = f" on {world.size} ranks" if world.distributed else ""
+    if records:
+        first, last = records[0], records[-1]
+        print(f"done: {trainer.step} steps in {run.output_dir}{ranks}; reward {first['reward_mean']:.3f} -> "
+              f"{last['reward_mean']:.3f}, {last['tokens_per_second']:.0f} tokens/s")
+    else:
+        print(f"nothing to do: {run.output_dir} already holds step {trainer.step} of {config.max_steps}")
+    return 0
+
+
 # What a user's input can cause (a bad value, a missing, existing, wrong-kind or forbidden path, a sweep
 # directory already in use): reported as one error line and exit status 2, never a traceback. Anything
 # else is a bug, and its traceback is what a report needs.
@@ -278,27 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "train":
-            from .tasks import get_task
-            from .trainer import GRPOTrainer
-
-            from .sweep import DTYPES
-
-            config = config_from_args(GRPOConfig, args)
-            run = config_from_args(RunSpec, args)
-            # Everything that needs no model first: a bad setting, model name or task file fails at once.
-            config.validate()
-            run.validate()
-            check_model_source(args.model)
-            task = get_task(args.task, args.task_path)
-            model, tokenizer = load_model(args.model, seed=config.seed, dtype=DTYPES[args.dtype])
-            trainer = GRPOTrainer(model, tokenizer, task, config, run, base_model=args.model, resume=not args.no_resume)
-            records = trainer.train()
-            if records:
-                first, last = records[0], records[-1]
-                print(f"done: {trainer.step} steps in {run.output_dir}; reward {first['reward_mean']:.3f} -> "
-                      f"{last['reward_mean']:.3f}, {last['tokens_per_second']:.0f} tokens/s")
-            else:
-                print(f"nothing to do: {run.output_dir} already holds step {trainer.step} of {config.max_steps}")
+            return _run_train(args)
         elif args.command == "merge":
             _check_merge_target(args.out)
             check_model_source(args.model)

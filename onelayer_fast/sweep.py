@@ -30,6 +30,14 @@ says (`auto`: as many as a memory budget allows, see plan_lanes), in waves; `lan
 another. Every lane writes the same files as a single run, and lanes compute what they would alone, so the
 table does not depend on `lanes`. Base is evaluated as loaded; Full (every weight trains) is its own run.
 
+Jobs and executors: the runs still to do become jobs, one per Base, per Full run (per rate and seed), per
+lane wave (and per single-layer run of an environment task); each job loads a fresh model, trains, evaluates
+and writes its runs' result.json itself. An executor (executors.py, `executor`) runs the list: `local` in this
+process one after another, `ray` as Ray tasks (one GPU each on a CUDA device, retried when a worker dies, and
+then resumed from the run's checkpoints as below), which need the sweep directory on storage every worker
+sees at the same path. The driver alone holds the lock and writes sweep.json and the tables; the executor
+changes no result, and is not a setting: a sweep resumes under either.
+
 Resume: a rerun of the same sweep skips runs that have a result.json and lets the trainer resume a
 half-finished run from its latest checkpoint, so a kill loses at most the steps since that checkpoint.
 A directory holding only the leftovers of a kill during the very first settings write (a temp or a torn
@@ -41,10 +49,12 @@ import copy
 import fcntl
 import csv
 import dataclasses
+import functools
 import gc
 import importlib.util
 import io
 import json
+import math
 import os
 import random
 import re
@@ -59,6 +69,7 @@ from tqdm.auto import tqdm
 
 from .episodes import is_environment_task
 from .evaluate import EvalResult, evaluate, evaluate_lanes
+from .executors import EXECUTORS, Executor, Job, LocalExecutor, RayExecutor
 from .lane_trainer import LaneRun, LaneTrainer
 from .lanes import Lane
 from .layout import auto_layout
@@ -70,7 +81,7 @@ from .policy import decoder_of
 from .rollout import encode_prompts
 from .stats import BootstrapResult, contribution_components, paired_bootstrap, problems_needed
 from .tasks import eval_examples, get_task, val_examples
-from .trainer import GRPOConfig, GRPOTrainer, RunSpec, finite_positive
+from .trainer import GRPOConfig, GRPOTrainer, RunSpec, finite_positive, flag
 from .update import DivergenceError
 
 # 2: single-layer runs sample with keyed draws (sampling.py), as lanes. 3: learning-rate grid, seeds,
@@ -91,6 +102,8 @@ CSV_COLUMNS = (
 )
 RECOVER_THRESHOLD = 0.8  # the share of Full's gain that counts as recovering it (p_recovers_80)
 BOOTSTRAP_RESAMPLES = 10_000
+# The SweepConfig fields that choose where the jobs run (cli.py makes each a `sweep` flag)
+EXECUTOR_FIELDS = ("executor", "ray_address", "ray_gpus_per_job", "ray_cpus_per_job", "ray_max_retries")
 
 
 # -------------------------------------------------------------------------------------- small math
@@ -207,6 +220,18 @@ class SweepConfig:
     save_total_limit: int = 2
     lanes: int | str = "auto"  # single-layer runs trained at once: a number, or "auto" (plan_lanes)
     memory_budget_mib: float | None = None  # what "auto" lanes may use; None: a share of the free memory
+    # Where the jobs (Base, each Full run, each lane wave) run; not a setting of the results (not in sweep.json):
+    # a sweep started with one executor resumes with the other. cli.py makes these fields its flags.
+    executor: str = field(default="local", metadata={
+        "choices": EXECUTORS, "help": "where the sweep's jobs run: local (this process, one after another) or ray"})
+    ray_address: str | None = field(default=None, metadata={
+        "help": "with --executor ray: the cluster to join, host:port (none: start a local Ray cluster)"})
+    ray_gpus_per_job: float | None = field(default=None, metadata={
+        "help": "with --executor ray: GPUs each job asks Ray for (none: 1 on a CUDA --device, else 0)"})
+    ray_cpus_per_job: float = field(default=1.0, metadata={
+        "help": "with --executor ray: CPUs each job asks Ray for (Ray sets the job's OMP_NUM_THREADS to it)"})
+    ray_max_retries: int = field(default=3, metadata={
+        "help": "with --executor ray: reruns of a job whose worker dies; each resumes from its checkpoints"})
 
     def validate(self) -> None:
         """Every check that needs no model: a bad setting fails before anything loads or is written."""
@@ -237,6 +262,40 @@ class SweepConfig:
         for name in ("learning_rates", "full_learning_rates"):
             if getattr(self, name) is not None:
                 _check_rates(name, tuple(getattr(self, name)))
+        self._validate_executor()
+
+    def _validate_executor(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {self.executor!r}")
+        if self.executor != "ray":
+            given = [name for name in ("ray_address", "ray_gpus_per_job") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(flag(name) for name in given)} is for --executor ray (executor is "
+                                 f"{self.executor!r})")
+        for name in ("ray_gpus_per_job", "ray_cpus_per_job"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        retries = self.ray_max_retries
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"ray_max_retries must be an integer >= 0, got {self.ray_max_retries!r}")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ValueError("ray_address is empty: give host:port, or leave it out to start a local Ray cluster")
+
+    def executor_for(self, device: torch.device) -> Executor:
+        """The executor these settings name, for a sweep on `device` (not yet entered: nothing is started).
+        Raises ExecutorError when --executor ray is asked for without Ray installed."""
+        if self.executor == "local":
+            return LocalExecutor()
+        gpus = self.ray_gpus_per_job
+        if gpus is None:
+            gpus = 1.0 if device.type == "cuda" else 0.0
+        elif gpus > 0 and device.type != "cuda":
+            raise ValueError(f"ray_gpus_per_job is {gpus:g} but the sweep's device is {device}: its jobs would hold "
+                             "GPUs they do not use; give --device cuda, or leave --ray-gpus-per-job out")
+        return RayExecutor(address=self.ray_address, num_gpus=gpus, num_cpus=self.ray_cpus_per_job,
+                           max_retries=self.ray_max_retries)
 
     @property
     def rates(self) -> tuple[float, ...]:
@@ -800,9 +859,29 @@ class _Sweep:
         self.grpo = config.grpo
         self.out = Path(config.out)
         self.device = resolve_device(config.device)
-        self.task = get_task(config.task, config.task_path)
+        self._task = get_task(config.task, config.task_path)
         self.max_new_tokens = config.eval_max_new_tokens or self.grpo.max_completion_length
         self._pristine = None  # (model on CPU, tokenizer): see fresh_model
+
+    @property
+    def task(self):
+        if self._task is None:  # in a worker (see __setstate__), read in its working directory on first use
+            self._task = get_task(self.config.task, self.config.task_path)
+        return self._task
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a job sends to a Ray worker: the settings, without the model and the task (the worker loads
+        its own on first use; a task may hold what does not pickle, such as a sandbox)."""
+        return {**self.__dict__, "_pristine": None, "_task": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """In the worker's process: the same kind of device, the one the worker was given (Ray points
+        CUDA_VISIBLE_DEVICES at the GPU it granted, so cuda:N on the driver is `cuda` there), and no inner
+        progress bars (the driver's bar over jobs is the progress; many workers' bars would interleave)."""
+        self.__dict__.update(state)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda")
+        self.config = dataclasses.replace(self.config, progress=False)
 
     def fresh_model(self):
         """A new copy of the base model (never an edited one): the same seed as `onelayer-fast train` uses.
@@ -932,12 +1011,33 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     Holds the directory's SweepLock throughout: a second sweep into the same directory raises
     SweepBusyError at once instead of racing this one over the same runs and tables."""
     sweep = _Sweep(config)  # validates the settings and reads the task first: a bad one fails before any work
+    executor = config.executor_for(sweep.device)  # Ray missing: fails here, before any work
     _check_not_foreign(sweep.out)  # checked again under the lock; this spares a foreign directory the lock file
-    with SweepLock(sweep.out):
-        return _run_locked(sweep, config)
+    # The driver (this process) holds the lock for the whole sweep; jobs, wherever they run, never take it.
+    with executor, SweepLock(sweep.out):
+        return _run_locked(sweep, config, executor)
 
 
-def _run_locked(sweep: _Sweep, config: SweepConfig) -> SweepResult:
+def _execute_job(sweep: _Sweep, runs: list[_Run], splits: dict[str, list], wave: bool) -> list[RunResult]:
+    """One job of a sweep, wherever it runs: a lane wave (`wave`) or one run, trained and evaluated on a
+    fresh model; each result is written to its run's result.json here, so what finished survives the driver."""
+    results = sweep.execute_wave(runs, splits) if wave else [sweep.execute(runs[0], splits)]
+    for result in results:
+        _write_json(sweep.out / "runs" / result.name / RESULT_NAME, dataclasses.asdict(result))
+    _release(sweep.device)
+    return results
+
+
+def _jobs(sweep: _Sweep, pending: list[_Run], waves: list[list[_Run]], splits: dict[str, list]) -> list[Job]:
+    """Every run that is not a lane wave's as a job of its own (Base, each Full run), then each wave."""
+    jobs = [Job(run.name, functools.partial(_execute_job, sweep, [run], splits, False)) for run in pending]
+    for k, wave in enumerate(waves, 1):
+        name = f"wave {k}/{len(waves)}: " + ", ".join(run.name for run in wave)
+        jobs.append(Job(name, functools.partial(_execute_job, sweep, wave, splits, True)))
+    return jobs
+
+
+def _run_locked(sweep: _Sweep, config: SweepConfig, executor: Executor) -> SweepResult:
     model, tokenizer = sweep.fresh_model()
     num_layers = len(decoder_of(model).layers)
     layers = parse_layers(config.layers, num_layers)
@@ -976,36 +1076,30 @@ def _run_locked(sweep: _Sweep, config: SweepConfig) -> SweepResult:
         print(plan.describe(len(singles)))
         waves = [singles[i:i + plan.lanes] for i in range(0, len(singles), plan.lanes)]
         pending = [run for run in pending if run.mode != "single"]
-    bar = tqdm(total=len(runs), initial=len(results), desc="sweep", unit="run", disable=not config.progress)
+    # Every job loads its own fresh model (Base's included): the copy loaded above is not needed any more.
+    del model, tokenizer
+    _release(sweep.device)
+    jobs = _jobs(sweep, pending, waves, splits)
+    if jobs and config.executor != "local":
+        print(f"{executor.describe()}; {len(jobs)} job(s)")
+    bar = tqdm(total=len(jobs), desc="sweep", unit="job", disable=not config.progress)
+    bar.set_postfix_str(f"{len(results)}/{len(runs)} runs done")
     # Everything alive now (imported modules, the base model) outlives the sweep; freezing it keeps the
     # full collections between runs from rescanning those hundreds of thousands of objects each time.
     gc.freeze()
 
-    def record(result: RunResult) -> None:
-        _write_json(sweep.out / "runs" / result.name / RESULT_NAME, dataclasses.asdict(result))
-        results[result.name] = result
+    def done(job: Job, finished: list[RunResult]) -> None:  # the job wrote their result.json files
+        results.update((result.name, result) for result in finished)
         bar.update(1)
+        bar.set_postfix_str(f"{len(results)}/{len(runs)} runs done")
+        if config.progress:
+            bar.write(f"sweep: finished {job.name}")
 
     try:
-        for run in pending:
-            bar.set_postfix_str(run.name)
-            if run.mode == "base":  # the model loaded above is untouched: evaluate it as Base
-                record(sweep.execute(run, splits, model, tokenizer))
-            else:
-                model = tokenizer = None
-                _release(sweep.device)
-                record(sweep.execute(run, splits))
-        for wave in waves:
-            bar.set_postfix_str(f"{len(wave)} lanes: " + ",".join(str(run.layer) for run in wave))
-            model = tokenizer = None
-            _release(sweep.device)
-            for result in sweep.execute_wave(wave, splits):
-                record(result)
+        executor.run(jobs, done)
     finally:
         bar.close()
         gc.unfreeze()
-    del model, tokenizer
-    _release(sweep.device)
 
     settings = json.loads((sweep.out / SETTINGS_NAME).read_text(encoding="utf-8"))
     result = assemble(settings, config.metric, [results[r.name] for r in runs], sweep.out)
