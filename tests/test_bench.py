@@ -540,7 +540,7 @@ def test_grpo_loss_bf16_checks_and_matmul_probe_run_on_the_cpu(capsys):
 # the entry point: `python -m bench WORKLOAD`, and `python -m bench --quick` over every workload
 # --------------------------------------------------------------------------------------------------
 def test_quick_without_a_workload_selects_every_registered_workload(tmp_path, monkeypatch, capsys):
-    assert list(WORKLOADS) == ["step", "step-varlen", "step-real", "grpo_loss", "iteration", "sweep"]
+    assert list(WORKLOADS) == ["step", "step-varlen", "step-real", "grpo_loss", "iteration", "sweep", "ddp"]
     assert all(name == w.name for name, w in WORKLOADS.items())
     parse = cli.build_parser().parse_args
     assert cli.selected_workloads(parse(["--quick"])) == list(WORKLOADS)
@@ -621,3 +621,50 @@ def test_peak_memory_gives_the_peak_and_the_growth_over_a_baseline(monkeypatch):
     with meter:  # a second block starts a new peak
         pass
     assert meter.peak_mib == pytest.approx(100.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# `ddp`: 1 process vs 2 gloo ranks through the same keyed-sampling code path (bench/workloads/ddp.py)
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quick_ddp_benchmark_times_one_and_two_ranks_and_cross_checks(run_quick):
+    # each contender's worker starts its rank processes (2 for ranks2, a gloo group) and times train_step on them
+    record = run_quick("ddp", "--repeats", "1")
+    per = record["contenders"]
+    assert set(per) == {"ranks1", "ranks2"} and all(c["valid"] for c in per.values())
+    one, two = per["ranks1"]["runs"][0], per["ranks2"]["runs"][0]
+    cores = one["machine_cores"]
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    assert one["rank_threads"] == [cores] and two["rank_threads"] == [max(1, cores // 2)] * 2
+    assert one["sampler"] == two["sampler"] == "keyed"
+    assert [r["step"] for r in one["records"]] == [r["step"] for r in two["records"]] == [1.0, 2.0]  # warm-up + 1
+    assert not one["ranks_differ"] and not two["ranks_differ"]  # every rank logged the same, held the same weights
+    assert record["ratios"]["time:ranks1/ranks2"] > 0 and record["targets"] == []
+    cross = record["crosscheck"]
+    assert any(line.startswith("scaling: time ranks1 / ranks2") and "scaling efficiency" in line for line in cross)
+    assert any("cross-check ranks1 vs ranks2" in line and "[MATCH]" in line for line in cross), cross
+    assert not any("[MISMATCH]" in line for line in cross)
+
+
+def test_ddp_cross_check_tells_a_rounding_flip_from_a_disagreement():
+    from bench.workloads import ddp
+
+    def run(*steps):  # (rows, reward_mean, loss) per step
+        return [{"step": float(k), "rows": list(rows), "reward_mean": reward, "reward_std": 0.1,
+                 "completion_length": 8.0, "loss": loss, "grad_norm": 1.0, "kl": 0.0}
+                for k, (rows, reward, loss) in enumerate(steps, 1)]
+
+    rows = "abcdefgh"
+    a = run((rows, 0.5, 0.2), (rows, 0.25, 0.1), (rows, 0.5, 0.3))
+    assert ddp.compare_records(a, a) == (3, [], None)
+    close = run((rows, 0.5, 0.2 * (1 + 1e-6)), (rows, 0.25, 0.1), (rows, 0.5, 0.3))
+    assert ddp.compare_records(close, a)[:2] == (3, [])  # float32 rounding of the loss
+    flip = run((rows, 0.5, 0.2), ("Xbcdefgh", 0.375, 0.4), (rows, 0.0, 0.0))  # one completion of step 2 differs
+    steps, bad, parted = ddp.compare_records(flip, a)
+    assert (steps, bad) == (1, []) and parted.startswith("step 2: 1 of 8 completions differ")
+    keyed_wrong = run(("XYZdefgh", 0.5, 0.2), (rows, 0.25, 0.1), (rows, 0.5, 0.3))  # 3 rows: not a flip
+    assert "more than a float32 rounding flip" in ddp.compare_records(keyed_wrong, a)[1][0]
+    same_rows = run((rows, 0.5, 0.2), (rows, 0.375, 0.1), (rows, 0.5, 0.3))  # same completions, other reward
+    assert "reward_mean" in ddp.compare_records(same_rows, a)[1][0]
+    far = run((rows, 0.5, 0.2), (rows, 0.25, 0.2), (rows, 0.5, 0.3))
+    assert "step 2 loss" in ddp.compare_records(far, a)[1][0]
