@@ -6,6 +6,14 @@ read them), and it resumes from its own latest checkpoint. Lanes step in lockste
 different steps (one checkpointed, another not yet) simply step apart until they meet again, which
 changes nothing they compute: prompts come from (lane seed, step) and every sampled token from
 (lane seed, step, group, row, position), never from a shared random stream.
+
+Under torchrun (`world`: distributed.World) the lanes train data-parallel: every rank holds every lane's layer
+and samples its share of every lane's prompt groups (rank r: groups r * n .. r * n + n - 1 of each lane's N * n,
+a group never split; keyed draws make them what one process would sample); each lane's advantages come from its
+rewards all-gathered from every rank, its loss is normalized over its whole batch (GlobalCounts per lane), every
+lane's gradient is summed over the ranks (one flat all-reduce) before its own clipping, and its metrics are
+reduced. Rank 0 alone writes the lanes' logs and checkpoints; every rank resumes from them (a shared output
+directory). A World of one process runs the same code path: the reference that N ranks equal.
 """
 from __future__ import annotations
 
@@ -23,11 +31,13 @@ from tqdm.auto import tqdm
 from . import checkpoint
 from .advantages import apply_algorithm
 from .batch import mask_truncated
+from .distributed import World
 from .episodes import is_environment_task
+from .kernels.grpo_loss import GlobalCounts, check_counts_supported, group_advantages
 from .lanes import Lane, LanePolicy
 from .rollout import DrawKeys, encode_prompts, generate_lanes
 from .tasks import Example, Task
-from .trainer import GRPOConfig, check_resume, scored_batch, step_prompts
+from .trainer import GRPOConfig, check_resume, flag, scored_batch, step_prompts
 from .update import DivergenceError, lanes_update
 
 
@@ -46,10 +56,14 @@ class LaneTrainer:
                           [LaneRun(Lane(3), "runs/l3"), LaneRun(Lane(5, learning_rate=3e-6), "runs/l5")])
     trainer.train()
     trainer.policy.lane_layers[k]   # lane k's trained layer (policy.lanes order; runs[trainer.policy.order[k]])
+
+    world: this process's place among data-parallel ranks (distributed.init_world() under torchrun); None: one
+    process, each lane's rows all here. per_device_train_batch_size is then each lane's step total over every
+    rank, and its prompt groups must split evenly across the ranks.
     """
 
     def __init__(self, model, tokenizer, task: Task, config: GRPOConfig, runs: list[LaneRun], base_model: str = "",
-                 save_steps: int = 50, save_total_limit: int = 2, progress: bool = True):
+                 save_steps: int = 50, save_total_limit: int = 2, progress: bool = True, world: World | None = None):
         config.validate()
         if is_environment_task(task):
             raise ValueError(f"lanes train single-turn tasks; {task.name!r} is an environment task "
@@ -60,6 +74,9 @@ class LaneTrainer:
             raise ValueError("every lane needs its own output_dir")
         self.config = apply_algorithm(config)
         self.update_config = self.config.update_config()
+        if world is not None:
+            _check_data_parallel(self.config, world)
+        self.world = world
         self.model, self.tokenizer, self.task, self.base_model = model, tokenizer, task, base_model
         self.save_steps, self.save_total_limit, self.progress = save_steps, save_total_limit, progress
         # sync_ref_model moves each lane's reference: then every lane needs its own copy of its original layer.
@@ -82,10 +99,25 @@ class LaneTrainer:
             Path(run.output_dir).mkdir(parents=True, exist_ok=True)
             if (path := checkpoint.latest_checkpoint(run.output_dir)) is not None:
                 self._resume(k, path)
+        if world is not None:
+            world.resume_hint = ("each lane's last checkpoint (written by rank 0 every save_steps steps) stands: rerun "
+                                 "the same command to resume every rank from them")
+            for k, run in enumerate(self.runs):
+                world.same_on_every_rank(self.steps[k], f"the step {run.output_dir} resumed from")
 
     @property
     def device(self) -> torch.device:
         return self.policy.lm_head_weight.device
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the logs and checkpoints (rank 0, or the only process)."""
+        return self.world is None or self.world.is_main
+
+    def groups_here(self) -> int:
+        """The prompt groups of each lane that this process samples in a step (its share under data parallelism)."""
+        groups = self.config.per_device_train_batch_size // self.config.num_generations
+        return groups if self.world is None else groups // self.world.size
 
     def _reference_pairs(self, k: int):
         if self.policy.reference_layers is None:
@@ -129,8 +161,14 @@ class LaneTrainer:
 
     # ------------------------------------------------------------------------------------- a step
     def prompts_for_step(self, k: int, step: int) -> list[Example]:
-        return step_prompts(self.task, self.seed(k), step,
-                            self.config.per_device_train_batch_size // self.config.num_generations)
+        """Lane k's prompts of a step: every prompt group, or with data-parallel ranks this rank's share of them
+        (a contiguous block, as GRPOTrainer.prompts_for_step)."""
+        examples = step_prompts(self.task, self.seed(k), step,
+                                self.config.per_device_train_batch_size // self.config.num_generations)
+        if self.world is None:
+            return examples
+        share = self.groups_here()
+        return examples[self.world.rank * share:(self.world.rank + 1) * share]
 
     def train_step(self, active: list[int]) -> list[dict[str, float]]:
         """One step of the lanes `active` (all at the same step); returns their log records.
@@ -146,22 +184,24 @@ class LaneTrainer:
         started = time.perf_counter()
         examples = [e for k in active for e in self.prompts_for_step(k, step) for _ in range(group)]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [e.prompt for e in examples], self.device)
+        first_group = 0 if self.world is None else self.world.rank * self.groups_here()
         completion_ids, completion_mask = generate_lanes(
             policy, prompt_ids, prompt_mask, config.max_completion_length, eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id, keys=DrawKeys(tuple(self.seed(k) for k in active), step),
+            pad_token_id=self.tokenizer.pad_token_id,
+            keys=DrawKeys(tuple(self.seed(k) for k in active), step, first_group=first_group),
             temperature=config.temperature, top_p=config.top_p, group_size=group)
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        batch = scored_batch(config, self.task, texts, examples, prompt_ids, prompt_mask, completion_ids,
-                             completion_mask, self.device, lanes=len(active))
-        rewards = batch.rewards
-        truncated = None
-        if config.mask_truncated_completions:
-            batch, truncated = mask_truncated(batch, config.end_token_ids(self.tokenizer))
-        generated = time.perf_counter()
-        self._updating = list(active)
         try:
+            batch = scored_batch(config, self.task, texts, examples, prompt_ids, prompt_mask, completion_ids,
+                                 completion_mask, self.device, lanes=len(active), world=self.world)
+            rewards = batch.rewards
+            truncated = None
+            if config.mask_truncated_completions:
+                batch, truncated = mask_truncated(batch, config.end_token_ids(self.tokenizer))
+            generated = time.perf_counter()
+            self._updating = list(active)
             histories = lanes_update(policy, [self.optimizers[k] for k in active], batch, self.update_config,
-                                     [self.controls[k] for k in active])
+                                     [self.controls[k] for k in active], world=self.world)
         except DivergenceError as error:
             self._diverged = True
             diverged = tuple(active[i] for i in error.lanes)  # error.lanes index the active lanes
@@ -169,25 +209,33 @@ class LaneTrainer:
             raise DivergenceError(f"training diverged at step {step + 1} ({runs}): {error}. Nothing was saved from "
                                   "it; every lane's last checkpoint, if any, is its last good state", diverged) from error
         finished = time.perf_counter()
-        rows = config.per_device_train_batch_size
         share = len(active)  # each lane's share of the step's wall time
+        lengths = completion_mask.sum(1).float()
+        # generated, masked for the loss or not: per lane (L, rows)
+        tokens = (prompt_mask.sum(1) + completion_mask.sum(1)).double().view(share, -1).sum(1)
+        per_row = torch.stack([rewards.double(), lengths.double()] + ([] if truncated is None else [truncated.double()]))
+        per_row = per_row.view(per_row.shape[0], share, -1)  # (what, lane, this process's rows of the lane)
+        if self.world is not None:  # each lane's whole batch: every rank's rows of it (rank order)
+            per_row = self.world.all_gather_rows(per_row.permute(2, 0, 1).contiguous()).permute(1, 2, 0)
+            tokens = self.world.all_reduce_sum(tokens)
         records = []
         for i, (k, history) in enumerate(zip(active, histories)):
             self.steps[k] += 1
-            own = slice(i * rows, (i + 1) * rows)
             record = {name: sum(h[name] for h in history) / len(history) for name in history[0]}
-            lane_rewards = rewards[own]
-            tokens = int(prompt_mask[own].sum() + completion_mask[own].sum())  # generated, masked for the loss or not
+            lane_rewards, lane_lengths = per_row[0, i], per_row[1, i]
             record.update(
                 step=self.steps[k], reward_mean=float(lane_rewards.mean()),
-                reward_std=float(lane_rewards.view(-1, group).std(dim=1).mean()),
-                completion_length=float(completion_mask[own].sum(1).float().mean()),
+                reward_std=float(lane_rewards.reshape(-1, group).std(dim=1).mean()),
+                completion_length=float(lane_lengths.mean()),
                 generate_time=(generated - started) / share, update_time=(finished - generated) / share,
-                step_time=(finished - started) / share, tokens_per_second=tokens * share / (finished - started),
-                lanes=len(active),
+                step_time=(finished - started) / share,
+                tokens_per_second=int(tokens[i]) * share / (finished - started), lanes=len(active),
             )
+            if self.world is not None:  # the loss took advantages (not rewards): the lane's whole batch's, here
+                record["frac_reward_zero_std"] = float(group_advantages(lane_rewards.float(), group,
+                                                                        config.scale_rewards)[1].float().mean())
             if truncated is not None:
-                record["clipped_ratio"] = float(truncated[own].float().mean())  # TRL's completions/clipped_ratio
+                record["clipped_ratio"] = float(per_row[2, i].mean())  # TRL's completions/clipped_ratio
             records.append(record)
         self._updating = []
         return records
@@ -204,21 +252,29 @@ class LaneTrainer:
         records: list[list[dict[str, float]]] = [[] for _ in range(lanes)]
         total = self.config.max_steps * lanes
         bar = tqdm(total=total, initial=sum(self.steps), desc=f"{self.config.algo} {lanes} lanes", unit="lane-step",
-                   disable=not self.progress)
+                   disable=not (self.progress and self.is_main))
         try:
             while pending := [k for k in range(lanes) if self.steps[k] < self.config.max_steps]:
                 step = min(self.steps[k] for k in pending)
                 active = [k for k in pending if self.steps[k] == step]
                 step_records = self.train_step(active)
+                saved = False
                 for k, record in zip(active, step_records):
                     records[k].append(record)
-                    with (Path(self.runs[k].output_dir) / "log.jsonl").open("a") as log:
-                        log.write(json.dumps(record) + "\n")
+                    if self.is_main:
+                        with (Path(self.runs[k].output_dir) / "log.jsonl").open("a") as log:
+                            log.write(json.dumps(record) + "\n")
                     if self.steps[k] % self.save_steps == 0 or self.steps[k] == self.config.max_steps:
-                        self._save(k)
+                        saved = True
+                        if self.is_main:
+                            self._save(k)
+                if saved and self.world is not None:  # the others wait for rank 0's checkpoints
+                    self.world.barrier()
                 bar.update(len(active))
                 bar.set_postfix(reward=f"{sum(r['reward_mean'] for r in step_records) / len(step_records):.3f}")
         except KeyboardInterrupt:
+            if not self.is_main:
+                raise
             # Nothing from a diverged trainer (train() called again after the error): its weights are unusable.
             saved = [] if self._diverged else [k for k in range(lanes)
                                                  if k not in self._updating and self.steps[k] > self._saved[k]]
@@ -229,3 +285,16 @@ class LaneTrainer:
         finally:
             bar.close()
         return records
+
+
+def _check_data_parallel(config: GRPOConfig, world: World) -> None:
+    """ValueError for lanes that cannot train across `world`'s ranks: each lane's prompt groups must split evenly
+    (a group never splits across ranks), and the loss must be computable over a batch split across ranks."""
+    groups = config.per_device_train_batch_size // config.num_generations
+    if groups % world.size != 0:
+        raise ValueError(f"each lane's {groups} prompt groups per step ({flag('per_device_train_batch_size')} "
+                         f"{config.per_device_train_batch_size} / {flag('num_generations')} {config.num_generations}) "
+                         f"do not split evenly across {world.size} ranks: a group never splits across ranks, so each "
+                         "lane's groups per step must be a multiple of the number of ranks (the batch size here is a "
+                         "lane's step total over every rank)")
+    check_counts_supported(config.loss_config(), GlobalCounts(tokens=0.0, rows=0))

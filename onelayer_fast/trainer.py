@@ -25,8 +25,8 @@ from .policy import FullModelPolicy, OneLayerPolicy, decoder_of
 from .rollout import DrawKeys, encode_prompts, sample_completions, sample_keyed
 from .tasks import Example, Task
 from .tasks.rewards import reward_table, weighted_sum
-from .update import (LR_SCHEDULERS, DivergenceError, EntropyControl, StepControls, UpdateConfig, grpo_update,
-                     make_scheduler)
+from .update import (LR_SCHEDULERS, SQUARE_SAFE, DivergenceError, EntropyControl, StepControls, UpdateConfig,
+                     grpo_update, make_scheduler)
 
 MODES = ("single", "full")
 SAMPLERS = ("auto", "generate", "keyed")
@@ -227,44 +227,77 @@ class GRPOConfig:
 
 
 def scored_batch(config: GRPOConfig, task: Task, texts: list[str], examples: list[Example], prompt_ids, prompt_mask,
-                 completion_ids, completion_mask, device, lanes: int = 1, world: World | None = None) -> RolloutBatch:
+                 completion_ids, completion_mask, device, lanes: int | None = None,
+                 world: World | None = None) -> RolloutBatch:
     """The rollout batch of single-turn completions (rows in groups of num_generations, lane by lane): rewards
     summed over the task's weighted reward functions and, with multi_objective_aggregation
     "normalize_then_sum", TRL's per-function advantages (each lane's rows normalized on their own, as if it
     ran alone). Truncation masking is the caller's (it reports the unmasked lengths).
 
-    world: these rows are one data-parallel rank's share of the step's batch (one lane): the advantages are then
-    always computed, over every rank's rewards (all-gathered: the batch std of scale_rewards "batch" and the
-    batch normalization of normalize_then_sum are the whole batch's), and this rank's rows of them kept."""
+    lanes: the number of lanes whose rows these are (LaneTrainer); None: one run's (GRPOTrainer).
+    world: these rows are one data-parallel rank's share of the step's batch (of each lane's): the
+    advantages are then always computed, each lane's over every rank's rewards of that lane (all-gathered: the
+    batch std of scale_rewards "batch" and the batch normalization of normalize_then_sum are the lane's whole
+    batch's), and this rank's rows of them kept."""
     table = reward_table(task, texts, examples)
     rewards = torch.from_numpy(weighted_sum(table, task.reward_weights)).to(device)
     if world is not None:
         return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards,
                             group_size=config.num_generations,
-                            advantages=_data_parallel_advantages(config, task, table, rewards, world).to(device))
+                            advantages=_data_parallel_advantages(config, task, table, rewards, world, lanes).to(device))
     advantages = None
     if config.multi_objective_aggregation == "normalize_then_sum":
         per_func = torch.from_numpy(table).to(device)
         advantages = torch.cat([normalize_then_sum(part, task.reward_weights, config.num_generations)
-                                for part in per_func.chunk(lanes)])
+                                for part in per_func.chunk(lanes or 1)])
     return RolloutBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, rewards,
                         group_size=config.num_generations, advantages=advantages)
 
 
-def _data_parallel_advantages(config: GRPOConfig, task: Task, table, rewards: torch.Tensor, world: World) -> torch.Tensor:
-    """This rank's rows of the advantages of the whole step's batch, from every rank's rewards."""
-    rows = rewards.shape[0]
+def _data_parallel_advantages(config: GRPOConfig, task: Task, table, rewards: torch.Tensor, world: World,
+                              lanes: int | None = None) -> torch.Tensor:
+    """This rank's rows of the advantages of the whole step's batch, from every rank's rewards: with `lanes`
+    lanes (rows lane by lane, the same number per lane) each lane's from its own rewards on every rank. One
+    all-gather for every lane: each rank sends (rows per lane, lanes, ...), so that the gathered rows of lane k
+    are its whole batch in rank order.
+
+    Non-finite rewards: ValueError for one run (lanes None). With lanes, DivergenceError naming the lanes (their
+    indices among `lanes`) for non-finite rewards or advantages too large to train on, raised on every rank alike
+    (the update's own check sees only this rank's rows)."""
+    run = lanes is None
+    lanes = lanes or 1
+    rows = rewards.shape[0] // lanes
     own = slice(world.rank * rows, (world.rank + 1) * rows)
+
+    def gathered(x: torch.Tensor) -> torch.Tensor:
+        """(lanes * rows, ...) lane by lane -> (lanes, ranks * rows, ...): each lane's rows on every rank."""
+        local = x.reshape(lanes, rows, *x.shape[1:]).transpose(0, 1).contiguous()
+        return world.all_gather_rows(local).transpose(0, 1)
+
     if config.multi_objective_aggregation == "normalize_then_sum":
-        per_func = world.all_gather_rows(torch.from_numpy(table))
-        return normalize_then_sum(per_func, task.reward_weights, config.num_generations)[own]
-    everyone = world.all_gather_rows(rewards)
+        per_func = gathered(torch.from_numpy(table))
+        return torch.cat([normalize_then_sum(part, task.reward_weights, config.num_generations)[own]
+                          for part in per_func])
+    everyone = gathered(rewards)
     if not torch.isfinite(everyone).all():  # the check the loss makes of rewards, on every rank alike
-        bad = (~torch.isfinite(everyone)).nonzero().flatten().tolist()
-        raise ValueError(f"rewards contain NaN or inf at rows {bad} of the step's batch")
-    # as the loss computes them from rewards (loss._resolve_advantages), over the whole batch
-    advantages, _ = group_advantages(everyone.float(), config.num_generations, config.scale_rewards)
-    return advantages[own]
+        if run:
+            bad = (~torch.isfinite(everyone[0])).nonzero().flatten().tolist()
+            raise ValueError(f"rewards contain NaN or inf at rows {bad} of the step's batch")
+        bad = ~torch.isfinite(everyone)
+        bad_lanes = tuple(bad.any(dim=1).nonzero().flatten().tolist())
+        where = "; ".join(f"rows {bad[k].nonzero().flatten().tolist()} of lane {k}" for k in bad_lanes)
+        raise DivergenceError(f"rewards contain NaN or inf at {where} of the step's batch; check the task's reward "
+                              "functions", bad_lanes)
+    # as the loss computes them from rewards (loss._resolve_advantages), over each lane's whole batch
+    whole = [group_advantages(lane.float(), config.num_generations, config.scale_rewards)[0] for lane in everyone]
+    # the update's check of the advantages (update._check_rewards), made here on the whole batch so that every
+    # rank raises alike (a rank's own rows may be within bounds while another's are not)
+    peaks = [float(a.abs().max()) if a.numel() and not run else 0.0 for a in whole]
+    if bad_lanes := tuple(k for k, peak in enumerate(peaks) if not peak <= SQUARE_SAFE):
+        raise DivergenceError(f"the advantages of lane(s) {list(bad_lanes)} are not finite or too large to train on "
+                              f"(largest |advantage| {max(peaks[k] for k in bad_lanes):.3g}, usable up to "
+                              f"{SQUARE_SAFE:.2g}); scale the task's rewards down", bad_lanes)
+    return torch.cat([advantages[own] for advantages in whole])
 
 
 @dataclass

@@ -354,29 +354,48 @@ SEQUENCE_LEVEL_ROW_METRICS = frozenset({"clip_ratio/low_mean", "clip_ratio/high_
 
 def global_counts(world: World, completion_mask: Tensor) -> GlobalCounts:
     """The whole batch's unmasked tokens and rows, summed over the ranks."""
-    local = torch.tensor([float(completion_mask.sum()), float(completion_mask.shape[0])], dtype=torch.float64)
-    tokens, rows = world.all_reduce_sum(local).tolist()
-    return GlobalCounts(tokens=tokens, rows=int(rows))
+    return lane_global_counts(world, [completion_mask])[0]
+
+
+def lane_global_counts(world: World, completion_masks: Sequence[Tensor]) -> list[GlobalCounts]:
+    """Each lane's whole-batch unmasked tokens and rows (completion_masks[k]: this rank's rows of lane k),
+    summed over the ranks in one collective."""
+    local = torch.tensor([[float(mask.sum()), float(mask.shape[0])] for mask in completion_masks], dtype=torch.float64)
+    return [GlobalCounts(tokens=tokens, rows=int(rows)) for tokens, rows in world.all_reduce_sum(local).tolist()]
 
 
 def reduce_record(world: World, record: dict[str, float], completion_mask: Tensor, loss: LossConfig) -> dict[str, float]:
     """The whole batch's metrics from each rank's (over its own rows): "loss" summed (each rank's loss is its
     share), token means weighted by each rank's unmasked tokens, row means by its rows; grad_norm (taken after
     the gradient all-reduce) is the same on every rank. One collective."""
-    names = sorted(k for k in record if k not in ("loss", "grad_norm"))
-    tokens, rows = float(completion_mask.sum()), float(completion_mask.shape[0])
-    sequence = loss.importance_sampling_level == "sequence"
+    return reduce_records(world, [record], [completion_mask], loss)[0]
 
-    per_token = [name in TOKEN_MEAN_METRICS and not (sequence and name in SEQUENCE_LEVEL_ROW_METRICS) for name in names]
-    local = torch.tensor([record["loss"], *(record[n] * (tokens if t else rows) for n, t in zip(names, per_token)),
-                          tokens, rows], dtype=torch.float64)
-    total = world.all_reduce_sum(local).tolist()
-    all_tokens, all_rows = total[-2], total[-1]
-    reduced = dict(record)
-    reduced["loss"] = total[0]
-    for name, value, t in zip(names, total[1:-2], per_token):
-        reduced[name] = value / max(1.0, all_tokens if t else all_rows)
-    return reduced
+
+def reduce_records(world: World, records: Sequence[dict[str, float]], completion_masks: Sequence[Tensor],
+                   loss: LossConfig) -> list[dict[str, float]]:
+    """`reduce_record` for several lanes (records[k] over this rank's rows of lane k, completion_masks[k] those
+    rows' mask) in one collective. A lane's metric names are the same on every rank (its controls are)."""
+    sequence = loss.importance_sampling_level == "sequence"
+    layouts, local = [], []
+    for record, mask in zip(records, completion_masks, strict=True):
+        names = sorted(k for k in record if k not in ("loss", "grad_norm"))
+        tokens, rows = float(mask.sum()), float(mask.shape[0])
+        per_token = [name in TOKEN_MEAN_METRICS and not (sequence and name in SEQUENCE_LEVEL_ROW_METRICS)
+                     for name in names]
+        local += [record["loss"], *(record[n] * (tokens if t else rows) for n, t in zip(names, per_token)), tokens, rows]
+        layouts.append((names, per_token))
+    total = world.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
+    reduced_records, offset = [], 0
+    for record, (names, per_token) in zip(records, layouts):
+        part = total[offset:offset + len(names) + 3]
+        offset += len(names) + 3
+        all_tokens, all_rows = part[-2], part[-1]
+        reduced = dict(record)
+        reduced["loss"] = part[0]
+        for name, value, t in zip(names, part[1:-2], per_token):
+            reduced[name] = value / max(1.0, all_tokens if t else all_rows)
+        reduced_records.append(reduced)
+    return reduced_records
 
 
 def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, config: UpdateConfig,
@@ -440,7 +459,8 @@ def grpo_update(policy, optimizer: torch.optim.Optimizer, batch: RolloutBatch, c
 
 
 def lanes_update(policy, optimizers: list[torch.optim.Optimizer], batch: RolloutBatch,
-                 config: UpdateConfig, controls: Sequence[StepControls] | None = None) -> list[list[dict[str, float]]]:
+                 config: UpdateConfig, controls: Sequence[StepControls] | None = None,
+                 world: World | None = None) -> list[list[dict[str, float]]]:
     """`grpo_update` for every lane of a LanePolicy at once: one prefix, one reference pass, and per iteration
     one suffix and one backward over all lanes; each lane's loss is normalized over its own rows exactly as
     if it ran alone, its gradient clipped and its optimizer stepped on its own.
@@ -452,6 +472,11 @@ def lanes_update(policy, optimizers: list[torch.optim.Optimizer], batch: Rollout
     DivergenceError as grpo_update's, naming the lane and its layer (`.lanes`: which lanes). Every lane's
     loss and gradient norm is checked before any lane steps, so a divergence before the step leaves every
     lane's weights as they were.
+
+    world: `batch` holds this data-parallel rank's share of every lane's rows (the same number per lane, each
+    lane's advantages computed over its whole batch): each lane's loss is normalized over its whole batch
+    (GlobalCounts per lane), every lane's gradient is summed over the ranks (one flat all-reduce over all
+    lanes) before its own clipping, and each lane's metrics are its whole batch's (as grpo_update's `world`).
     """
     lanes = policy.num_lanes
     if len(optimizers) != lanes:
@@ -466,6 +491,11 @@ def lanes_update(policy, optimizers: list[torch.optim.Optimizer], batch: Rollout
     parts = [lane_rows(batch, k, rows) for k in range(lanes)]
     for k, part in enumerate(parts):
         _check_rewards(part, _where(policy, k), (k,))
+    counts: list[GlobalCounts | None] = [None] * lanes
+    if world is not None:
+        if batch.advantages is None:
+            raise ValueError("a data-parallel update needs the batch's advantages computed over every rank's rewards")
+        counts = lane_global_counts(world, [part.completion_mask for part in parts])
     all_ref_logps = reference_logps(policy, cache, batch, config)
     ref_logps = [None] * lanes if all_ref_logps is None else list(all_ref_logps.split(rows))
     old_logps: list = [None] * lanes
@@ -476,23 +506,31 @@ def lanes_update(policy, optimizers: list[torch.optim.Optimizer], batch: Rollout
         for k, part in enumerate(parts):
             results.append(grpo_loss(states[k], weight, part.completion_ids, part.completion_mask, **_advantage_args(part),
                                      old_logps=old_logps[k], ref_logps=ref_logps[k],
-                                     config=_controls_loss(controls[k], config.loss), backend=config.loss_backend))
+                                     config=_controls_loss(controls[k], config.loss), backend=config.loss_backend,
+                                     counts=counts[k]))
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         # Lanes share no trainable weight, so the gradient of the sum is each lane's own gradient.
         torch.stack([r.loss for r in results]).sum().backward()
+        losses = [r.loss for r in results]
+        if world is not None:  # every lane's gradient summed over the ranks, then each lane clipped on its own
+            world.all_reduce_gradients([p for k in range(lanes) for p in policy.trainable_parameters(k)])
+            losses = list(world.all_reduce_sum(torch.stack([r.loss.detach().double() for r in results])))
         grad_norms = [_clip(policy.trainable_parameters(k), config.max_grad_norm) for k in range(lanes)]
-        for k, (result, grad_norm) in enumerate(zip(results, grad_norms)):
-            _check_step(result.loss, grad_norm, _where(policy, k), (k,))
+        for k, (loss, grad_norm) in enumerate(zip(losses, grad_norms)):
+            _check_step(loss, grad_norm, _where(policy, k), (k,))
         for optimizer in optimizers:
             optimizer.step()
         for k in range(lanes):
             _check_weights(policy.trainable_parameters(k), _where(policy, k), (k,))
-        for k, (result, grad_norm) in enumerate(zip(results, grad_norms)):
+        records = [_record(result, grad_norm) for result, grad_norm in zip(results, grad_norms)]
+        if world is not None:
+            records = reduce_records(world, records, [part.completion_mask for part in parts], config.loss)
+        for k, (result, record) in enumerate(zip(results, records)):
             if old_logps[k] is None:
                 old_logps[k] = result.token_logps
-            record = _record(result, grad_norm)
             _step_end(controls[k], record, lambda: controlled_entropy(
-                states[k].detach(), weight, parts[k].completion_ids, parts[k].completion_mask, config.loss, record))
+                states[k].detach(), weight, parts[k].completion_ids, parts[k].completion_mask, config.loss, record,
+                world))
             history[k].append(record)
     return history

@@ -1,10 +1,12 @@
 """Data-parallel training (torch.distributed, gloo on CPU): N ranks x B/N rows give the same update as one process
-with B rows through the same code path (keyed sampling, world size 1); a dead rank stops the group with a clear
-error and a rerun resumes; the group count must split across ranks.
+with B rows through the same code path (keyed sampling, world size 1), for one run (GRPOTrainer) and for lanes
+(LaneTrainer); a dead rank stops the group with a clear error and a rerun resumes; the group count must split
+across ranks.
 
 The ranks are real processes started here with torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT); this file is also their entry point (`python tests/test_distributed.py ...`). Each
-process start costs seconds of imports on 2 CPU cores, so one pair of ranks trains every equality case.
+process start costs seconds of imports on 2 CPU cores, so one pair of ranks trains every single-run equality case,
+and one more pair every lane case.
 """
 from __future__ import annotations
 
@@ -66,6 +68,12 @@ def rank_env(rank: int, port: int, size: int = RANKS) -> dict[str, str]:
     return env
 
 
+def launch_ok(args: list[str]) -> None:
+    """`launch`, every rank exiting cleanly."""
+    for rank, result in enumerate(launch(args)):
+        assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout}\n{result.stderr}"
+
+
 def launch(args: list[str], size: int = RANKS) -> list[subprocess.CompletedProcess]:
     """Start `size` ranks of `python tests/test_distributed.py *args` and wait for all of them."""
     port = free_port()
@@ -93,9 +101,7 @@ def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def two_rank_layers(tmp_path_factory):
     """Every case trained by 2 ranks (gloo): {case: (rank 0's layer, rank 1's layer, rank 0's records)}."""
     out = tmp_path_factory.mktemp("ddp")
-    results = launch(["equality", str(out)])
-    for rank, result in enumerate(results):
-        assert result.returncode == 0, f"rank {rank} failed:\n{result.stdout}\n{result.stderr}"
+    launch_ok(["equality", str(out)])
     layers = {}
     for case in CASES:
         rank_layers = [torch.load(out / case / f"layer-rank{r}.pt") for r in range(RANKS)]
@@ -216,10 +222,107 @@ def _cli_worker(args: list[str]) -> int:
     return main(args[6:])
 
 
+# ------------------------------------------------------------------------------- lanes (LaneTrainer) across ranks
+# Two lanes of different layers, one at its own learning rate; a constant schedule, so that a run stopped after 2
+# steps and resumed to 3 computes what an uninterrupted one does.
+LANE_BASE = dict(BASE, lr_scheduler_type="constant")
+LANE_CASES = {
+    "lanes-dapo": dict(loss_type="dapo", scale_rewards="group"),
+    "lanes-grpo": dict(loss_type="grpo", scale_rewards="batch"),
+}
+RESUMED_CASE = "lanes-grpo"  # the ranks train it 2 steps, then a new trainer (a fresh model) resumes it to 3
+
+
+def lane_runs(output_dir: Path):
+    from onelayer_fast.lane_trainer import LaneRun
+    from onelayer_fast.lanes import Lane
+
+    return [LaneRun(Lane(LAYER), str(output_dir / "lane-a")),
+            LaneRun(Lane(LAYER + 1, learning_rate=3e-2), str(output_dir / "lane-b"))]
+
+
+def train_lanes(output_dir: Path, world: World | None, max_steps: int = 3, **overrides) -> dict[str, dict]:
+    """{lane directory name: its trained layer} after training the two lanes of `lane_runs` to max_steps."""
+    from onelayer_fast.lane_trainer import LaneTrainer
+    from onelayer_fast.models import load_model
+    from onelayer_fast.tasks.arithmetic import ArithmeticTask
+
+    config = GRPOConfig(**{**LANE_BASE, **overrides, "max_steps": max_steps})
+    model, tokenizer = load_model("tiny", seed=config.seed, dtype=torch.float64)
+    trainer = LaneTrainer(model, tokenizer, ArithmeticTask(), config, lane_runs(output_dir), save_steps=1,
+                          progress=False, world=world)
+    trainer.train()
+    return {Path(run.output_dir).name: {k: v.detach().clone() for k, v in layer.state_dict().items()}
+            for run, layer in zip(trainer.runs, trainer.policy.lane_layers)}
+
+
+def lane_log(lane_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (lane_dir / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_rank_lanes(tmp_path_factory):
+    """Every lane case trained by 2 ranks (gloo): {case: (its output dir, rank 0's lanes, rank 1's lanes)}."""
+    out = tmp_path_factory.mktemp("ddp-lanes")
+    launch_ok(["lanes", str(out)])
+    return {case: (out / case, *(torch.load(out / case / f"lanes-rank{r}.pt") for r in range(RANKS)))
+            for case in LANE_CASES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(LANE_CASES))
+def test_two_ranks_train_lanes_as_one_process(tmp_path, two_rank_lanes, case):
+    out, rank0, rank1 = two_rank_lanes[case]
+    reference = train_lanes(tmp_path, World(), **LANE_CASES[case])  # one process, the same (data-parallel) path
+    assert rank0.keys() == reference.keys() == {"lane-a", "lane-b"}
+    for lane in reference:
+        assert rel_diff(rank0[lane], rank1[lane]) == 0.0, (case, lane)  # every rank steps each lane alike
+        assert rel_diff(rank0[lane], reference[lane]) < 1e-9, (case, lane)
+        # rank 0 alone wrote each lane's log (a resumed run appends to it), with the lane's whole-batch metrics
+        mine, theirs = lane_log(out / lane), lane_log(tmp_path / lane)
+        assert [r["step"] for r in mine] == [r["step"] for r in theirs] == [1, 2, 3]
+        for a, b in zip(mine, theirs):
+            for key in ("loss", "kl", "reward_mean", "reward_std", "completion_length", "advantage_mean", "grad_norm",
+                        "clip_ratio/region_mean", "learning_rate", "frac_reward_zero_std"):
+                assert key in b, key
+                tolerance = 1e-6 if key == "advantage_mean" else 1e-12  # advantages are float32 (see above)
+                assert a[key] == pytest.approx(b[key], rel=1e-9, abs=tolerance), (case, lane, key)
+    # the lanes really differ (layer and learning rate), and the second lane ran at its own rate
+    assert rel_diff(reference["lane-a"], reference["lane-b"]) > 0
+    assert lane_log(out / "lane-b")[0]["learning_rate"] == pytest.approx(3e-2)
+    assert lane_log(out / "lane-a")[0]["learning_rate"] == pytest.approx(LANE_BASE["learning_rate"])
+
+
+def _lanes_worker(out: Path) -> None:
+    from onelayer_fast.distributed import init_world
+
+    world = init_world(device="cpu")
+    for case, overrides in LANE_CASES.items():
+        if case == RESUMED_CASE:  # stopped after step 2 (checkpointed), then every rank resumes it to step 3
+            train_lanes(out / case, world, max_steps=2, **overrides)
+        layers = train_lanes(out / case, world, **overrides)
+        torch.save(layers, out / case / f"lanes-rank{world.rank}.pt")
+    world.close()
+
+
+def test_lane_groups_must_split_across_ranks(tmp_path):
+    from onelayer_fast.lane_trainer import LaneTrainer
+    from onelayer_fast.models import load_model
+    from onelayer_fast.tasks.arithmetic import ArithmeticTask
+
+    model, tokenizer = load_model("tiny")
+    config = GRPOConfig(**{**LANE_BASE, "per_device_train_batch_size": 12})  # 3 groups of 4 per lane
+    with pytest.raises(ValueError, match="each lane's 3 prompt groups per step .* do not split evenly across 2 ranks"):
+        LaneTrainer(model, tokenizer, ArithmeticTask(), config, lane_runs(tmp_path), world=World(rank=0, size=2))
+    assert not (tmp_path / "lane-a").exists()  # refused before anything was written
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     if sys.argv[1] == "equality":
         _equality_worker(Path(sys.argv[2]))
+    elif sys.argv[1] == "lanes":
+        _lanes_worker(Path(sys.argv[2]))
     elif sys.argv[1] == "cli":
         sys.exit(_cli_worker(sys.argv[1:]))
     else:
