@@ -261,7 +261,7 @@ def _data_parallel_advantages(config: GRPOConfig, task: Task, table, rewards: to
     all-gather for every lane: each rank sends (rows per lane, lanes, ...), so that the gathered rows of lane k
     are its whole batch in rank order.
 
-    Non-finite rewards: ValueError for one run (lanes None). With lanes, DivergenceError naming the lanes (their
+    Non-finite rewards: ValueError for one run (lanes None); rewards too large to train on: DivergenceError. With lanes, DivergenceError naming the lanes (their
     indices among `lanes`) for non-finite rewards or advantages too large to train on, raised on every rank alike
     (the update's own check sees only this rank's rows)."""
     run = lanes is None
@@ -288,6 +288,10 @@ def _data_parallel_advantages(config: GRPOConfig, task: Task, table, rewards: to
         where = "; ".join(f"rows {bad[k].nonzero().flatten().tolist()} of lane {k}" for k in bad_lanes)
         raise DivergenceError(f"rewards contain NaN or inf at {where} of the step's batch; check the task's reward "
                               "functions", bad_lanes)
+    if run and float(everyone.abs().max()) > SQUARE_SAFE:  # the update's check of one run's rewards, on every rank alike
+        raise DivergenceError(f"the rewards of the step's batch are too large to train on (largest |reward| "
+                              f"{float(everyone.abs().max()):.3g}; beyond {SQUARE_SAFE:.2g} their square overflows "
+                              "float32); scale the task's rewards down")
     # as the loss computes them from rewards (loss._resolve_advantages), over each lane's whole batch
     whole = [group_advantages(lane.float(), config.num_generations, config.scale_rewards)[0] for lane in everyone]
     # the update's check of the advantages (update._check_rewards), made here on the whole batch so that every

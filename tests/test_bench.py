@@ -662,8 +662,10 @@ def test_ddp_cross_check_tells_a_rounding_flip_from_a_disagreement():
     flip = run((rows, 0.5, 0.2), ("Xbcdefgh", 0.375, 0.4), (rows, 0.0, 0.0))  # one completion of step 2 differs
     steps, bad, parted = ddp.compare_records(flip, a)
     assert (steps, bad) == (1, []) and parted.startswith("step 2: 1 of 8 completions differ")
-    keyed_wrong = run(("XYZdefgh", 0.5, 0.2), (rows, 0.25, 0.1), (rows, 0.5, 0.3))  # 3 rows: not a flip
-    assert "more than a float32 rounding flip" in ddp.compare_records(keyed_wrong, a)[1][0]
+    flips = run(("XYZdefgh", 0.5, 0.2), (rows, 0.25, 0.1), (rows, 0.5, 0.3))  # 3 rows: still rounding flips
+    assert ddp.compare_records(flips, a)[:2] == (0, [])
+    keyed_wrong = run(("abcdWXYZ", 0.5, 0.2), (rows, 0.25, 0.1), (rows, 0.5, 0.3))  # rank 1's whole share
+    assert "a whole rank's share" in ddp.compare_records(keyed_wrong, a)[1][0]
     same_rows = run((rows, 0.5, 0.2), (rows, 0.375, 0.1), (rows, 0.5, 0.3))  # same completions, other reward
     assert "reward_mean" in ddp.compare_records(same_rows, a)[1][0]
     far = run((rows, 0.5, 0.2), (rows, 0.25, 0.2), (rows, 0.5, 0.3))

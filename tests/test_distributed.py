@@ -317,6 +317,26 @@ def test_lane_groups_must_split_across_ranks(tmp_path):
     assert not (tmp_path / "lane-a").exists()  # refused before anything was written
 
 
+def test_rewards_too_large_on_another_rank_raise_on_every_rank():
+    """A rank whose own rewards are fine raises too when another rank's are too large to train on (the check is
+    made on the gathered batch), so no rank is left waiting in a collective."""
+    from onelayer_fast.tasks.arithmetic import ArithmeticTask
+    from onelayer_fast.trainer import _data_parallel_advantages
+    from onelayer_fast.update import DivergenceError
+
+    class RankZeroOfTwo:  # the other rank's rows are huge
+        rank, size = 0, 2
+
+        def all_gather_rows(self, local: torch.Tensor) -> torch.Tensor:
+            return torch.cat([local, torch.full_like(local, 1e20)])
+
+    rewards = torch.rand(4, dtype=torch.float64)
+    with pytest.raises(DivergenceError, match="too large to train on"):
+        _data_parallel_advantages(GRPOConfig(**BASE), ArithmeticTask(), None, rewards, RankZeroOfTwo())
+    fine = _data_parallel_advantages(GRPOConfig(**BASE), ArithmeticTask(), None, rewards, World())
+    assert fine.shape == (4,) and torch.isfinite(fine).all()
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     if sys.argv[1] == "equality":
