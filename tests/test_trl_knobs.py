@@ -32,6 +32,8 @@ TINY = dict(max_steps=2, per_device_train_batch_size=4, num_generations=2, max_c
 @pytest.mark.parametrize("kind", LR_SCHEDULERS)
 @pytest.mark.parametrize("warmup", [0, 3, 0.25, 0.5, 7.9])
 def test_schedule_matches_transformers(kind, warmup, tmp_path):
+    # transformers' TrainingArguments (its warm-up reading) needs accelerate: the [real] / [trl] extras bring it
+    pytest.importorskip("accelerate", reason="transformers' TrainingArguments needs accelerate")
     from transformers import TrainingArguments, get_scheduler
 
     total = 13
@@ -466,7 +468,9 @@ def test_adaptive_entropy_follows_trl():
         applied = control.applied()
         control.update(entropy)
         ours.append((applied, control.coef))
-    assert ours == pytest.approx(_trl_controller(entropies, 0.01, 0.0, 0.02, 0.006, 0.2))
+    expected = _trl_controller(entropies, 0.01, 0.0, 0.02, 0.006, 0.2)
+    assert len(ours) == len(expected)
+    assert [x for pair in ours for x in pair] == pytest.approx([x for pair in expected for x in pair])
     static = EntropyControl(coef=0.03)
     static.update(5.0)
     assert static.applied() == 0.03 and static.coef == 0.03
