@@ -140,6 +140,16 @@ def accumulate_input_grads(grad_z: Tensor, rows: Tensor, weight: Tensor, grad_ro
         grad_weight.addmm_(grad_z.T.to(grad_weight.dtype), rows.to(grad_weight.dtype))
 
 
+def _autograd_grads(ctx, weight: Tensor, grad_hidden: Tensor, grad_weight: Tensor | None) -> tuple:
+    """What a chunked Function's backward returns for (hidden, weight, token_ids, temperature, chunk_rows): the
+    hidden gradient only if asked for, the weight gradient in the weight's dtype."""
+    if not ctx.needs_input_grad[0]:
+        grad_hidden = None
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(weight.dtype)
+    return grad_hidden, grad_weight, None, None, None
+
+
 class ChunkedTokenLogprobs(torch.autograd.Function):
     """Autograd wrapper of the chunked path; inputs are already flattened to (N, H) / (N,)."""
 
@@ -164,11 +174,7 @@ class ChunkedTokenLogprobs(torch.autograd.Function):
             ctx.chunk_rows,
             need_weight_grad=ctx.needs_input_grad[1],
         )
-        if not ctx.needs_input_grad[0]:
-            grad_hidden = None
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return _autograd_grads(ctx, weight, grad_hidden, grad_weight)
 
 
 def chunked_token_logprobs(
@@ -278,11 +284,7 @@ class ChunkedTokenLogprobsEntropy(torch.autograd.Function):
             hidden, weight, token_ids, lse, entropy, ctx.temperature, ctx.chunk_rows,
             need_weight_grad=ctx.needs_input_grad[1],
         )
-        if not ctx.needs_input_grad[0]:
-            grad_hidden = None
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return _autograd_grads(ctx, weight, grad_hidden, grad_weight)
 
 
 def chunked_token_logprobs_entropy(

@@ -40,6 +40,10 @@ from .policy import OneLayerPolicy, decoder_of
 
 SUPPORTED_TRL_VERSIONS = ("1.16",)  # major.minor releases whose GRPOTrainer internals this module was checked against
 PREFIX_KEY = "onelayer_prefix_hidden"  # the batch entry holding the prefix output (B, P + C, H)
+# TRL GRPOConfig fields that are LossConfig fields under the same name
+TRL_LOSS_KNOBS = ("use_bias_correction_kl", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
+                  "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "off_policy_mask_threshold",
+                  "top_entropy_quantile", "entropy_coef")
 OLD_PENDING_KEY = "onelayer_old_logps_pending"  # (B,) bool: old log-probs still to be taken at first use
 
 try:
@@ -61,28 +65,15 @@ def check_trl_version(version: str | None = None) -> None:
 
 
 def loss_config_from_trl(args: GRPOConfig, max_completion_length: int | None = None) -> LossConfig:
-    """The LossConfig of TRL's GRPOConfig: the same knobs under the same names (TRL's `epsilon` is `epsilon_low`).
-    Knobs this LossConfig does not know yet stay at their defaults only when TRL's are at theirs."""
-    fields = {f.name for f in dataclasses.fields(LossConfig)}
-    knobs: dict[str, Any] = {
-        "beta": args.beta, "epsilon_low": args.epsilon,
-        "epsilon_high": args.epsilon if args.epsilon_high is None else args.epsilon_high,
-        "delta": args.delta, "loss_type": args.loss_type, "temperature": args.temperature,
-        "max_completion_length": max_completion_length or args.max_completion_length,
-        "importance_sampling_level": args.importance_sampling_level,
-    }
-    optional = ("use_bias_correction_kl", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
-                "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "off_policy_mask_threshold",
-                "top_entropy_quantile", "entropy_coef")
-    defaults = GRPOConfig.__dataclass_fields__
-    for name in optional:
-        if not hasattr(args, name):
-            continue
-        if name in fields:
-            knobs[name] = getattr(args, name)
-        elif getattr(args, name) != defaults[name].default:
-            raise NotImplementedError(f"OneLayerGRPOTrainer does not support TRL's {name}={getattr(args, name)!r} yet")
-    return LossConfig(**knobs)
+    """The LossConfig of TRL's GRPOConfig: the same knobs under the same names (TRL's `epsilon` is `epsilon_low`)."""
+    return LossConfig(
+        beta=args.beta, epsilon_low=args.epsilon,
+        epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+        delta=args.delta, loss_type=args.loss_type, temperature=args.temperature,
+        max_completion_length=max_completion_length or args.max_completion_length,
+        importance_sampling_level=args.importance_sampling_level,
+        **{name: getattr(args, name) for name in TRL_LOSS_KNOBS},
+    )
 
 
 def _unsupported(args: GRPOConfig, kwargs: dict[str, Any]) -> str | None:
