@@ -7,9 +7,11 @@
 TRL keeps what it does well: the dataset, reward functions, generation (HF `generate` or vLLM as configured),
 advantages, logging, callbacks and the Trainer loop. The update runs through onelayer_fast:
 - only layer `layer` trains (the optimizer holds its parameters alone);
-- the frozen prefix (embeddings + layers below `layer`) runs once per generation batch, under no_grad; its output
-  rides along in the batch (shuffled and split with it) and feeds the old log-probs, the reference log-probs and
-  every iteration's loss;
+- the frozen prefix (embeddings + layers below `layer`) is not run again after HF generation: hooks keep the states
+  generation computed on its way (KV cache: the prompts' prefill, then one position per step); otherwise (vLLM,
+  no KV cache, multi-turn tools) it runs once per generation batch, under no_grad. Its output rides along in the
+  batch (shuffled and split with it) and feeds the old log-probs, the reference log-probs and every iteration's
+  loss;
 - the reference policy is a frozen copy of the original layer alone: TRL's full reference model is never loaded
   (beta > 0), and `sync_ref_model` mixes one layer;
 - the loss is onelayer_fast's `grpo_loss` (chunked lm_head log-probs, or the fused Triton kernels on CUDA),
@@ -106,6 +108,68 @@ class _SyncOneLayerReference(TrainerCallback):
                     ref.mul_(1.0 - alpha).add_(cur, alpha=alpha)
 
 
+class _GenerationCapture:
+    """The prefix output as HF `generate` computes it anyway: while installed, hooks record the token ids
+    entering the embedding, the attention mask of the first call and the states entering the target layer.
+    With a KV cache that is one prefill call over the prompts, then one position per decoding step, so the
+    records cover every position but the last sampled token (which generation never feeds back)."""
+
+    def __init__(self, decoder: torch.nn.Module, layer_index: int):
+        self.ids: list[Tensor] = []
+        self.states: list[Tensor] = []
+        self.prompt_mask: Tensor | None = None
+        self.calls = 0
+        self._handles = [
+            decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True),
+            decoder.embed_tokens.register_forward_pre_hook(self._on_embed),
+            decoder.layers[layer_index].register_forward_pre_hook(self._on_layer, with_kwargs=True),
+        ]
+
+    def _on_decoder(self, module, args, kwargs) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.prompt_mask = kwargs.get("attention_mask")
+
+    def _on_embed(self, module, args) -> None:
+        self.ids.append(args[0])
+
+    def _on_layer(self, module, args, kwargs) -> None:
+        self.states.append(args[0] if args else kwargs["hidden_states"])
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def prefix_for(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
+        """The prefix output (B, T, H) over these rows, or None unless the records are exactly one KV-cache
+        generation of these rows: the same rows in the same order, the same prompt padding, the same tokens at
+        every attended position. Generation positions count from each row's first real token, the training
+        forward's from 0: with rotary attention (relative positions) both give the same states up to rounding.
+        A completion that ran to the limit ends with the one token generation never fed back: its state is
+        filled in with its neighbour's, which is harmless because causal attention lets only that position see
+        it, and that position's output predicts no completion token."""
+        counts = {len(self.ids), len(self.states), self.calls}
+        if len(counts) != 1 or not self.states or not isinstance(self.prompt_mask, Tensor):
+            return None
+        if any(t.shape[1] != 1 for t in self.ids[1:]) or any(t.shape[1] != 1 for t in self.states[1:]):
+            return None  # several prefills (multi-turn tools, chunked prefill) or no KV cache
+        ids, states = torch.cat(self.ids, dim=1), torch.cat(self.states, dim=1)
+        rows, length = input_ids.shape
+        prompt_length = self.prompt_mask.shape[1]
+        if ids.shape[0] != rows or states.shape[:2] != ids.shape or self.prompt_mask.shape[0] != rows \
+                or not prompt_length <= length <= ids.shape[1] + 1:
+            return None
+        if not torch.equal(self.prompt_mask.bool(), attention_mask[:, :prompt_length].bool()):
+            return None
+        covered = min(length, ids.shape[1])
+        attended = attention_mask[:, :covered].bool()
+        if not torch.equal(ids[:, :covered][attended], input_ids[:, :covered][attended]):
+            return None
+        if length > covered:
+            states = torch.cat([states, states[:, -1:]], dim=1)
+        return states[:, :length]
+
+
 class OneLayerGRPOTrainer(GRPOTrainer):
     """TRL's GRPOTrainer (same arguments) with one trainable layer, `layer`, and onelayer_fast's update.
 
@@ -143,6 +207,8 @@ class OneLayerGRPOTrainer(GRPOTrainer):
         if sync:
             self.add_callback(_SyncOneLayerReference(self.policy))
         self._prefix_stash: tuple[Tensor, Tensor, Tensor] | None = None
+        self._capture: _GenerationCapture | None = None
+        self.prefix_passes = 0  # prefix forwards run here, beyond the states captured from generation
         self._generating = self._old_logps_pending = False
         self._old_logps_from_first_use = self.args.gradient_accumulation_steps % self.args.steps_per_generation == 0
 
@@ -153,13 +219,17 @@ class OneLayerGRPOTrainer(GRPOTrainer):
                             position_ids=positions)
 
     def _prefix(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """The prefix output over these rows: the one TRL's generation step just computed for them, else new."""
+        """The prefix output over these rows: the one already taken for them in this generation step (captured
+        from HF generation, or computed), else a new prefix forward."""
         stash = self._prefix_stash
         if stash is not None and stash[0].shape == input_ids.shape and torch.equal(stash[0], input_ids) \
                 and torch.equal(stash[1], attention_mask):
             return stash[2]
-        layout = self._layout(input_ids, attention_mask, 1)
-        hidden = self.policy.prefix_layout(layout).hidden
+        hidden = None if self._capture is None else self._capture.prefix_for(input_ids, attention_mask)
+        if hidden is None:
+            layout = self._layout(input_ids, attention_mask, 1)
+            hidden = self.policy.prefix_layout(layout).hidden
+            self.prefix_passes += 1
         self._prefix_stash = (input_ids, attention_mask, hidden)
         return hidden
 
@@ -190,9 +260,19 @@ class OneLayerGRPOTrainer(GRPOTrainer):
                                temperature=self.temperature, backend=self.loss_backend)
         return logps, None, None
 
+    def _generate(self, prompts):
+        """TRL's sampling, unchanged; with HF generation the prefix states it computes are kept for the update
+        (`_GenerationCapture`), which then runs no prefix forward of its own."""
+        capture = _GenerationCapture(self.policy.decoder, self.policy.layer_index)
+        try:
+            return super()._generate(prompts)
+        finally:
+            capture.close()
+            self._capture = capture
+
     def _generate_and_score_completions(self, inputs):
         beta, self.beta = self.beta, 0.0  # TRL's reference pass needs its reference model: ours runs below
-        self._prefix_stash, self._generating, self._old_logps_pending = None, True, False
+        self._prefix_stash, self._capture, self._generating, self._old_logps_pending = None, None, True, False
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
@@ -211,7 +291,7 @@ class OneLayerGRPOTrainer(GRPOTrainer):
                     hidden, self.policy.lm_head_weight, output["completion_ids"], temperature=self.temperature,
                     backend=self.loss_backend)
         output[PREFIX_KEY] = prefix
-        self._prefix_stash = None  # the batch carries it from here
+        self._prefix_stash = self._capture = None  # the batch carries it from here
         return output
 
     # ---- the loss --------------------------------------------------------------------------------------

@@ -103,6 +103,8 @@ CASES = {
     "steps-per-generation2-mu1": dict(num_iterations=1, per_device_train_batch_size=4, steps_per_generation=2),
     "steps-per-generation2-mu2": dict(num_iterations=2, per_device_train_batch_size=4, steps_per_generation=2,
                                       max_steps=4),
+    # Generation without a KV cache: its prefix states cannot be reused, the update computes its own.
+    "no-kv-cache-mu2": dict(num_iterations=2, generation_kwargs={"use_cache": False}),
 }
 
 
@@ -129,6 +131,46 @@ def test_same_trained_layer_as_trl(tmp_path, case):
         our_kl = [h["kl"] for h in ours.state.log_history if "kl" in h]
         assert our_kl == pytest.approx(trl_kl, rel=1e-4, abs=1e-7)
         assert max(trl_kl) > 0
+
+
+def test_prefix_states_come_from_generation(tmp_path):
+    """With HF generation and a KV cache the update runs no prefix forward: the states entering the layer are
+    those generation computed. Float64: they equal a fresh prefix forward over the same rows at every position
+    the update reads (all but a completion's last token, which generation never fed back). Where the records
+    do not fit the rows (other rows, another order, other prompt padding) the trainer computes the prefix."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        trainer, _ = train(OneLayerGRPOTrainer, tmp_path / "a", layer_kwargs={"layer": LAYER}, num_iterations=2,
+                           max_steps=2)
+        assert trainer.prefix_passes == 0
+        captured = {}
+        original = trainer._prefix
+
+        def spy(input_ids, attention_mask):
+            captured["rows"] = (input_ids, attention_mask, trainer._capture)
+            return original(input_ids, attention_mask)
+
+        trainer._prefix = spy
+        trainer._generate_and_score_completions(next(iter(trainer.get_train_dataloader())))
+        input_ids, attention_mask, capture = captured["rows"]
+        from_generation = capture.prefix_for(input_ids, attention_mask)
+        fresh = trainer.policy.prefix_layout(trainer._layout(input_ids, attention_mask, 1)).hidden
+        read = attention_mask.bool().clone()
+        read[:, -1] = False  # the last position predicts no completion token
+        assert read[:, -2].any() and (~attention_mask.bool()).any()  # left padding and full-length rows exist
+        torch.testing.assert_close(from_generation[read], fresh[read], rtol=1e-9, atol=1e-9)
+        assert capture.prefix_for(input_ids.flip(0), attention_mask.flip(0)) is None
+        assert capture.prefix_for(input_ids[1:], attention_mask[1:]) is None
+        shifted = attention_mask.clone()
+        shifted[:, 0] = 1
+        assert capture.prefix_for(input_ids, shifted) is None
+        assert capture.prefix_for(torch.cat([input_ids, input_ids[:, -2:]], 1),
+                                  torch.cat([attention_mask, attention_mask[:, -2:]], 1)) is None
+    finally:
+        torch.set_default_dtype(torch.float32)
+    no_cache, _ = train(OneLayerGRPOTrainer, tmp_path / "b", layer_kwargs={"layer": LAYER}, num_iterations=2,
+                        max_steps=2, generation_kwargs={"use_cache": False})
+    assert no_cache.prefix_passes == 1  # one generation batch, one prefix forward
 
 
 def test_old_logprobs_at_first_use_only_when_no_step_can_intervene(tmp_path, monkeypatch):
