@@ -23,7 +23,7 @@ Like TRL's own training forward, the loss forward counts positions 0 ... T - 1 o
 (generation counts from the first real token; with rotary attention, which sees relative positions only, both give
 the same states up to float32 rounding).
 What this trainer does not cover raises a clear error at construction: vLLM importance-sampling correction,
-PEFT, multimodal inputs, several processes, adaptive entropy control, lanes.
+PEFT, multimodal inputs, several processes, lanes.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from .kernels.grpo_loss import LossConfig
 from .layout import PaddedLayout
 from .loss import BACKENDS, grpo_loss, token_logprobs
 from .policy import OneLayerPolicy, decoder_of
+from .update import EntropyControl, entropy_sum_and_count
 
 SUPPORTED_TRL_VERSIONS = ("1.16",)  # major.minor releases whose GRPOTrainer internals this module was checked against
 PREFIX_KEY = "onelayer_prefix_hidden"  # the batch entry holding the prefix output (B, P + C, H)
@@ -84,8 +85,6 @@ def _unsupported(args: GRPOConfig, kwargs: dict[str, Any]) -> str | None:
     if getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False):
         return ("use_vllm with vllm_importance_sampling_correction=True (the correction is not in onelayer_fast's "
                 "loss yet); set vllm_importance_sampling_correction=False")
-    if getattr(args, "use_adaptive_entropy", False):
-        return "use_adaptive_entropy (adaptive entropy control)"
     if args.world_size > 1:
         return f"{args.world_size} processes (the loss forward bypasses the DDP/DeepSpeed wrapper; one process only)"
     return None
@@ -319,6 +318,8 @@ class OneLayerGRPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         scale = self._loss_scale(mask, inputs, mode)
         config = self._loss_config
+        if self.args.use_adaptive_entropy:
+            config = dataclasses.replace(config, entropy_coef=self._entropy_control().applied())
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         if getattr(config, "entropy_coef", 0.0) and scale != 1.0 / accumulation:
             # TRL's entropy bonus is a per-token mean divided by the accumulation steps alone, whatever the loss
@@ -335,7 +336,34 @@ class OneLayerGRPOTrainer(GRPOTrainer):
             old_logps.copy_(result.token_logps)  # the same micro-batch dict comes back every iteration)
             pending.zero_()
         self._log_loss_metrics(result.metrics, mode)
+        if self.args.use_adaptive_entropy and mode == "train":
+            self._adapt_entropy(hidden, completion_ids, mask, config)
+        if mode == "train" and self.accelerator.sync_gradients and \
+                (self.args.use_adaptive_entropy or self.args.entropy_coef != 0.0):
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
         return result.loss * scale
+
+    # ---- adaptive entropy control ----------------------------------------------------------------------
+    # The controller's state lives in TRL's own attributes (entropy_coef, _last_world_entropy,
+    # _entropy_window_stats), so that TRL's checkpoint code saves and restores it.
+    def _entropy_control(self) -> EntropyControl:
+        a = self.args
+        return EntropyControl(coef=self.entropy_coef, adaptive=True, minimum=a.entropy_coef_min,
+                              maximum=a.entropy_coef_max, delta=a.entropy_coef_delta, target=a.entropy_target,
+                              last_entropy=self._last_world_entropy)
+
+    def _adapt_entropy(self, hidden: Tensor, completion_ids: Tensor, mask: Tensor, config: LossConfig) -> None:
+        """TRL's window: the entropy sum and token count of every micro-batch of the accumulation window, over
+        the tokens the loss acts on; at the optimizer-step boundary the coefficient moves for the next step."""
+        stats = entropy_sum_and_count(hidden.detach(), self.policy.lm_head_weight, completion_ids, mask, config)
+        window = self._entropy_window_stats
+        self._entropy_window_stats = stats if window is None else window + stats
+        if self.accelerator.sync_gradients:
+            total, count = self._entropy_window_stats.tolist()
+            control = self._entropy_control()
+            control.update(total / max(1.0, count))
+            self.entropy_coef, self._last_world_entropy = control.coef, control.last_entropy
+            self._entropy_window_stats = None
 
     def _log_loss_metrics(self, metrics: dict[str, Tensor], mode: str) -> None:
         """The metrics TRL's own loss logs, under its names, where onelayer_fast computes them."""

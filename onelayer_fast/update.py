@@ -209,6 +209,18 @@ def controlled_entropy(states: Tensor, weight: Tensor, completion_ids: Tensor, c
     (no bonus applied this step, or an entropy subset) the entropies are taken here, without autograd."""
     if "entropy" in metrics and loss.top_entropy_quantile >= 1.0:
         return metrics["entropy"]
+    stats = entropy_sum_and_count(states, weight, completion_ids, completion_mask, loss)
+    if world is not None:  # data parallel: the token mean over every rank's rows (metrics already reduced)
+        stats = world.all_reduce_sum(stats)
+    total, count = stats.tolist()
+    return total / max(1.0, count)
+
+
+@torch.no_grad()
+def entropy_sum_and_count(states: Tensor, weight: Tensor, completion_ids: Tensor, completion_mask: Tensor,
+                          loss: LossConfig) -> Tensor:
+    """(sum of the entropies, number of tokens) over the tokens the policy loss acts on, float64: the parts of
+    `controlled_entropy`'s mean that add up across micro-batches and ranks."""
     valid = completion_mask.bool()
     _, values = chunked_token_logprobs_entropy(states[valid], weight, completion_ids[valid], loss.temperature)
     entropies = torch.zeros(valid.shape, dtype=values.dtype, device=values.device)
@@ -216,10 +228,7 @@ def controlled_entropy(states: Tensor, weight: Tensor, completion_ids: Tensor, c
     mask = completion_mask.to(values.dtype)
     if loss.top_entropy_quantile < 1.0:
         mask = mask * high_entropy_mask(entropies, mask, loss.top_entropy_quantile)
-    if world is not None:  # data parallel: the token mean over every rank's rows (metrics already reduced)
-        total, count = world.all_reduce_sum(torch.stack([(entropies * mask).sum(), mask.sum()]).double()).tolist()
-        return total / max(1.0, count)
-    return float((entropies * mask).sum() / mask.sum().clamp(min=1.0))
+    return torch.stack([(entropies * mask).sum(), mask.sum()]).double()
 
 
 def _step_end(controls: StepControls | None, record: dict[str, float], measure=None) -> None:

@@ -103,6 +103,13 @@ CASES = {
     "steps-per-generation2-mu1": dict(num_iterations=1, per_device_train_batch_size=4, steps_per_generation=2),
     "steps-per-generation2-mu2": dict(num_iterations=2, per_device_train_batch_size=4, steps_per_generation=2,
                                       max_steps=4),
+    # Adaptive entropy control (target above every measured entropy: the coefficient grows and applies from
+    # the second step on), with its window over accumulated micro-batches and the entropy subset.
+    "adaptive-entropy-mu2": dict(num_iterations=2, use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=10.0,
+                                 entropy_coef_delta=0.02),
+    "adaptive-entropy-accum2-quantile": dict(num_iterations=1, loss_type="grpo", use_adaptive_entropy=True,
+                                             entropy_coef=0.05, entropy_target=10.0, top_entropy_quantile=0.5,
+                                             per_device_train_batch_size=4, gradient_accumulation_steps=2),
     # Generation without a KV cache: its prefix states cannot be reused, the update computes its own.
     "no-kv-cache-mu2": dict(num_iterations=2, generation_kwargs={"use_cache": False}),
 }
@@ -126,6 +133,10 @@ def test_same_trained_layer_as_trl(tmp_path, case):
     assert trl_rewards == our_rewards and len(trl_rewards) >= 1
     lengths = [h["completions/mean_length"] for h in ours.state.log_history if "completions/mean_length" in h]
     assert any(length < 8 for length in lengths)
+    if overrides.get("use_adaptive_entropy") or overrides.get("entropy_coef"):
+        trl_coef = [h["entropy_coef"] for h in reference.state.log_history if "entropy_coef" in h]
+        our_coef = [h["entropy_coef"] for h in ours.state.log_history if "entropy_coef" in h]
+        assert our_coef == pytest.approx(trl_coef) and len(trl_coef) == 3
     if overrides.get("beta", 0.04) > 0:
         trl_kl = [h["kl"] for h in reference.state.log_history if "kl" in h]
         our_kl = [h["kl"] for h in ours.state.log_history if "kl" in h]
@@ -235,6 +246,28 @@ def test_one_layer_checkpoints_merge_and_resume(tmp_path):
     assert load_layer(tiny_model(tmp_path / "c"), checkpoint)["trainer"] == "onelayer_fast.trl.OneLayerGRPOTrainer"
 
 
+def test_adaptive_entropy_state_resumes(tmp_path):
+    """The entropy controller's state lives in TRL's own attributes, so TRL's checkpoint saves it and a resumed
+    run continues with the coefficient and last entropy it had, ending where the straight run ended."""
+    from bench.tokenizer import bench_tokenizer
+
+    knobs = dict(use_adaptive_entropy=True, entropy_coef=0.05, entropy_target=10.0, entropy_coef_delta=0.02,
+                 num_iterations=2)
+    straight, layer = train(OneLayerGRPOTrainer, tmp_path / "a", layer_kwargs={"layer": LAYER}, max_steps=3,
+                            save_strategy="steps", save_steps=2, **knobs)
+    checkpoint = tmp_path / "a" / "OneLayerGRPOTrainer" / "checkpoint-2"
+    assert (checkpoint / "entropy_ctrl_state.json").is_file()
+    model = tiny_model(tmp_path / "resume-model")
+    data = datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS * 4])
+    resumed = OneLayerGRPOTrainer(model=model, reward_funcs=[digit_share], train_dataset=data, layer=LAYER,
+                                  args=trl_args(tmp_path / "b", max_steps=3, **knobs),
+                                  processing_class=bench_tokenizer(VOCAB))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.entropy_coef == pytest.approx(straight.entropy_coef) and straight.entropy_coef > 0.05
+    assert resumed._last_world_entropy == pytest.approx(straight._last_world_entropy, rel=1e-5)
+    assert relative_difference(layer, {k: v.detach() for k, v in model.model.layers[LAYER].state_dict().items()}) < 1e-6
+
+
 def test_checkpoint_of_another_layer_is_refused(tmp_path):
     from bench.tokenizer import bench_tokenizer
 
@@ -268,8 +301,6 @@ def test_unsupported_settings_fail_clearly(tmp_path):
         build(layer=[0, 1])
     with pytest.raises(ValueError, match="sync_ref_model=True needs beta > 0"):
         build(beta=0.0, sync_ref_model=True)
-    with pytest.raises(NotImplementedError, match="use_adaptive_entropy"):
-        build(use_adaptive_entropy=True)
     with pytest.raises(RuntimeError, match="supports TRL"):
         check_trl_version("1.15.2")
     check_trl_version(SUPPORTED_TRL_VERSIONS[-1] + ".0")
