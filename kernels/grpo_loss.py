@@ -28,9 +28,14 @@ Normalization over the completion mask m:
     cispo, vespo: as dapo;  sapo: as grpo;  luspo: mean_b( sum_t m*loss )
 Masks on the policy term (multiplied in this order, before beta * kl_t is added, as TRL does):
     off_policy_mask_threshold delta:  keep_b = (A_b >= 0) | (sum_t m * (old_logp - sg(logp)) / max(1, sum_t m) <= delta)
+                                      (the sampler's log-probs in place of old_logp where given: TRL's
+                                      sampling_per_token_logps, from vLLM or a rollout_func)
     top_entropy_quantile q < 1:       keep_bt = m_bt != 0 and H_bt >= quantile({H_bt : m_bt != 0}, 1 - q)
                                       (torch.quantile, linear interpolation; no token when no token is unmasked)
     H_bt = -sum_v p log p of softmax(logits / temperature): the token's entropy, differentiable
+    sampling weights s (TRL's vLLM importance-sampling ratio pi_old / pi_sampler, (B, T) or (B, 1), given):
+                                      the policy term times s_bt, after the masks; vespo instead adds
+                                      sum_t clamp(log s_bt, log(1e-8), 20) to its row's log-ratio lw (before lw's clamp)
 Entropy bonus (entropy_coef c != 0), after the normalization above, whatever the loss type:
     loss = loss - c * sum(H * m_e) / max(1, sum m_e),   m_e = m * keep_bt (m without the entropy mask)
 Metrics: "entropy" = sum(H * m) / max(1, sum m) (detached) wherever entropies were computed (any of vespo, the
@@ -235,10 +240,15 @@ def token_loss_weights(mask: Tensor, loss_type: str, max_completion_length: int,
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
 
 
-def vespo_gamma_weights(advantages: Tensor, log_ratio: Tensor, mask: Tensor, config: LossConfig) -> Tensor:
-    """vespo's gamma weight phi per row (B, 1), no gradient: advantages (B, 1), log_ratio logp - old (B, T)."""
+def vespo_gamma_weights(advantages: Tensor, log_ratio: Tensor, mask: Tensor, config: LossConfig,
+                        sampling_weights: Tensor | None = None) -> Tensor:
+    """vespo's gamma weight phi per row (B, 1), no gradient: advantages (B, 1), log_ratio logp - old (B, T);
+    sampling_weights (B, T): pi_old / pi_sampler, folded into the row's log-ratio (TRL sums it over every
+    position: it is 1 where the completion is masked)."""
     with torch.no_grad():
         summed = (log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
+        if sampling_weights is not None:
+            summed = summed + sampling_weights.to(summed.dtype).log().clamp(VESPO_LOG_W_MIN, 20.0).sum(-1, keepdim=True)
         log_w = summed.clamp(VESPO_LOG_W_MIN, 20.0)
         nonneg = advantages >= 0
 
@@ -318,8 +328,13 @@ def grpo_loss_from_logps(
     config: LossConfig,
     entropies: Tensor | None = None,
     counts: GlobalCounts | None = None,
+    sampling_weights: Tensor | None = None,
+    sampling_logps: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """logps (B, T) differentiable, mask (B, T) float, advantages (B,) -> (loss, metrics of 0-d tensors).
+
+    sampling_weights (B, T) or (B, 1): TRL's vLLM importance-sampling ratio (see the module docstring), or None.
+    sampling_logps (B, T): the log-probs the rollouts were sampled with, for the off-policy mask (NaN: unknown).
 
     entropies (B, T), differentiable: the tokens' entropies, needed when config.needs_entropy (the entropy mask,
     the entropy bonus); whenever given, their masked mean is the metric "entropy".
@@ -336,14 +351,17 @@ def grpo_loss_from_logps(
     log_weights = log_importance_weights(logps, old, mask, config.importance_sampling_level)
     vespo_phi = None
     if config.loss_type == "vespo":
-        vespo_phi = vespo_gamma_weights(adv, logps.detach() - old, mask, config)
+        vespo_phi = vespo_gamma_weights(adv, logps.detach() - old, mask, config, sampling_weights)
     policy_masks = []  # TRL's order: the off-policy mask, then the entropy mask
     if config.off_policy_mask_threshold is not None:
-        policy_masks.append(off_policy_sequence_mask(adv, logps, old, mask, config.off_policy_mask_threshold))
+        behaviour = old if sampling_logps is None else sampling_logps.to(logps.dtype)
+        policy_masks.append(off_policy_sequence_mask(adv, logps, behaviour, mask, config.off_policy_mask_threshold))
     entropy_mask = None
     if config.top_entropy_quantile < 1.0:
         entropy_mask = high_entropy_mask(entropies, mask, config.top_entropy_quantile)
         policy_masks.append(entropy_mask)
+    if sampling_weights is not None and config.loss_type != "vespo":
+        policy_masks.append(sampling_weights.to(logps.dtype))
     per_token_loss, coef_1, per_token_kl = per_token_terms(logps, log_weights, adv, ref_logps, config, vespo_phi,
                                                            tuple(policy_masks))
     weights = token_loss_weights(mask, config.loss_type, config.normalizer_length(mask.shape[1]), counts)
@@ -389,7 +407,8 @@ class FusedTokenGRPOLoss(torch.autograd.Function):
     still in memory, is turned straight into dL/dhidden: one lm_head matmul pass fewer than
     forward + recompute-in-backward, and only (N, H) gradients are kept.
     Inputs are the N unmasked tokens, flattened: hidden (N, H), token_ids, advantages, weights
-    (normalization), old/ref (N,) or None, the LossConfig and the chunk size in rows.
+    (normalization), old/ref (N,) or None, the LossConfig, the chunk size in rows and the sampling weights
+    (N,) or None (they multiply the policy term, as in `grpo_loss_from_logps`).
     Returns (loss, logp (N,) non-differentiable).
     FLOPs (N tokens, hidden H, vocab V): 2*N*V*H (logits) + 2*N*V*H (grad_hidden) in the forward, + 2*N*V*H
     (grad_W) only when the lm_head trains; the backward only scales the saved gradients. So 4*N*V*H with a
@@ -398,7 +417,7 @@ class FusedTokenGRPOLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, token_ids, advantages, loss_weights, old_logps, ref_logps,
-                config: LossConfig, chunk_rows: int):
+                config: LossConfig, chunk_rows: int, sampling_weights: Tensor | None = None):
         temperature = config.temperature
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -415,7 +434,9 @@ class FusedTokenGRPOLoss(torch.autograd.Function):
                 leaf = chunk_logp.detach().requires_grad_()
                 old = leaf.detach() if old_logps is None else old_logps[part]
                 ref = None if ref_logps is None else ref_logps[part]
-                per_token_loss, _, _ = per_token_terms(leaf, leaf - old, advantages[part], ref, config)
+                policy_masks = () if sampling_weights is None else (sampling_weights[part],)
+                per_token_loss, _, _ = per_token_terms(leaf, leaf - old, advantages[part], ref, config,
+                                                       policy_masks=policy_masks)
                 chunk_loss = (per_token_loss * loss_weights[part]).sum()
                 (grad_logp,) = torch.autograd.grad(chunk_loss, leaf)
             loss += chunk_loss.detach()
@@ -435,7 +456,7 @@ class FusedTokenGRPOLoss(torch.autograd.Function):
         scale = grad_loss.to(torch.float32)
         grad_hidden = None if grad_hidden is None else (grad_hidden * scale).to(grad_hidden.dtype)
         grad_weight = None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def grpo_loss_ref(
@@ -447,6 +468,7 @@ def grpo_loss_ref(
     old_logps: Tensor | None = None,
     ref_logps: Tensor | None = None,
     config: LossConfig = LossConfig(),
+    sampling_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Reference: hidden (B, T, H), weight (V, H), ids/mask (B, T), advantages (B,); logits materialized.
     With any of `config.row_level_knobs` it also computes the entropies (autograd through the softmax)."""
@@ -456,4 +478,5 @@ def grpo_loss_ref(
     else:
         logps = token_logprobs_ref(hidden, weight, completion_ids, config.temperature)
     mask = completion_mask.to(logps.dtype)
-    return grpo_loss_from_logps(logps, mask, advantages, old_logps, ref_logps, config, entropies)
+    return grpo_loss_from_logps(logps, mask, advantages, old_logps, ref_logps, config, entropies,
+                                sampling_weights=sampling_weights)

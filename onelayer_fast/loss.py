@@ -185,6 +185,8 @@ def grpo_loss(
     config: LossConfig | None = None,
     backend: str = "auto",
     counts: GlobalCounts | None = None,
+    sampling_weights: Tensor | None = None,
+    sampling_logps: Tensor | None = None,
     **knobs,
 ) -> LossResult:
     """GRPO loss with TRL GRPOTrainer semantics (see `kernels/grpo_loss.py` for the math).
@@ -197,6 +199,11 @@ def grpo_loss(
     counts: the whole batch's token and row counts when these rows are one data-parallel rank's share
     (kernels.grpo_loss.GlobalCounts); the loss is then this rank's share of the whole batch's loss, and the sum
     of the ranks' gradients the whole batch's gradient. The metrics stay over these rows.
+    sampling_weights (B, T) or (B, 1): TRL's vLLM importance-sampling correction, pi_old / pi_sampler per token
+    (or per row) as TRL's generation step computes it (truncated or masked there); it multiplies the policy term,
+    not the KL (vespo: it enters the gamma weight). Not in the Triton kernels: "auto" runs chunked then.
+    sampling_logps (B, T): the log-probs the rollouts were sampled with (vLLM's, NaN where unknown); the
+    off-policy mask measures the drift from them instead of from old_logps, as TRL does.
     """
     config = loss_config(config, **knobs)
     _check_choice("backend", backend, BACKENDS)
@@ -208,10 +215,27 @@ def grpo_loss(
         raise ValueError(f"completion_mask shape {tuple(completion_mask.shape)} must equal completion_ids shape {(batch, length)}")
     _check_per_token("old_logps", old_logps, completion_ids.shape)
     _check_per_token("ref_logps", ref_logps, completion_ids.shape)
+    _check_per_token("sampling_logps", sampling_logps, completion_ids.shape)
+    if config.off_policy_mask_threshold is None:
+        sampling_logps = None  # only the off-policy mask reads them
     if config.beta > 0 and ref_logps is None:
         raise ValueError("beta > 0 needs ref_logps (the KL term would silently be zero without them)")
     check_counts_supported(config, counts)
+    if sampling_weights is not None:
+        if sampling_weights.shape not in ((batch, length), (batch, 1)):
+            raise ValueError(f"sampling_weights must have shape {(batch, length)} or {(batch, 1)}, "
+                             f"got {tuple(sampling_weights.shape)}")
+        if sampling_weights.shape == completion_ids.shape:  # masked positions must not inject NaN / inf
+            keep = completion_mask.bool()
+            sampling_weights = torch.where(keep, sampling_weights, torch.ones_like(sampling_weights))
+        if not torch.isfinite(sampling_weights).all():
+            raise ValueError("sampling_weights contain NaN or inf at unmasked positions")
+        if backend == "triton":
+            raise ValueError("backend='triton' does not support sampling_weights (vLLM importance-sampling "
+                             "correction); use backend='chunked' or 'auto'")
     backend = _resolve_backend(backend, hidden, lm_head_weight, completion_mask, config)
+    if backend == "triton" and sampling_weights is not None:  # "auto" chose the kernels: they do not cover it
+        backend = "chunked"
     if backend == "triton":  # advantages, loss, gradient and metrics all in the Triton kernels
         _check_advantage_inputs(rewards, group_size, advantages, batch)
         from .kernels.grpo_loss_triton import grpo_loss_triton
@@ -259,6 +283,7 @@ def grpo_loss(
                 flat_hidden, lm_head_weight, flat_ids, advantages.index_select(0, row_of_token),
                 at_valid(weights), at_valid(old_logps), at_valid(ref_logps), config,
                 rows_per_chunk(lm_head_weight.shape[0]),
+                None if sampling_weights is None else at_valid(sampling_weights.expand(batch, length)),
             )
         else:  # sequence level: a token's gradient depends on its whole row, so forward then backward
             valid_logps = chunked_token_logprobs(flat_hidden, lm_head_weight, flat_ids, config.temperature)
@@ -274,10 +299,12 @@ def grpo_loss(
     old = None if old_logps is None else torch.where(keep, old_logps.to(logps.dtype), logps.detach())
     ref = None if ref_logps is None else torch.where(keep, ref_logps.to(logps.dtype), logps.detach())
     if fused_loss is None:
-        loss, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, config, entropies, counts)
+        loss, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, config, entropies, counts,
+                                             sampling_weights, sampling_logps)
     else:  # the fused op gave loss and gradient; the same formulas on its log-probs give the metrics
         with torch.no_grad():
-            _, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, config)
+            _, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, config,
+                                              sampling_weights=sampling_weights)
         loss = fused_loss
     if constant_group is not None:
         metrics["frac_reward_zero_std"] = constant_group.float().mean()

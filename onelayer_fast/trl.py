@@ -22,7 +22,7 @@ advantages, logging, callbacks and the Trainer loop. The update runs through one
 Like TRL's own training forward, the loss forward counts positions 0 ... T - 1 on every row, over its left padding
 (generation counts from the first real token; with rotary attention, which sees relative positions only, both give
 the same states up to float32 rounding).
-What this trainer does not cover raises a clear error at construction: vLLM importance-sampling correction,
+What this trainer does not cover raises a clear error at construction:
 PEFT, multimodal inputs, several processes, lanes.
 """
 from __future__ import annotations
@@ -82,9 +82,6 @@ def loss_config_from_trl(args: GRPOConfig, max_completion_length: int | None = N
 def _unsupported(args: GRPOConfig, kwargs: dict[str, Any]) -> str | None:
     if kwargs.get("peft_config") is not None:
         return "peft_config: OneLayerGRPOTrainer trains one layer itself, not an adapter"
-    if getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False):
-        return ("use_vllm with vllm_importance_sampling_correction=True (the correction is not in onelayer_fast's "
-                "loss yet); set vllm_importance_sampling_correction=False")
     if args.world_size > 1:
         return f"{args.world_size} processes (the loss forward bypasses the DDP/DeepSpeed wrapper; one process only)"
     return None
@@ -251,13 +248,22 @@ class OneLayerGRPOTrainer(GRPOTrainer):
             raise NotImplementedError("OneLayerGRPOTrainer: multimodal inputs, entropies at generation time and MoE "
                                       "aux losses are not supported")
         prefix = self._prefix(input_ids, attention_mask)
-        if self._generating and self._old_logps_from_first_use:
+        if self._generating and self._old_logps_from_first_use and not self._sampling_correction:
             self._old_logps_pending = True
             return torch.full((input_ids.shape[0], logits_to_keep), math.nan, device=input_ids.device), None, None
         hidden = self._completion_states(prefix, input_ids, attention_mask, logits_to_keep)
-        logps = token_logprobs(hidden, self.policy.lm_head_weight, input_ids[:, -logits_to_keep:],
-                               temperature=self.temperature, backend=self.loss_backend)
+        logps = self._masked_logprobs(hidden, input_ids[:, -logits_to_keep:], attention_mask[:, -logits_to_keep:])
         return logps, None, None
+
+    def _masked_logprobs(self, hidden: Tensor, completion_ids: Tensor, mask: Tensor) -> Tensor:
+        """(B, C) log-probs at the unmasked completion tokens, 0 elsewhere. The loss takes its log-probs over
+        the same rows, so where the weights agree (the reference layer before the first step) they agree to the
+        bit, as TRL's do: rounding noise in a zero gradient would become a whole Adam step."""
+        valid = mask.bool()
+        logps = torch.zeros(valid.shape, dtype=torch.float32, device=hidden.device)
+        logps[valid] = token_logprobs(hidden[valid], self.policy.lm_head_weight, completion_ids[valid],
+                                      temperature=self.temperature, backend=self.loss_backend).float()
+        return logps
 
     def _generate(self, prompts):
         """TRL's sampling, unchanged; with HF generation the prefix states it computes are kept for the update
@@ -286,14 +292,21 @@ class OneLayerGRPOTrainer(GRPOTrainer):
             if self.beta != 0.0:
                 length = output["completion_ids"].shape[1]
                 hidden = self._completion_states(prefix, input_ids, attention_mask, length, reference=True)
-                output["ref_per_token_logps"] = token_logprobs(
-                    hidden, self.policy.lm_head_weight, output["completion_ids"], temperature=self.temperature,
-                    backend=self.loss_backend)
+                mask = output["completion_mask"]
+                if "tool_mask" in output:
+                    mask = mask * output["tool_mask"]
+                output["ref_per_token_logps"] = self._masked_logprobs(hidden, output["completion_ids"], mask)
         output[PREFIX_KEY] = prefix
         self._prefix_stash = self._capture = None  # the batch carries it from here
         return output
 
     # ---- the loss --------------------------------------------------------------------------------------
+    @property
+    def _sampling_correction(self) -> bool:
+        """TRL's vLLM importance-sampling correction is on: TRL's generation step then takes the old log-probs
+        (never at first use) and the ratio pi_old / pi_vLLM from them, which the loss multiplies in."""
+        return bool(self.use_vllm and self.vllm_importance_sampling_correction)
+
     def _loss_scale(self, mask: Tensor, inputs: dict[str, Any], mode: str) -> float:
         """TRL's loss over onelayer_fast's for this micro-batch. onelayer_fast normalizes within the micro-batch;
         TRL divides by the gradient-accumulation steps, and for dapo / cispo / vespo by the tokens of the whole
@@ -329,9 +342,11 @@ class OneLayerGRPOTrainer(GRPOTrainer):
         old_logps = inputs.get("old_per_token_logps")
         pending = inputs.get(OLD_PENDING_KEY)
         first_use = pending is not None and bool(pending.any())
+        sampling_weights = inputs.get("importance_sampling_ratio") if self._sampling_correction else None
         result = grpo_loss(hidden, self.policy.lm_head_weight, completion_ids, mask, advantages=advantages,
                            old_logps=None if first_use else old_logps, ref_logps=inputs.get("ref_per_token_logps"),
-                           config=config, backend=self.loss_backend)
+                           config=config, backend=self.loss_backend, sampling_weights=sampling_weights,
+                           sampling_logps=inputs.get("sampling_per_token_logps"))
         if first_use:  # the weights have not moved since generation: these are the old log-probs (in place:
             old_logps.copy_(result.token_logps)  # the same micro-batch dict comes back every iteration)
             pending.zero_()

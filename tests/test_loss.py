@@ -66,13 +66,16 @@ def ref_grpo64(
     epsilon_high=0.2, delta=None, loss_type="dapo", temperature=1.0, max_completion_length=None,
     importance_sampling_level="token", use_bias_correction_kl=True, sapo_temperature_pos=1.0,
     sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0, vespo_lambda_neg=2.0,
-    off_policy_mask_threshold=None, top_entropy_quantile=1.0, entropy_coef=0.0,
+    off_policy_mask_threshold=None, top_entropy_quantile=1.0, entropy_coef=0.0, sampling_weights=None,
+    sampling_logps=None,
 ):
     """Loss and metrics in float64; `hidden`/`weight` are float64 leaves if gradients are wanted.
     use_bias_correction_kl (TRL 1.16's default): the KL times the differentiable ratio, before the delta clamp.
     TRL 1.16's vespo, off-policy sequence mask, high-entropy token mask and entropy bonus as in its
     `_compute_loss`, `get_gamma_weights`, `get_off_policy_mask`, `get_high_entropy_mask`; the masks and vespo's
-    weights come back as metrics named "_off_policy_keep", "_entropy_keep", "_phi" (for the tests' own checks)."""
+    weights come back as metrics named "_off_policy_keep", "_entropy_keep", "_phi" (for the tests' own checks).
+    sampling_weights: TRL's vLLM importance-sampling ratio, multiplied into the policy term after the masks
+    (vespo: its clamped log summed into the row's log-ratio, as `get_gamma_weights` does)."""
     m = mask.double()
     logps = ref_logps64(hidden, weight, ids, temperature)
     row_level = (loss_type == "vespo" or off_policy_mask_threshold is not None or top_entropy_quantile < 1
@@ -99,6 +102,8 @@ def ref_grpo64(
     elif loss_type == "vespo":
         with torch.no_grad():  # phi(w) = e^lam w^k e^(-lam w) of the row's summed log-ratio, in log space
             summed = ((logps - old).clamp(-20.0, 20.0) * m).sum(-1, keepdim=True)
+            if sampling_weights is not None:
+                summed = summed + torch.clamp(torch.log(sampling_weights.double()), math.log(1e-8), 20.0).sum(-1, keepdim=True)
             log_w = summed.clamp(math.log(1e-8), 20.0)
             f64 = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
             k = torch.where(a >= 0, f64(vespo_k_pos), f64(vespo_k_neg))
@@ -110,7 +115,8 @@ def ref_grpo64(
     else:
         per_token_loss = -torch.min(coef_1 * a, coef_2 * a)
     if off_policy_mask_threshold is not None:
-        drift = old - logps.detach()
+        drift = (old if sampling_logps is None else sampling_logps.double()) - logps.detach()
+        drift = torch.nan_to_num(drift, nan=0.0)  # TRL: tokens the sampler could not score give no evidence
         mean_drift = (drift * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp(min=1.0)
         keep_rows = ((a >= 0) | (mean_drift <= off_policy_mask_threshold)).double()
         per_token_loss = per_token_loss * keep_rows
@@ -121,6 +127,8 @@ def ref_grpo64(
         entropy_keep = ((entropies.detach() * m >= threshold) & m.bool()).double()
         per_token_loss = per_token_loss * entropy_keep
         metrics["_entropy_keep"] = entropy_keep
+    if sampling_weights is not None and loss_type != "vespo":
+        per_token_loss = per_token_loss * sampling_weights.double()
     if beta != 0.0:
         d = ref_logps.double() - logps
         kl = torch.exp(d) - d - 1
@@ -887,3 +895,111 @@ def test_explicit_triton_refuses_the_row_level_knobs(knobs, match):
     with pytest.raises(ValueError, match=f"backend='triton' does not support {match}"):
         olf.grpo_loss(hidden, weight, ids, mask, advantages=KNOB_ADVANTAGES, old_logps=old_logps, backend="triton",
                       **knobs)
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling weights (TRL's vLLM importance-sampling correction)
+# --------------------------------------------------------------------------------------------------
+def make_sampling_weights(shape, mask, seed=0):
+    """pi_old / pi_sampler as TRL's truncate / mask modes leave it: spread over [0, 3], some exactly 0 (masked
+    out by token_mask), NaN at masked positions (vLLM could not score them; they must not matter)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(shape, generator=gen, dtype=torch.float64) * 3.0
+    weights[torch.rand(shape, generator=gen) < 0.15] = 0.0
+    if shape == mask.shape:
+        weights[~mask.bool()] = math.nan
+    return weights
+
+
+SAMPLING_CASES = {
+    "dapo-token-beta": (dict(loss_type="dapo", beta=0.04), "token"),
+    "grpo-sequence-weights": (dict(loss_type="grpo", importance_sampling_level="sequence", beta=0.04), "row"),
+    "cispo-off-policy": (dict(loss_type="cispo", epsilon_high=1.1, off_policy_mask_threshold=KNOB_OFF_POLICY), "token"),
+    "sapo-entropy-mask": (dict(loss_type="sapo", top_entropy_quantile=0.5, temperature=0.7), "token"),
+    "vespo-beta": (dict(loss_type="vespo", beta=0.04), "token"),
+}
+
+
+@pytest.mark.parametrize("case", list(SAMPLING_CASES))
+def test_sampling_weights_match_fp64_trl_formulas(case, monkeypatch):
+    """grpo_loss(sampling_weights=...) in float64 against TRL's formulas (`ref_grpo64`) to ~1e-9: backend
+    reference, and chunked (ragged chunks) where a row-level knob takes it through its float64-capable path (the
+    fused token-level op computes in float32: `test_sampling_weights_chunked_float32_matches_reference`); the
+    weights really change the loss and gradient."""
+    import onelayer_fast.kernels.token_logprobs as tl
+
+    knobs, kind = SAMPLING_CASES[case]
+    hidden, weight, ids, mask, old_logps, ref_logps = make_knob_case(knobs.get("temperature", 1.0))
+    shape = mask.shape if kind == "token" else (KNOB_B, 1)
+    weights = make_sampling_weights(shape, mask)
+    common = dict(knobs, advantages=KNOB_ADVANTAGES.clone(), old_logps=old_logps,
+                  ref_logps=ref_logps if knobs.get("beta") else None)
+    e_loss, e_metrics, e_gh, e_gw, _ = run_ref(hidden, weight, ids, mask, weight_grad=True,
+                                               sampling_weights=weights.nan_to_num(1.0), **common)
+    u_loss, _, u_gh, _, _ = run_ref(hidden, weight, ids, mask, weight_grad=True, **common)
+    assert (e_loss - u_loss).abs() > 1e-4 and (e_gh - u_gh).abs().max() > 1e-4  # the weights act
+    chunk = next(c for c in (4, 5, 6, 7) if int(mask.sum()) % c)
+    monkeypatch.setattr(tl, "rows_per_chunk", lambda vocab_size, chunk_elements=None: chunk)
+    from onelayer_fast.kernels.grpo_loss import LossConfig
+
+    row_level = LossConfig(**knobs).row_level_knobs
+    for backend in ("reference", "chunked") if row_level else ("reference",):
+        loss, metrics, gh, gw = run_olf(hidden, weight, ids, mask, weight_grad=True, backend=backend,
+                                        sampling_weights=weights, **common)
+        torch.testing.assert_close(loss, e_loss, rtol=1e-9, atol=1e-12, msg=f"{backend} loss")
+        torch.testing.assert_close(gh, e_gh, rtol=1e-9, atol=1e-12, msg=f"{backend} grad hidden")
+        torch.testing.assert_close(gw, e_gw, rtol=1e-9, atol=1e-12, msg=f"{backend} grad weight")
+        if knobs.get("beta"):
+            torch.testing.assert_close(metrics["kl"].double(), e_metrics["kl"], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["token", "row"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_sampling_weights_chunked_float32_matches_reference(kind, level, assert_close, relative_error):
+    """Float32 chunked: the fused token-level op (token level) and the sequence-level path take the weights."""
+    hidden, weight, ids, mask, rewards, old_logps, ref_logps = make_case(6, 13, 3, 0.7, 0.2, 0.28, None, level)
+    weights = make_sampling_weights(mask.shape if kind == "token" else (6, 1), mask, seed=3).float()
+    advantages, _ = ref_advantages64(rewards, 3, "group")
+    knobs = dict(old_logps=old_logps, ref_logps=ref_logps, beta=0.04, temperature=0.7, epsilon_high=0.28,
+                 importance_sampling_level=level)
+    out = run_olf(hidden, weight, ids, mask, advantages=advantages.float(), backend="chunked",
+                  sampling_weights=weights, **knobs)
+    ref = run_ref(hidden, weight, ids, mask, advantages, sampling_weights=weights.double().nan_to_num(1.0), **knobs)
+    check_against_ref(out, ref, assert_close, relative_error, ["kl"])
+
+
+def test_sampling_weights_errors():
+    hidden, weight, ids, mask, old_logps, _ = make_knob_case(1.0, dtype=torch.float32)
+    kwargs = dict(advantages=KNOB_ADVANTAGES.clone(), old_logps=old_logps)
+    with pytest.raises(ValueError, match="sampling_weights must have shape"):
+        olf.grpo_loss(hidden, weight, ids, mask, sampling_weights=torch.ones(KNOB_B, 2), **kwargs)
+    bad = torch.ones(mask.shape)
+    bad[0, 0] = math.nan  # row 0 is full: an unmasked position
+    with pytest.raises(ValueError, match="NaN or inf at unmasked"):
+        olf.grpo_loss(hidden, weight, ids, mask, sampling_weights=bad, **kwargs)
+    with pytest.raises(ValueError, match="triton"):
+        olf.grpo_loss(hidden, weight, ids, mask, sampling_weights=torch.ones(mask.shape), backend="triton", **kwargs)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "vespo"])
+def test_off_policy_mask_measures_drift_from_the_sampler(loss_type, monkeypatch):
+    """With sampling_logps (vLLM's), the off-policy mask measures the drift from them, not from old_logps (TRL
+    1.16's get_off_policy_mask): float64 to ~1e-9 against the formulas, NaN sampler entries counted as no drift,
+    and the mask then drops a different row than with old_logps."""
+    hidden, weight, ids, mask, old_logps, ref_logps = make_knob_case(1.0)
+    true = ref_logps64(hidden, weight, ids, 1.0)
+    sampling = true.clone()
+    sampling[4] = true[4] + 0.4  # row 4 (negative advantage) looks off-policy to the sampler only
+    sampling[0, 2] = math.nan
+    knobs = dict(loss_type=loss_type, off_policy_mask_threshold=KNOB_OFF_POLICY, beta=0.04,
+                 advantages=KNOB_ADVANTAGES.clone(), old_logps=old_logps, ref_logps=ref_logps)
+    e_loss, e_metrics, e_gh, e_gw, _ = run_ref(hidden, weight, ids, mask, weight_grad=True, sampling_logps=sampling,
+                                               **knobs)
+    keep = e_metrics["_off_policy_keep"].squeeze(1)
+    assert keep[4] == 0 and keep[2] == 1  # unlike with old_logps (row 2 dropped, row 4 kept)
+    for backend in ("reference", "chunked"):
+        loss, _, gh, gw = run_olf(hidden, weight, ids, mask, weight_grad=True, backend=backend,
+                                  sampling_logps=sampling, **knobs)
+        torch.testing.assert_close(loss, e_loss, rtol=1e-9, atol=1e-12, msg=f"{backend} loss")
+        torch.testing.assert_close(gh, e_gh, rtol=1e-9, atol=1e-12, msg=f"{backend} grad hidden")
+        torch.testing.assert_close(gw, e_gw, rtol=1e-9, atol=1e-12, msg=f"{backend} grad weight")

@@ -184,6 +184,83 @@ def test_prefix_states_come_from_generation(tmp_path):
     assert no_cache.prefix_passes == 1  # one generation batch, one prefix forward
 
 
+def sampling_rollout(prompts, trainer):
+    """TRL's rollout_func standing in for vLLM: fixed completions per (prompt, draw) (lengths 2-8, the short ones
+    ending in EOS) with sampling log-probs that differ from the model's, so that the importance-sampling ratios
+    spread over both sides of 1 (and past TRL's bounds)."""
+    import random
+    from collections import Counter
+
+    seen = Counter()
+    prompt_ids, completion_ids, logprobs = [], [], []
+    for text in prompts:
+        draw = random.Random(f"{text}|{seen[text]}")
+        seen[text] += 1
+        length = draw.randint(2, 8)
+        ids = [draw.randrange(3, VOCAB) for _ in range(length)]
+        if length < 8:
+            ids[-1] = 1
+        prompt_ids.append(trainer.processing_class(text)["input_ids"])
+        completion_ids.append(ids)
+        logprobs.append([-4.85 + draw.uniform(-0.6, 0.6) for _ in ids])
+    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
+
+
+def train_with_fake_vllm(trainer_class, tmp_path, mode, layer_kwargs=None, **overrides):
+    """A run whose rollouts carry sampling log-probs as vLLM's do, with TRL's vLLM importance-sampling
+    correction switched on after construction (vLLM itself is not installed: `use_vllm=True` would load it)."""
+    from types import SimpleNamespace
+
+    from bench.tokenizer import bench_tokenizer
+
+    model = tiny_model(tmp_path / "model")
+    if trainer_class is trl.GRPOTrainer:
+        model.requires_grad_(False)
+        model.model.layers[LAYER].requires_grad_(True)
+    data = datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS * 4])
+    trainer = trainer_class(model=model, reward_funcs=[digit_share], rollout_func=sampling_rollout,
+                            args=trl_args(tmp_path / trainer_class.__name__, **overrides), train_dataset=data,
+                            processing_class=bench_tokenizer(VOCAB), **(layer_kwargs or {}))
+    if mode is not None:  # else: rollouts with sampling log-probs, no correction (a rollout_func's, say)
+        trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+        trainer.vllm_importance_sampling_mode = mode
+        trainer.vllm_generation = SimpleNamespace(sync_weights=lambda: None)
+        trainer._last_loaded_step = 0
+    trainer.train()
+    return trainer, {k: v.detach().clone() for k, v in model.model.layers[LAYER].state_dict().items()}
+
+
+@pytest.mark.parametrize("mode, overrides", [
+    ("sequence_mask", dict(num_iterations=1, vllm_importance_sampling_clip_max=1.5)),
+    ("token_truncate", dict(num_iterations=2, vllm_importance_sampling_clip_min=0.8)),
+    ("token_mask", dict(num_iterations=2, vllm_importance_sampling_clip_max=1.5, loss_type="grpo")),
+    # vespo with token_truncate: with token_mask's zero ratios its gamma weight underflows to ~1e-12 here, a
+    # gradient of rounding noise that Adam would scale up to a whole step on either side
+    ("token_truncate", dict(num_iterations=2, loss_type="vespo", vllm_importance_sampling_clip_min=0.8)),
+    # the off-policy mask measures drift from the sampler's log-probs, with or without the correction
+    ("token_truncate", dict(num_iterations=2, off_policy_mask_threshold=0.05)),
+    (None, dict(num_iterations=2, off_policy_mask_threshold=0.05)),
+], ids=["sequence_mask-mu1", "token_truncate-mu2", "token_mask-grpo-mu2", "token_truncate-vespo-mu2",
+        "token_truncate-off-policy", "no-correction-off-policy"])
+def test_vllm_importance_sampling_correction_same_as_trl(tmp_path, mode, overrides):
+    """TRL's vLLM importance-sampling correction (TRL computes the ratio at generation; the loss multiplies it
+    into the policy term, vespo into its gamma weight): the same trained layer as TRL's own GRPOTrainer."""
+    reference, trl_layer = train_with_fake_vllm(trl.GRPOTrainer, tmp_path / "trl", mode, **overrides)
+    ours, our_layer = train_with_fake_vllm(OneLayerGRPOTrainer, tmp_path / "olf", mode, layer_kwargs={"layer": LAYER},
+                                           **overrides)
+    initial = tiny_model(tmp_path / "init").model.layers[LAYER].state_dict()
+    assert relative_difference({k: trl_layer[k] - initial[k] for k in initial},
+                               {k: our_layer[k] - initial[k] for k in initial}) < 1e-4
+    assert relative_difference(trl_layer, our_layer) < 1e-5
+    ratios = [(h["sampling/importance_sampling_ratio/min"], h["sampling/importance_sampling_ratio/max"])
+              for h in ours.state.log_history if "sampling/importance_sampling_ratio/min" in h]
+    trl_ratios = [(h["sampling/importance_sampling_ratio/min"], h["sampling/importance_sampling_ratio/max"])
+                  for h in reference.state.log_history if "sampling/importance_sampling_ratio/min" in h]
+    flat = [value for pair in ratios for value in pair]
+    assert flat == pytest.approx([value for pair in trl_ratios for value in pair], rel=1e-4)
+    if mode is not None:
+        assert len(ratios) >= 1 and min(low for low, _ in ratios) < max(high for _, high in ratios)  # it acts
+
 def test_old_logprobs_at_first_use_only_when_no_step_can_intervene(tmp_path, monkeypatch):
     """With TRL's default steps_per_generation (= gradient accumulation) the old log-probs are the first
     iteration's own (no pass at generation time); with an optimizer step in between they are taken at
@@ -297,8 +374,13 @@ def test_unsupported_settings_fail_clearly(tmp_path):
 
     with pytest.raises(ValueError, match="out of range"):
         build(layer=3)
+    # layer=[...] builds a LaneGRPOTrainer (tests/test_trl_lanes.py); a subclass of OneLayerGRPOTrainer trains one layer
+    class OneLayerOnly(OneLayerGRPOTrainer):
+        pass
+
     with pytest.raises(NotImplementedError, match="lanes"):
-        build(layer=[0, 1])
+        OneLayerOnly(model=tiny_model(tmp_path / "m"), reward_funcs=[digit_share], train_dataset=data, layer=[0, 1],
+                     args=trl_args(tmp_path / "out"), processing_class=bench_tokenizer(VOCAB))
     with pytest.raises(ValueError, match="sync_ref_model=True needs beta > 0"):
         build(beta=0.0, sync_ref_model=True)
     with pytest.raises(RuntimeError, match="supports TRL"):
