@@ -1,0 +1,442 @@
+"""onelayer_fast as the update engine of TRL's GRPOTrainer: `OneLayerGRPOTrainer` (the `[trl]` extra; import it
+from `onelayer_fast.trl`, which also brings in lanes, `trl_lanes.py`).
+
+    from onelayer_fast.trl import OneLayerGRPOTrainer
+    trainer = OneLayerGRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...), train_dataset=data, layer=12)
+    trainer.train()
+
+TRL keeps what it does well: the dataset, reward functions, generation (HF `generate` or vLLM as configured),
+advantages, logging, callbacks and the Trainer loop. The update runs through onelayer_fast:
+- only layer `layer` trains (the optimizer holds its parameters alone);
+- the frozen prefix (embeddings + layers below `layer`) is not run again after HF generation: hooks keep the states
+  generation computed on its way (KV cache: the prompts' prefill, then one position per step); otherwise (vLLM,
+  no KV cache, multi-turn tools) it runs once per generation batch, under no_grad. Its output rides along in the
+  batch (shuffled and split with it) and feeds the old log-probs, the reference log-probs and every iteration's
+  loss;
+- the reference policy is a frozen copy of the original layer alone: TRL's full reference model is never loaded
+  (beta > 0), and `sync_ref_model` mixes one layer;
+- the loss is onelayer_fast's `grpo_loss` (chunked lm_head log-probs, or the fused Triton kernels on CUDA),
+  scaled as TRL scales each loss type under gradient accumulation;
+- checkpoints hold the one layer (`layer.safetensors` + `meta.json`, what `onelayer-fast merge` and `load_layer`
+  read) next to the Trainer's optimizer and scheduler state, and resume from there.
+
+Like TRL's own training forward, the loss forward counts positions 0 ... T - 1 on every row, over its left padding
+(generation counts from the first real token; with rotary attention, which sees relative positions only, both give
+the same states up to float32 rounding).
+What this trainer does not cover raises a clear error at construction:
+PEFT, multimodal inputs, several processes.
+
+Lanes (several single-layer runs at once on one shared frozen model): `layer=[Lane(12), Lane(8, learning_rate=3e-6)]`
+(or `layer=[12, 8]`) builds a `onelayer_fast.trl_lanes.LaneGRPOTrainer`, where each lane trains as its own
+single-layer run would on the same rollouts (one generation per lane; see that module).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checkpoint import load_layer, read_meta, save_layer_weights
+from .kernels.grpo_loss import LossConfig
+from .layout import PaddedLayout
+from .loss import BACKENDS, grpo_loss, token_logprobs
+from .policy import OneLayerPolicy, decoder_of
+from .update import EntropyControl, entropy_sum_and_count
+
+SUPPORTED_TRL_VERSIONS = ("1.16",)  # major.minor releases whose GRPOTrainer internals this module was checked against
+PREFIX_KEY = "onelayer_prefix_hidden"  # the batch entry holding the prefix output (B, P + C, H)
+# TRL GRPOConfig fields that are LossConfig fields under the same name
+TRL_LOSS_KNOBS = ("use_bias_correction_kl", "sapo_temperature_pos", "sapo_temperature_neg", "vespo_k_pos",
+                  "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "off_policy_mask_threshold",
+                  "top_entropy_quantile", "entropy_coef")
+OLD_PENDING_KEY = "onelayer_old_logps_pending"  # (B,) bool: old log-probs still to be taken at first use
+
+try:
+    import trl
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError("onelayer_fast.trl needs TRL: pip install 'onelayer_fast[trl]' "
+                      f"(TRL {', '.join(v + '.x' for v in SUPPORTED_TRL_VERSIONS)})") from error
+
+
+def check_trl_version(version: str | None = None) -> None:
+    """RuntimeError unless `version` (default: the installed TRL) is one this module supports."""
+    version = trl.__version__ if version is None else version
+    if ".".join(version.split(".")[:2]) not in SUPPORTED_TRL_VERSIONS:
+        raise RuntimeError(f"onelayer_fast.trl supports TRL {', '.join(v + '.x' for v in SUPPORTED_TRL_VERSIONS)}, "
+                           f"found TRL {version}: it overrides GRPOTrainer internals that change between releases. "
+                           f"Install a supported one: pip install 'trl=={SUPPORTED_TRL_VERSIONS[-1]}.*'")
+
+
+def loss_config_from_trl(args: GRPOConfig, max_completion_length: int | None = None) -> LossConfig:
+    """The LossConfig of TRL's GRPOConfig: the same knobs under the same names (TRL's `epsilon` is `epsilon_low`)."""
+    return LossConfig(
+        beta=args.beta, epsilon_low=args.epsilon,
+        epsilon_high=args.epsilon if args.epsilon_high is None else args.epsilon_high,
+        delta=args.delta, loss_type=args.loss_type, temperature=args.temperature,
+        max_completion_length=max_completion_length or args.max_completion_length,
+        importance_sampling_level=args.importance_sampling_level,
+        **{name: getattr(args, name) for name in TRL_LOSS_KNOBS},
+    )
+
+
+def _unsupported(args: GRPOConfig, kwargs: dict[str, Any]) -> str | None:
+    if kwargs.get("peft_config") is not None:
+        return "peft_config: OneLayerGRPOTrainer trains one layer itself, not an adapter"
+    if args.world_size > 1:
+        return f"{args.world_size} processes (the loss forward bypasses the DDP/DeepSpeed wrapper; one process only)"
+    return None
+
+
+class _SyncOneLayerReference(TrainerCallback):
+    """TRL's reference syncing with a one-layer reference: every `ref_model_sync_steps` optimizer steps the
+    reference layer becomes alpha * trained layer + (1 - alpha) * reference layer (TRL's SyncRefModelCallback
+    timing and formula; everything else in TRL's reference equals the policy, so only this layer changes)."""
+
+    def __init__(self, policy: OneLayerPolicy):
+        self.policy = policy
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % args.ref_model_sync_steps == 0:
+            alpha = args.ref_model_mixup_alpha
+            with torch.no_grad():
+                for ref, cur in zip(self.policy.reference_layer.parameters(), self.policy.target_layer.parameters(),
+                                    strict=True):
+                    ref.mul_(1.0 - alpha).add_(cur, alpha=alpha)
+
+
+class _GenerationCapture:
+    """The prefix output as HF `generate` computes it anyway: while installed, hooks record the token ids
+    entering the embedding, the attention mask of the first call and the states entering the target layer.
+    With a KV cache that is one prefill call over the prompts, then one position per decoding step, so the
+    records cover every position but the last sampled token (which generation never feeds back)."""
+
+    def __init__(self, decoder: torch.nn.Module, layer_index: int):
+        self.ids: list[Tensor] = []
+        self.states: list[Tensor] = []
+        self.prompt_mask: Tensor | None = None
+        self.calls = 0
+        self._handles = [
+            decoder.register_forward_pre_hook(self._on_decoder, with_kwargs=True),
+            decoder.embed_tokens.register_forward_pre_hook(self._on_embed),
+            decoder.layers[layer_index].register_forward_pre_hook(self._on_layer, with_kwargs=True),
+        ]
+
+    def _on_decoder(self, module, args, kwargs) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.prompt_mask = kwargs.get("attention_mask")
+
+    def _on_embed(self, module, args) -> None:
+        self.ids.append(args[0])
+
+    def _on_layer(self, module, args, kwargs) -> None:
+        self.states.append(args[0] if args else kwargs["hidden_states"])
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def prefix_for(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
+        """The prefix output (B, T, H) over these rows, or None unless the records are exactly one KV-cache
+        generation of these rows: the same rows in the same order, the same prompt padding, the same tokens at
+        every attended position. Generation positions count from each row's first real token, the training
+        forward's from 0: with rotary attention (relative positions) both give the same states up to rounding.
+        A completion that ran to the limit ends with the one token generation never fed back: its state is
+        filled in with its neighbour's, which is harmless because causal attention lets only that position see
+        it, and that position's output predicts no completion token."""
+        counts = {len(self.ids), len(self.states), self.calls}
+        if len(counts) != 1 or not self.states or not isinstance(self.prompt_mask, Tensor):
+            return None
+        if any(t.shape[1] != 1 for t in self.ids[1:]) or any(t.shape[1] != 1 for t in self.states[1:]):
+            return None  # several prefills (multi-turn tools, chunked prefill) or no KV cache
+        ids, states = torch.cat(self.ids, dim=1), torch.cat(self.states, dim=1)
+        rows, length = input_ids.shape
+        prompt_length = self.prompt_mask.shape[1]
+        if ids.shape[0] != rows or states.shape[:2] != ids.shape or self.prompt_mask.shape[0] != rows \
+                or not prompt_length <= length <= ids.shape[1] + 1:
+            return None
+        if not torch.equal(self.prompt_mask.bool(), attention_mask[:, :prompt_length].bool()):
+            return None
+        covered = min(length, ids.shape[1])
+        attended = attention_mask[:, :covered].bool()
+        if not torch.equal(ids[:, :covered][attended], input_ids[:, :covered][attended]):
+            return None
+        if length > covered:
+            states = torch.cat([states, states[:, -1:]], dim=1)
+        return states[:, :length]
+
+
+class OneLayerGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer (same arguments) with one trainable layer, `layer`, and onelayer_fast's update.
+
+    loss_backend: onelayer_fast.loss.BACKENDS ("auto": Triton kernels on CUDA once their self-check passed,
+    chunked PyTorch on CPU). See the module docstring for what changes and what does not.
+    """
+
+    def __new__(cls, *args, layer=None, **kwargs):
+        """`OneLayerGRPOTrainer(..., layer=[...])` (lanes: Lane objects or layer indices) is a LaneGRPOTrainer
+        (onelayer_fast.trl_lanes, a subclass, registered here when `onelayer_fast.trl` imports it); Python then
+        runs its __init__ with the same arguments."""
+        if cls is OneLayerGRPOTrainer and isinstance(layer, (list, tuple)):
+            if not _LANE_TRAINER:
+                raise ImportError("lanes need onelayer_fast.trl_lanes: import OneLayerGRPOTrainer from onelayer_fast.trl")
+            cls = _LANE_TRAINER[0]
+        return super().__new__(cls)
+
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *positional, layer: int,
+                 loss_backend: str = "auto", **kwargs):
+        check_trl_version()
+        if loss_backend not in BACKENDS:
+            raise ValueError(f"loss_backend must be one of {BACKENDS}, got {loss_backend!r}")
+        if isinstance(layer, (list, tuple)) and not isinstance(self, tuple(_LANE_TRAINER)):
+            # __new__ builds a LaneGRPOTrainer for OneLayerGRPOTrainer(..., layer=[...]) itself; a subclass keeps
+            # its class and trains one layer
+            raise NotImplementedError(f"{type(self).__name__} trains one layer; for lanes (a list of layers) "
+                                      "call OneLayerGRPOTrainer itself or subclass onelayer_fast.trl_lanes.LaneGRPOTrainer")
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = GRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-OneLayerGRPO")
+        if (reason := _unsupported(args, kwargs)) is not None:
+            raise NotImplementedError(f"OneLayerGRPOTrainer does not support {reason}")
+        self._loss_config = loss_config_from_trl(args)  # checks the loss knobs before anything loads
+        self.loss_backend = loss_backend
+        # TRL loads a full reference model when beta != 0 (and refuses sync_ref_model when beta == 0): the
+        # one-layer reference replaces it, so TRL is built as if beta were 0 and the knobs restored after.
+        beta, sync = args.beta, args.sync_ref_model
+        args.beta, args.sync_ref_model = 0.0, False
+        try:
+            super().__init__(model, reward_funcs, args, *positional, **kwargs)
+        finally:
+            args.beta, args.sync_ref_model = beta, sync
+        self.beta = beta
+        if sync and beta == 0.0:
+            raise ValueError("sync_ref_model=True needs beta > 0: without the KL term there is no reference to sync")
+        self.policy = OneLayerPolicy(self.model, layer)  # freezes every other parameter: TRL's optimizer skips them
+        if sync:
+            self.add_callback(_SyncOneLayerReference(self.policy))
+        self._prefix_stash: tuple[Tensor, Tensor, Tensor] | None = None
+        self._capture: _GenerationCapture | None = None
+        self.prefix_passes = 0  # prefix forwards run here, beyond the states captured from generation
+        self._generating = self._old_logps_pending = False
+        self._old_logps_from_first_use = self.args.gradient_accumulation_steps % self.args.steps_per_generation == 0
+
+    # ---- the prefix, computed once per generation batch -------------------------------------------------
+    def _layout(self, input_ids: Tensor, attention_mask: Tensor, completion_length: int) -> PaddedLayout:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return PaddedLayout(input_ids, attention_mask, completion_start=input_ids.shape[1] - completion_length,
+                            position_ids=positions)
+
+    def _prefix(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The prefix output over these rows: the one already taken for them in this generation step (captured
+        from HF generation, or computed), else a new prefix forward."""
+        stash = self._prefix_stash
+        if stash is not None and stash[0].shape == input_ids.shape and torch.equal(stash[0], input_ids) \
+                and torch.equal(stash[1], attention_mask):
+            return stash[2]
+        hidden = None if self._capture is None else self._capture.prefix_for(input_ids, attention_mask)
+        if hidden is None:
+            layout = self._layout(input_ids, attention_mask, 1)
+            hidden = self.policy.prefix_layout(layout).hidden
+            self.prefix_passes += 1
+        self._prefix_stash = (input_ids, attention_mask, hidden)
+        return hidden
+
+    def _completion_states(self, prefix_hidden: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                           completion_length: int, reference: bool = False) -> Tensor:
+        layout = self._layout(input_ids, attention_mask, completion_length)
+        cache = self.policy.cache_around(layout, prefix_hidden)
+        return self.policy.completion_states(cache, reference=reference)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """TRL calls this at generation time for the old log-probs (num_iterations > 1): through the cached
+        prefix and the trained layer, on the policy (TRL's reference model is never built).
+
+        When no optimizer step can fall between generation and the first use of every micro-batch (the
+        gradient-accumulation steps are a multiple of steps_per_generation, as with TRL's default), the old
+        log-probs are the first iteration's own log-probs: this returns a placeholder and the first loss call
+        fills it in (`_compute_loss`), which saves a whole pass."""
+        if any(value is not None for value in multimodal.values()) or compute_entropy or compute_aux_loss:
+            raise NotImplementedError("OneLayerGRPOTrainer: multimodal inputs, entropies at generation time and MoE "
+                                      "aux losses are not supported")
+        prefix = self._prefix(input_ids, attention_mask)
+        if self._generating and self._old_logps_from_first_use and not self._sampling_correction:
+            self._old_logps_pending = True
+            return torch.full((input_ids.shape[0], logits_to_keep), math.nan, device=input_ids.device), None, None
+        hidden = self._completion_states(prefix, input_ids, attention_mask, logits_to_keep)
+        logps = self._masked_logprobs(hidden, input_ids[:, -logits_to_keep:], attention_mask[:, -logits_to_keep:])
+        return logps, None, None
+
+    def _masked_logprobs(self, hidden: Tensor, completion_ids: Tensor, mask: Tensor) -> Tensor:
+        """(B, C) log-probs at the unmasked completion tokens, 0 elsewhere. The loss takes its log-probs over
+        the same rows, so where the weights agree (the reference layer before the first step) they agree to the
+        bit, as TRL's do: rounding noise in a zero gradient would become a whole Adam step."""
+        valid = mask.bool()
+        logps = torch.zeros(valid.shape, dtype=torch.float32, device=hidden.device)
+        logps[valid] = token_logprobs(hidden[valid], self.policy.lm_head_weight, completion_ids[valid],
+                                      temperature=self.temperature, backend=self.loss_backend).float()
+        return logps
+
+    def _generate(self, prompts):
+        """TRL's sampling, unchanged; with HF generation the prefix states it computes are kept for the update
+        (`_GenerationCapture`), which then runs no prefix forward of its own."""
+        capture = _GenerationCapture(self.policy.decoder, self.policy.layer_index)
+        try:
+            return super()._generate(prompts)
+        finally:
+            capture.close()
+            self._capture = capture
+
+    def _generate_and_score_completions(self, inputs):
+        beta, self.beta = self.beta, 0.0  # TRL's reference pass needs its reference model: ours runs below
+        self._prefix_stash, self._capture, self._generating, self._old_logps_pending = None, None, True, False
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self.beta, self._generating = beta, False
+        if self._old_logps_pending:  # one flag per row, so that it is shuffled and split with the batch
+            output[OLD_PENDING_KEY] = torch.ones(output["completion_ids"].shape[0], dtype=torch.bool,
+                                                 device=output["completion_ids"].device)
+        input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        with torch.no_grad():
+            prefix = self._prefix(input_ids, attention_mask)
+            if self.beta != 0.0:
+                length = output["completion_ids"].shape[1]
+                hidden = self._completion_states(prefix, input_ids, attention_mask, length, reference=True)
+                mask = output["completion_mask"]
+                if "tool_mask" in output:
+                    mask = mask * output["tool_mask"]
+                output["ref_per_token_logps"] = self._masked_logprobs(hidden, output["completion_ids"], mask)
+        output[PREFIX_KEY] = prefix
+        self._prefix_stash = self._capture = None  # the batch carries it from here
+        return output
+
+    # ---- the loss --------------------------------------------------------------------------------------
+    @property
+    def _sampling_correction(self) -> bool:
+        """TRL's vLLM importance-sampling correction is on: TRL's generation step then takes the old log-probs
+        (never at first use) and the ratio pi_old / pi_vLLM from them, which the loss multiplies in."""
+        return bool(self.use_vllm and self.vllm_importance_sampling_correction)
+
+    def _loss_scale(self, mask: Tensor, inputs: dict[str, Any], mode: str) -> float:
+        """TRL's loss over onelayer_fast's for this micro-batch. onelayer_fast normalizes within the micro-batch;
+        TRL divides by the gradient-accumulation steps, and for dapo / cispo / vespo by the tokens of the whole
+        generation batch (rescaled to one accumulation window)."""
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self._loss_config.loss_type not in ("dapo", "cispo", "vespo"):
+            return 1.0 / accumulation
+        normalizer = float(inputs["num_items_in_batch"].clamp(min=1.0)) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * accumulation / self.args.steps_per_generation
+        return max(1.0, float(mask.sum())) / normalizer
+
+    def _compute_loss(self, model, inputs):
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        advantages = inputs["advantages"]
+        if advantages.dim() != 1:
+            raise NotImplementedError("OneLayerGRPOTrainer takes one advantage per completion (shape (B,))")
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        hidden = self._completion_states(inputs[PREFIX_KEY], input_ids, attention_mask, completion_ids.shape[1])
+        mode = "train" if self.model.training else "eval"
+        scale = self._loss_scale(mask, inputs, mode)
+        config = self._loss_config
+        if self.args.use_adaptive_entropy:
+            config = dataclasses.replace(config, entropy_coef=self._entropy_control().applied())
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if getattr(config, "entropy_coef", 0.0) and scale != 1.0 / accumulation:
+            # TRL's entropy bonus is a per-token mean divided by the accumulation steps alone, whatever the loss
+            # type: pre-divide the coefficient by the policy term's extra scale so that scaling the whole loss
+            # leaves the bonus as TRL has it.
+            config = dataclasses.replace(config, entropy_coef=config.entropy_coef / (scale * accumulation))
+        old_logps = inputs.get("old_per_token_logps")
+        pending = inputs.get(OLD_PENDING_KEY)
+        first_use = pending is not None and bool(pending.any())
+        sampling_weights = inputs.get("importance_sampling_ratio") if self._sampling_correction else None
+        result = grpo_loss(hidden, self.policy.lm_head_weight, completion_ids, mask, advantages=advantages,
+                           old_logps=None if first_use else old_logps, ref_logps=inputs.get("ref_per_token_logps"),
+                           config=config, backend=self.loss_backend, sampling_weights=sampling_weights,
+                           sampling_logps=inputs.get("sampling_per_token_logps"))
+        if first_use:  # the weights have not moved since generation: these are the old log-probs (in place:
+            old_logps.copy_(result.token_logps)  # the same micro-batch dict comes back every iteration)
+            pending.zero_()
+        self._log_loss_metrics(result.metrics, mode)
+        if self.args.use_adaptive_entropy and mode == "train":
+            self._adapt_entropy(hidden, completion_ids, mask, config)
+        if mode == "train" and self.accelerator.sync_gradients and \
+                (self.args.use_adaptive_entropy or self.args.entropy_coef != 0.0):
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        return result.loss * scale
+
+    # ---- adaptive entropy control ----------------------------------------------------------------------
+    # The controller's state lives in TRL's own attributes (entropy_coef, _last_world_entropy,
+    # _entropy_window_stats), so that TRL's checkpoint code saves and restores it.
+    def _entropy_control(self) -> EntropyControl:
+        a = self.args
+        return EntropyControl(coef=self.entropy_coef, adaptive=True, minimum=a.entropy_coef_min,
+                              maximum=a.entropy_coef_max, delta=a.entropy_coef_delta, target=a.entropy_target,
+                              last_entropy=self._last_world_entropy)
+
+    def _adapt_entropy(self, hidden: Tensor, completion_ids: Tensor, mask: Tensor, config: LossConfig) -> None:
+        """TRL's window: the entropy sum and token count of every micro-batch of the accumulation window, over
+        the tokens the loss acts on; at the optimizer-step boundary the coefficient moves for the next step."""
+        stats = entropy_sum_and_count(hidden.detach(), self.policy.lm_head_weight, completion_ids, mask, config)
+        window = self._entropy_window_stats
+        self._entropy_window_stats = stats if window is None else window + stats
+        if self.accelerator.sync_gradients:
+            total, count = self._entropy_window_stats.tolist()
+            control = self._entropy_control()
+            control.update(total / max(1.0, count))
+            self.entropy_coef, self._last_world_entropy = control.coef, control.last_entropy
+            self._entropy_window_stats = None
+
+    def _log_loss_metrics(self, metrics: dict[str, Tensor], mode: str) -> None:
+        """The metrics TRL's own loss logs, under its names, where onelayer_fast computes them."""
+        wanted = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                  "cispo_clip_ratio", "vespo/phi_seq_mean"]
+        if self.beta != 0.0:
+            wanted.append("kl")
+        for name in wanted:
+            if name in metrics:
+                self._metrics[mode][name].append(float(metrics[name]))
+
+    # ---- one-layer checkpoints -------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The trained layer (`layer.safetensors` + `meta.json`) and the tokenizer, not the whole model."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_layer_weights(output_dir, self.policy.target_layer, self.policy.layer_index,
+                           len(decoder_of(self.model).layers), step=self.state.global_step,
+                           metadata={"trainer": "onelayer_fast.trl.OneLayerGRPOTrainer", "trl_version": trl.__version__})
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        meta = read_meta(resume_from_checkpoint)
+        if meta["mode"] != "single" or meta["layer"] != self.policy.layer_index:
+            raise ValueError(f"checkpoint {resume_from_checkpoint} trained layer {meta['layer']}, this trainer "
+                             f"trains layer {self.policy.layer_index}")
+        load_layer(self.model if model is None else model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+# The lanes trainer (a subclass, in trl_lanes.py) registers itself here: this module cannot import it back.
+_LANE_TRAINER: list[type] = []
+
+
+def register_lane_trainer(trainer_class: type) -> None:
+    """What `OneLayerGRPOTrainer(..., layer=[...])` builds."""
+    _LANE_TRAINER[:] = [trainer_class]
+
+
+__all__ = ["OneLayerGRPOTrainer", "SUPPORTED_TRL_VERSIONS", "check_trl_version", "loss_config_from_trl"]
