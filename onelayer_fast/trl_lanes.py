@@ -44,6 +44,9 @@ first unseeded lane's sampling is its single run's draw for draw, and the other 
 numbers (common random numbers). A lane with `seed=s` samples from its own stream instead, reseeded at every
 generation batch from (s, optimizer step, micro-step), which resumes alike. The data order (TRL's sampler,
 seeded by args.seed) is the same for every lane: all lanes train on the same prompts.
+Several processes (`accelerate launch` / torchrun, plain data parallel) work as for one layer: each process
+generates its share, every lane's gradients are averaged across processes (`training_step`), each lane's loss
+metrics are reduced over the processes; the shared model, which trains nothing, is never wrapped in DDP.
 Not supported (a clear error): vLLM (its weights would have to be synced once per lane), adaptive entropy
 control (one controller per lane), a given optimizer, multimodal inputs, and what OneLayerGRPOTrainer does not
 support. HF generation with a lane's layer swapped in runs the model as it is: no prefix states are captured
@@ -65,6 +68,7 @@ from torch import Tensor, nn
 
 # .trl_trainer first: without TRL it raises the ImportError that says how to install it
 from .trl_trainer import (
+    LOSS_METRICS,
     OLD_PENDING_KEY,
     PREFIX_KEY,
     OneLayerGRPOTrainer,
@@ -72,6 +76,7 @@ from .trl_trainer import (
     check_trl_version,
     loss_config_from_trl,
     register_lane_trainer,
+    unsupported_parallelism,
 )
 from .checkpoint import load_lane_layer, save_layer_weights
 from .lanes import Lane, LaneCache, LanePolicy, resolve_lanes
@@ -89,13 +94,12 @@ LANES_FILE = "lanes.json"  # in a checkpoint: the lanes and their directories
 # OneLayerGRPOTrainer methods a LaneGRPOTrainer inherits as they are (they do not touch the one-layer policy);
 # every other method OneLayerGRPOTrainer defines is overridden here (tests/test_trl_lanes.py checks it).
 INHERITED = ("_layout", "_loss_scale", "_log_loss_metrics", "_masked_logprobs",
-             "_entropy_control", "_adapt_entropy")  # these two: only OneLayerGRPOTrainer._compute_loss calls them
+             "_entropy_control", "_adapt_entropy",  # these two: only OneLayerGRPOTrainer._compute_loss calls them
+             "training_step", "_world_loss_metrics")  # these two: through trainable_parameters / given the rows
 # Per-row entries of TRL's generation output: how a lane's rows are padded to the lanes' common width.
 _PADDED = {"prompt_ids": "left", "prompt_mask": "left", "completion_ids": "right", "completion_mask": "right",
            "old_per_token_logps": "right", "sampling_per_token_logps": "right", "tool_mask": "right"}
 _LOGGED_GENERATION = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length")
-_LOGGED_LOSS = ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-                "cispo_clip_ratio", "vespo/phi_seq_mean")
 
 
 # ---------------------------------------------------------------------------------------- lanes
@@ -283,6 +287,8 @@ class LaneGRPOTrainer(OneLayerGRPOTrainer):
         finally:
             args.beta, args.sync_ref_model = beta, sync
         self.beta = beta
+        if (reason := unsupported_parallelism(self)) is not None:
+            raise NotImplementedError(f"OneLayerGRPOTrainer does not support {reason}")
         if sync and beta == 0.0:
             raise ValueError("sync_ref_model=True needs beta > 0: without the KL term there is no reference to sync")
         self.lanes: list[Lane] = resolve_lanes(lanes, len(decoder_of(self.model).layers))  # the given order
@@ -476,22 +482,43 @@ class LaneGRPOTrainer(OneLayerGRPOTrainer):
                 old_logps[rows].copy_(result.token_logps)
                 pending[rows].zero_()
             lane_loss = result.loss * scale
-            self._log_lane_loss(k, result.metrics, float(lane_loss.detach()) * accumulation, mode)
+            self._log_lane_loss(k, result.metrics, float(lane_loss.detach()) * accumulation, mode, lane_mask)
             total = lane_loss if total is None else total + lane_loss
         if mode == "train" and self.accelerator.sync_gradients and self.args.entropy_coef != 0.0:
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)  # as TRL logs it
         return total
 
-    def _log_lane_loss(self, k: int, metrics: dict[str, Tensor], loss: float, mode: str) -> None:
-        """Lane k's loss metrics under `lane{k}/...`, and under TRL's names (averaged over the lanes there)."""
-        self._metrics[mode][f"lane{k}/loss"].append(loss)
-        for name in _LOGGED_LOSS:
-            if name in metrics and (name != "kl" or self.beta != 0.0):
-                value = float(metrics[name])
-                self._metrics[mode][name].append(value)
-                self._metrics[mode][f"lane{k}/{name}"].append(value)
+    def _log_lane_loss(self, k: int, metrics: dict[str, Tensor], loss: float, mode: str, mask: Tensor) -> None:
+        """Lane k's loss metrics under `lane{k}/...`, and under TRL's names (averaged over the lanes there), over
+        every process's rows of the lane (`mask`: the lane's loss tokens here; the loss: the processes' mean, as
+        Trainer logs its loss)."""
+        values = self._world_loss_metrics(metrics, mask, process_means={"loss": loss})
+        self._metrics[mode][f"lane{k}/loss"].append(values.pop("loss"))
+        for name in LOSS_METRICS:
+            if name in values:
+                self._metrics[mode][name].append(values[name])
+                self._metrics[mode][f"lane{k}/{name}"].append(values[name])
 
     # ---- optimizer and clipping: per lane ---------------------------------------------------------------
+    def _prepare_for_training(self, *args, **kwargs):
+        """Trainer's preparation, with the shared model prepared as accelerate prepares a model that trains
+        nothing (device placement and mixed-precision autocast, no DDP wrapper): it holds no lane's parameters.
+        accelerate already leaves such a model unwrapped on GPUs; on CPU processes (gloo) it would wrap it, and
+        DDP refuses a module without trainable parameters. The lanes' gradients are averaged by training_step."""
+        prepare_model = self.accelerator.prepare_model
+        self.accelerator.prepare_model = lambda model, device_placement=None, evaluation_mode=False: prepare_model(
+            model, device_placement=device_placement, evaluation_mode=True)
+        try:
+            return super()._prepare_for_training(*args, **kwargs)
+        finally:
+            del self.accelerator.prepare_model  # the class's method again
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every lane's trainable layer, lanes in the given order (the same on every process): the gradients
+        `training_step` averages across processes (the shared model trains nothing, so accelerate does not wrap
+        it in DDP)."""
+        return [p for k in range(self.num_lanes) for p in self.lane_layer(k).parameters() if p.requires_grad]
+
     def lane_parameter_groups(self) -> list[dict[str, Any]]:
         """One parameter group per lane at its learning rate (two with weight decay, split as Trainer splits:
         no decay for biases and norms), tagged `lane`."""

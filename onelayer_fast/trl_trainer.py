@@ -23,8 +23,15 @@ advantages, logging, callbacks and the Trainer loop. The update runs through one
 Like TRL's own training forward, the loss forward counts positions 0 ... T - 1 on every row, over its left padding
 (generation counts from the first real token; with rotary attention, which sees relative positions only, both give
 the same states up to float32 rounding).
+Several processes (`accelerate launch --num_processes N script.py`, or torchrun): accelerate's data parallel, as
+TRL runs it. Each process generates and trains on its share of the batch; the loss runs the policy's own modules,
+never the DDP wrapper (DDP's reducer is then never armed, and TRL's generation unwraps the model as before), so
+`training_step` averages the trained layer's gradients across processes itself, as DDP would, once per optimizer
+step before Trainer clips. The logged loss metrics and adaptive entropy control's window are reduced across
+processes as TRL reduces them; the loss is scaled per process as TRL scales it.
 What this trainer does not cover raises a clear error at construction:
-PEFT, multimodal inputs, several processes.
+PEFT, multimodal inputs, DeepSpeed, FSDP and other sharded or model-parallel setups, and top_entropy_quantile < 1
+with several processes (TRL takes that quantile over every process's tokens).
 
 Lanes (several single-layer runs at once on one shared frozen model): `layer=[Lane(12), Lane(8, learning_rate=3e-6)]`
 (or `layer=[12, 8]`) builds a `onelayer_fast.trl_lanes.LaneGRPOTrainer`, where each lane trains as its own
@@ -34,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -87,9 +94,88 @@ def loss_config_from_trl(args: GRPOConfig, max_completion_length: int | None = N
 def _unsupported(args: GRPOConfig, kwargs: dict[str, Any]) -> str | None:
     if kwargs.get("peft_config") is not None:
         return "peft_config: OneLayerGRPOTrainer trains one layer itself, not an adapter"
-    if args.world_size > 1:
-        return f"{args.world_size} processes (the loss forward bypasses the DDP/DeepSpeed wrapper; one process only)"
+    if args.deepspeed:
+        return f"DeepSpeed (deepspeed={args.deepspeed!r}): {_DATA_PARALLEL_ONLY}"
+    if args.fsdp:
+        return f"FSDP (fsdp={args.fsdp!r}): {_DATA_PARALLEL_ONLY}"
+    if args.world_size > 1 and args.top_entropy_quantile < 1.0:
+        # TRL takes the entropy quantile over every process's tokens (a gather inside its loss); onelayer_fast's
+        # loss takes it over the rows it holds
+        return (f"top_entropy_quantile < 1 with {args.world_size} processes (TRL's quantile spans every process's "
+                "tokens); train it in one process or keep every token (top_entropy_quantile=1)")
     return None
+
+
+# What several processes may be: accelerate's plain data parallel (DDP: each process holds the whole model and
+# its gradients are averaged, which `average_gradients` does here), not sharded or model-parallel setups.
+_DATA_PARALLEL_ONLY = ("several processes are supported as plain data parallel (DDP: `accelerate launch "
+                       "--num_processes N` or torchrun) only; the loss runs the policy's own modules, not a "
+                       "DeepSpeed / FSDP / tensor-parallel wrapper")
+_DATA_PARALLEL_TYPES = ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA",
+                        "MULTI_XPU", "MULTI_HPU")  # accelerate's DistributedType values that wrap the model in DDP
+
+
+def unsupported_parallelism(trainer: GRPOTrainer) -> str | None:
+    """Why the built trainer's accelerate setup is not one this module supports (an accelerate config can turn on
+    DeepSpeed or FSDP without the GRPOConfig saying so), or None."""
+    if trainer.is_deepspeed_enabled:
+        return f"DeepSpeed: {_DATA_PARALLEL_ONLY}"
+    if trainer.is_fsdp_enabled:
+        return f"FSDP: {_DATA_PARALLEL_ONLY}"
+    kind = str(getattr(trainer.accelerator.distributed_type, "value", trainer.accelerator.distributed_type))
+    if kind not in _DATA_PARALLEL_TYPES:
+        return f"accelerate's {kind}: {_DATA_PARALLEL_ONLY}"
+    parallelism = getattr(trainer.accelerator, "parallelism_config", None)
+    if parallelism is not None and any(getattr(parallelism, f"{name}_enabled", False)
+                                       for name in ("dp_shard", "tp", "cp", "sp")):
+        return f"accelerate's parallelism_config {parallelism}: {_DATA_PARALLEL_ONLY}"
+    return None
+
+
+# Gradients are averaged in flat buffers of at most this many elements (DDP's default bucket is 25 MiB): one
+# collective per bucket instead of one per tensor, without a second copy of a whole large layer.
+GRADIENT_BUCKET_ELEMENTS = 1 << 23
+
+
+def average_gradients(parameters: Sequence[Tensor], world_size: int) -> None:
+    """Each parameter's gradient becomes its mean over the `world_size` processes of the default process group:
+    what DDP's reducer does, done here because the loss runs the policy's own modules, never DDP's forward, so
+    DDP never arms its reducer. As DDP: divide, then all-reduce the sum (the same rounding), in flat buckets.
+    Every rank must call it with the same parameters in the same order; a parameter without a gradient takes
+    part as zeros (so the collectives line up), and keeps the averaged gradient."""
+    if world_size <= 1:
+        return
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise RuntimeError(f"{world_size} processes but no torch.distributed process group: launch with "
+                           "`accelerate launch` or torchrun")
+    buckets: list[list[Tensor]] = []
+    size, key = 0, None
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        grad = parameter.grad
+        if not buckets or (grad.device, grad.dtype) != key or size + grad.numel() > GRADIENT_BUCKET_ELEMENTS:
+            buckets.append([])
+            size, key = 0, (grad.device, grad.dtype)
+        buckets[-1].append(grad)
+        size += grad.numel()
+    for grads in buckets:
+        flat = torch.cat([g.reshape(-1) for g in grads]).div_(world_size)
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+# The loss metrics TRL logs, and what each is a mean over: TRL reduces every one across processes as
+# sum(value * weight) / sum(weight) (its `global_masked_mean`), with the completion tokens as weights, or the
+# rows where the metric has one value per row (vespo's weight; the clip ratios at sequence level).
+LOSS_METRICS = ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                "cispo_clip_ratio", "vespo/phi_seq_mean")
+_PER_ROW_METRICS = ("vespo/phi_seq_mean",)
+_PER_ROW_AT_SEQUENCE_LEVEL = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+                              "cispo_clip_ratio")
 
 
 class _SyncOneLayerReference(TrainerCallback):
@@ -150,17 +236,22 @@ class _GenerationCapture:
         filled in with its neighbour's, which is harmless because causal attention lets only that position see
         it, and that position's output predicts no completion token."""
         counts = {len(self.ids), len(self.states), self.calls}
-        if len(counts) != 1 or not self.states or not isinstance(self.prompt_mask, Tensor):
+        if len(counts) != 1 or not self.states:
+            return None
+        prompt_mask = self.prompt_mask
+        if prompt_mask is None:  # HF generate leaves out an all-ones mask: prompts without padding (every
+            prompt_mask = torch.ones_like(self.ids[0])  # row the same length, as one process's share may be)
+        if not isinstance(prompt_mask, Tensor):
             return None
         if any(t.shape[1] != 1 for t in self.ids[1:]) or any(t.shape[1] != 1 for t in self.states[1:]):
             return None  # several prefills (multi-turn tools, chunked prefill) or no KV cache
         ids, states = torch.cat(self.ids, dim=1), torch.cat(self.states, dim=1)
         rows, length = input_ids.shape
-        prompt_length = self.prompt_mask.shape[1]
-        if ids.shape[0] != rows or states.shape[:2] != ids.shape or self.prompt_mask.shape[0] != rows \
+        prompt_length = prompt_mask.shape[1]
+        if ids.shape[0] != rows or states.shape[:2] != ids.shape or prompt_mask.shape[0] != rows \
                 or not prompt_length <= length <= ids.shape[1] + 1:
             return None
-        if not torch.equal(self.prompt_mask.bool(), attention_mask[:, :prompt_length].bool()):
+        if not torch.equal(prompt_mask.bool(), attention_mask[:, :prompt_length].bool()):
             return None
         covered = min(length, ids.shape[1])
         attended = attention_mask[:, :covered].bool()
@@ -214,6 +305,8 @@ class OneLayerGRPOTrainer(GRPOTrainer):
         finally:
             args.beta, args.sync_ref_model = beta, sync
         self.beta = beta
+        if (reason := unsupported_parallelism(self)) is not None:
+            raise NotImplementedError(f"OneLayerGRPOTrainer does not support {reason}")
         if sync and beta == 0.0:
             raise ValueError("sync_ref_model=True needs beta > 0: without the KL term there is no reference to sync")
         self.policy = OneLayerPolicy(self.model, layer)  # freezes every other parameter: TRL's optimizer skips them
@@ -317,6 +410,47 @@ class OneLayerGRPOTrainer(GRPOTrainer):
         self._prefix_stash = self._capture = None  # the batch carries it from here
         return output
 
+    # ---- several processes: the gradient averaging DDP would do ----------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer trains, in the same order on every process (the gradients `training_step`
+        averages across processes)."""
+        return [p for p in self.policy.target_layer.parameters() if p.requires_grad]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """TRL's step (the backward included). The loss ran the policy's own modules, not the DDP wrapper, so DDP
+        never all-reduced: after the accumulation window's last backward, before Trainer clips and steps, the
+        gradients are averaged across processes here (DDP's mean), which makes every process's update the same."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            average_gradients(self.trainable_parameters(), self.accelerator.num_processes)
+        return loss
+
+    def _world_loss_metrics(self, metrics: dict[str, Tensor], mask: Tensor,
+                            process_means: dict[str, float] | None = None) -> dict[str, float]:
+        """The loss metrics TRL logs (LOSS_METRICS, kl only with beta > 0) over every process's rows, reduced as
+        TRL reduces them (one collective for all): weighted by the tokens of `mask`, or by its rows for a
+        metric with one value per row; `process_means` are averaged over the processes as they are."""
+        wanted = [n for n in LOSS_METRICS if n != "kl" or self.beta != 0.0]
+        process_means = process_means or {}
+        if self.accelerator.num_processes == 1:
+            return {**{n: float(metrics[n]) for n in wanted if n in metrics},
+                    **{n: float(v) for n, v in process_means.items()}}
+        sequence = self._loss_config.importance_sampling_level == "sequence"
+        tokens, rows = float(mask.sum()), float(mask.shape[0])
+        # (value * weight, weight, present) for every wanted metric, present or not: the collective has the same
+        # shape on every process whatever each one's loss path computed
+        entries = []
+        for name in wanted:
+            per_row = name in _PER_ROW_METRICS or (sequence and name in _PER_ROW_AT_SEQUENCE_LEVEL)
+            weight = rows if per_row else tokens
+            entries.append((float(metrics[name]) * weight, weight, 1.0) if name in metrics else (0.0, 0.0, 0.0))
+        entries += [(float(value), 1.0, 1.0) for value in process_means.values()]
+        totals = self.accelerator.reduce(torch.tensor(entries, dtype=torch.float64, device=self.accelerator.device),
+                                         reduction="sum")
+        values = (totals[:, 0] / totals[:, 1].clamp(min=1.0)).tolist()
+        present = (totals[:, 2] > 0).tolist()
+        return {name: value for name, value, keep in zip([*wanted, *process_means], values, present) if keep}
+
     # ---- the loss --------------------------------------------------------------------------------------
     @property
     def _sampling_correction(self) -> bool:
@@ -367,7 +501,7 @@ class OneLayerGRPOTrainer(GRPOTrainer):
         if first_use:  # the weights have not moved since generation: these are the old log-probs (in place:
             old_logps.copy_(result.token_logps)  # the same micro-batch dict comes back every iteration)
             pending.zero_()
-        self._log_loss_metrics(result.metrics, mode)
+        self._log_loss_metrics(result.metrics, mode, mask)
         if self.args.use_adaptive_entropy and mode == "train":
             self._adapt_entropy(hidden, completion_ids, mask, config)
         if mode == "train" and self.accelerator.sync_gradients and \
@@ -391,21 +525,18 @@ class OneLayerGRPOTrainer(GRPOTrainer):
         window = self._entropy_window_stats
         self._entropy_window_stats = stats if window is None else window + stats
         if self.accelerator.sync_gradients:
-            total, count = self._entropy_window_stats.tolist()
+            # every process's window: the mean entropy over all their tokens, as TRL reduces it
+            total, count = self.accelerator.reduce(self._entropy_window_stats, reduction="sum").tolist()
             control = self._entropy_control()
             control.update(total / max(1.0, count))
             self.entropy_coef, self._last_world_entropy = control.coef, control.last_entropy
             self._entropy_window_stats = None
 
-    def _log_loss_metrics(self, metrics: dict[str, Tensor], mode: str) -> None:
-        """The metrics TRL's own loss logs, under its names, where onelayer_fast computes them."""
-        wanted = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-                  "cispo_clip_ratio", "vespo/phi_seq_mean"]
-        if self.beta != 0.0:
-            wanted.append("kl")
-        for name in wanted:
-            if name in metrics:
-                self._metrics[mode][name].append(float(metrics[name]))
+    def _log_loss_metrics(self, metrics: dict[str, Tensor], mode: str, mask: Tensor) -> None:
+        """The metrics TRL's own loss logs, under its names, where onelayer_fast computes them, over every
+        process's rows (`_world_loss_metrics`; `mask`: the tokens the loss acts on here)."""
+        for name, value in self._world_loss_metrics(metrics, mask).items():
+            self._metrics[mode][name].append(value)
 
     # ---- one-layer checkpoints -------------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
