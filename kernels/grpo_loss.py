@@ -408,8 +408,10 @@ class FusedTokenGRPOLoss(torch.autograd.Function):
     forward + recompute-in-backward, and only (N, H) gradients are kept.
     Inputs are the N unmasked tokens, flattened: hidden (N, H), token_ids, advantages, weights
     (normalization), old/ref (N,) or None, the LossConfig, the chunk size in rows and the sampling weights
-    (N,) or None (they multiply the policy term, as in `grpo_loss_from_logps`).
-    Returns (loss, logp (N,) non-differentiable).
+    (N,) or None (they multiply the policy term, as in `grpo_loss_from_logps`), and whether to also return each
+    token's entropy (a metric only, no gradient: log S - sum_v e_v log e_v / S from the chunk's e = exp(z - max)
+    and S = sum e, one elementwise pass over the chunk).
+    Returns (loss, logp (N,), entropy (N,) or an empty tensor), the last two non-differentiable.
     FLOPs (N tokens, hidden H, vocab V): 2*N*V*H (logits) + 2*N*V*H (grad_hidden) in the forward, + 2*N*V*H
     (grad_W) only when the lm_head trains; the backward only scales the saved gradients. So 4*N*V*H with a
     frozen head: the floor that the bench's `grpo_loss` workload counts against.
@@ -417,10 +419,12 @@ class FusedTokenGRPOLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, token_ids, advantages, loss_weights, old_logps, ref_logps,
-                config: LossConfig, chunk_rows: int, sampling_weights: Tensor | None = None):
+                config: LossConfig, chunk_rows: int, sampling_weights: Tensor | None = None,
+                want_entropy: bool = False):
         temperature = config.temperature
         n = hidden.shape[0]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty(n if want_entropy else 0, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
@@ -430,6 +434,8 @@ class FusedTokenGRPOLoss(torch.autograd.Function):
             logits = logits_into(buffer[: part.stop - start], hidden[part], weight, temperature)
             chunk_logp, _, sum_exp = softmax_stats_(logits, token_ids[part])
             logp[part] = chunk_logp
+            if want_entropy:  # logits now holds e = exp(z - max); z - max = log e (xlogy: 0 where e underflowed)
+                entropy[part] = sum_exp.log() - torch.xlogy(logits, logits).sum(dim=1) / sum_exp
             with torch.enable_grad():
                 leaf = chunk_logp.detach().requires_grad_()
                 old = leaf.detach() if old_logps is None else old_logps[part]
@@ -447,16 +453,16 @@ class FusedTokenGRPOLoss(torch.autograd.Function):
                 accumulate_input_grads(grad_z, hidden[part], weight, rows_grad, grad_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
-        ctx.mark_non_differentiable(logp)
-        return loss, logp
+        ctx.mark_non_differentiable(logp, entropy)
+        return loss, logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_logp):
+    def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_loss.to(torch.float32)
         grad_hidden = None if grad_hidden is None else (grad_hidden * scale).to(grad_hidden.dtype)
         grad_weight = None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def grpo_loss_ref(

@@ -187,6 +187,7 @@ def grpo_loss(
     counts: GlobalCounts | None = None,
     sampling_weights: Tensor | None = None,
     sampling_logps: Tensor | None = None,
+    entropy_metric: bool = False,
     **knobs,
 ) -> LossResult:
     """GRPO loss with TRL GRPOTrainer semantics (see `kernels/grpo_loss.py` for the math).
@@ -204,6 +205,9 @@ def grpo_loss(
     not the KL (vespo: it enters the gamma weight). Not in the Triton kernels: "auto" runs chunked then.
     sampling_logps (B, T): the log-probs the rollouts were sampled with (vLLM's, NaN where unknown); the
     off-policy mask measures the drift from them instead of from old_logps, as TRL does.
+    entropy_metric: report metrics["entropy"] (the mean token entropy, which TRL logs at every step) also where
+    no loss knob needs the entropies; the chunked path then takes them in the same pass (no gradient). Not on
+    the Triton path.
     """
     config = loss_config(config, **knobs)
     _check_choice("backend", backend, BACKENDS)
@@ -258,9 +262,11 @@ def grpo_loss(
     valid = completion_mask.reshape(-1).bool().nonzero().squeeze(1)
     fused_loss = entropies = None
     if backend == "reference":
-        if config.row_level_knobs:
+        if config.row_level_knobs or entropy_metric:
             logps, entropies = token_logprobs_entropy_ref(hidden, lm_head_weight, ids, config.temperature)
             entropies = entropies * mask
+            if not config.row_level_knobs:
+                entropies = entropies.detach()  # the metric only
         else:
             logps = token_logprobs_ref(hidden, lm_head_weight, ids, config.temperature)
         logps = logps * mask
@@ -279,14 +285,22 @@ def grpo_loss(
 
             row_of_token = valid // length
             weights = token_loss_weights(mask, config.loss_type, config.normalizer_length(length), counts)
-            fused_loss, valid_logps = FusedTokenGRPOLoss.apply(
+            fused_loss, valid_logps, fused_entropies = FusedTokenGRPOLoss.apply(
                 flat_hidden, lm_head_weight, flat_ids, advantages.index_select(0, row_of_token),
                 at_valid(weights), at_valid(old_logps), at_valid(ref_logps), config,
                 rows_per_chunk(lm_head_weight.shape[0]),
                 None if sampling_weights is None else at_valid(sampling_weights.expand(batch, length)),
+                entropy_metric,
             )
+            if entropy_metric:
+                valid_entropies = fused_entropies
         else:  # sequence level: a token's gradient depends on its whole row, so forward then backward
-            valid_logps = chunked_token_logprobs(flat_hidden, lm_head_weight, flat_ids, config.temperature)
+            if entropy_metric:  # the same pass gives the entropies; only the log-probs carry a gradient
+                valid_logps, valid_entropies = chunked_token_logprobs_entropy(flat_hidden, lm_head_weight, flat_ids,
+                                                                              config.temperature)
+                valid_entropies = valid_entropies.detach()
+            else:
+                valid_logps = chunked_token_logprobs(flat_hidden, lm_head_weight, flat_ids, config.temperature)
         def scatter(values: Tensor) -> Tensor:  # (valid tokens,) -> (batch, length), zero where masked
             full = torch.zeros(batch * length, dtype=values.dtype, device=hidden.device)
             return full.index_put((valid,), values).view(batch, length)
@@ -303,7 +317,7 @@ def grpo_loss(
                                              sampling_weights, sampling_logps)
     else:  # the fused op gave loss and gradient; the same formulas on its log-probs give the metrics
         with torch.no_grad():
-            _, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, config,
+            _, metrics = grpo_loss_from_logps(logps, mask, advantages, old, ref, config, entropies,
                                               sampling_weights=sampling_weights)
         loss = fused_loss
     if constant_group is not None:

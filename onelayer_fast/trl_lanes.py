@@ -477,7 +477,8 @@ class LaneGRPOTrainer(OneLayerGRPOTrainer):
                                old_logps=None if first_use or old_logps is None else old_logps[rows],
                                ref_logps=None if ref_logps is None else ref_logps[rows], config=config,
                                backend=self.loss_backend,
-                               sampling_logps=None if sampling_logps is None else sampling_logps[rows])
+                               sampling_logps=None if sampling_logps is None else sampling_logps[rows],
+                               entropy_metric=True)
             if first_use:  # the weights have not moved since generation: these are the lane's old log-probs
                 old_logps[rows].copy_(result.token_logps)
                 pending[rows].zero_()

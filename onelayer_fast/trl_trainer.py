@@ -497,7 +497,7 @@ class OneLayerGRPOTrainer(GRPOTrainer):
         result = grpo_loss(hidden, self.policy.lm_head_weight, completion_ids, mask, advantages=advantages,
                            old_logps=None if first_use else old_logps, ref_logps=inputs.get("ref_per_token_logps"),
                            config=config, backend=self.loss_backend, sampling_weights=sampling_weights,
-                           sampling_logps=inputs.get("sampling_per_token_logps"))
+                           sampling_logps=inputs.get("sampling_per_token_logps"), entropy_metric=True)
         if first_use:  # the weights have not moved since generation: these are the old log-probs (in place:
             old_logps.copy_(result.token_logps)  # the same micro-batch dict comes back every iteration)
             pending.zero_()

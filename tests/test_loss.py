@@ -1003,3 +1003,32 @@ def test_off_policy_mask_measures_drift_from_the_sampler(loss_type, monkeypatch)
         torch.testing.assert_close(loss, e_loss, rtol=1e-9, atol=1e-12, msg=f"{backend} loss")
         torch.testing.assert_close(gh, e_gh, rtol=1e-9, atol=1e-12, msg=f"{backend} grad hidden")
         torch.testing.assert_close(gw, e_gw, rtol=1e-9, atol=1e-12, msg=f"{backend} grad weight")
+
+
+@pytest.mark.parametrize("level, knobs", [("token", {}), ("sequence", {}), ("token", {"loss_type": "grpo", "beta": 0.04}),
+                                          ("token", {"loss_type": "cispo", "epsilon_high": 1.2})],
+                         ids=["fused", "sequence", "fused-grpo-beta", "fused-cispo"])
+def test_entropy_metric_without_entropy_knobs(level, knobs, monkeypatch):
+    """entropy_metric=True: metrics["entropy"] is the masked mean token entropy on every non-Triton path (the
+    fused op takes it from its chunk, ragged chunks here), and the loss and gradients are those without it (to
+    the bit, but for the sequence-level chunked path's rounding)."""
+    import onelayer_fast.kernels.token_logprobs as tl
+
+    hidden, weight, ids, mask, rewards, old_logps, ref_logps = make_case(6, 13, 3, 0.7, 0.2, 0.28, None, level)
+    advantages, _ = ref_advantages64(rewards, 3, "group")
+    common = dict(advantages=advantages.float(), old_logps=old_logps, ref_logps=ref_logps, temperature=0.7,
+                  importance_sampling_level=level, **knobs)
+    m = mask.double()
+    expected = (ref_entropy64(hidden.double(), weight.double(), 0.7) * m).sum() / m.sum()
+    chunk = next(c for c in (4, 5, 6, 7) if int(mask.sum()) % c)
+    monkeypatch.setattr(tl, "rows_per_chunk", lambda vocab_size, chunk_elements=None: chunk)
+    for backend in ("reference", "chunked"):
+        plain = run_olf(hidden, weight, ids, mask, backend=backend, **common)
+        loss, metrics, gh, _ = run_olf(hidden, weight, ids, mask, backend=backend, entropy_metric=True, **common)
+        assert "entropy" not in plain[1]
+        torch.testing.assert_close(metrics["entropy"].double(), expected, rtol=1e-5, atol=1e-6)
+        if backend == "chunked" and level == "sequence":  # log-probs and entropies from one Function: its
+            torch.testing.assert_close(loss, plain[0], rtol=1e-6, atol=0)  # backward rounds differently
+            torch.testing.assert_close(gh, plain[2], rtol=1e-5, atol=1e-8)
+        else:
+            assert torch.equal(loss, plain[0]) and torch.equal(gh, plain[2]), backend

@@ -133,6 +133,10 @@ def test_same_trained_layer_as_trl(tmp_path, case):
     assert trl_rewards == our_rewards and len(trl_rewards) >= 1
     lengths = [h["completions/mean_length"] for h in ours.state.log_history if "completions/mean_length" in h]
     assert any(length < 8 for length in lengths)
+    # TRL logs the mean token entropy at every loss call; so does OneLayerGRPOTrainer (entropy_metric)
+    trl_entropy = [h["entropy"] for h in reference.state.log_history if "entropy" in h]
+    our_entropy = [h["entropy"] for h in ours.state.log_history if "entropy" in h]
+    assert our_entropy == pytest.approx(trl_entropy, rel=1e-4) and len(trl_entropy) >= 3
     if overrides.get("use_adaptive_entropy") or overrides.get("entropy_coef"):
         trl_coef = [h["entropy_coef"] for h in reference.state.log_history if "entropy_coef" in h]
         our_coef = [h["entropy_coef"] for h in ours.state.log_history if "entropy_coef" in h]
