@@ -57,6 +57,7 @@ from .token_logprobs import (
     logits_into,
     probs_to_grad_,
     softmax_stats_,
+    softmax_stats_entropy_,
     accumulate_input_grads,
     chunk_buffer,
     token_logprobs_entropy_ref,
@@ -409,8 +410,7 @@ class FusedTokenGRPOLoss(torch.autograd.Function):
     Inputs are the N unmasked tokens, flattened: hidden (N, H), token_ids, advantages, weights
     (normalization), old/ref (N,) or None, the LossConfig, the chunk size in rows and the sampling weights
     (N,) or None (they multiply the policy term, as in `grpo_loss_from_logps`), and whether to also return each
-    token's entropy (a metric only, no gradient: log S - sum_v e_v log e_v / S from the chunk's e = exp(z - max)
-    and S = sum e, one elementwise pass over the chunk).
+    token's entropy (a metric only, no gradient; `softmax_stats_entropy_`, with a second chunk buffer).
     Returns (loss, logp (N,), entropy (N,) or an empty tensor), the last two non-differentiable.
     FLOPs (N tokens, hidden H, vocab V): 2*N*V*H (logits) + 2*N*V*H (grad_hidden) in the forward, + 2*N*V*H
     (grad_W) only when the lm_head trains; the backward only scales the saved gradients. So 4*N*V*H with a
@@ -429,13 +429,16 @@ class FusedTokenGRPOLoss(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         buffer = chunk_buffer(n, chunk_rows, weight.shape[0], hidden.device)
+        exp_buffer = torch.empty_like(buffer) if want_entropy else None
         for start in range(0, n, chunk_rows):
             part = slice(start, min(start + chunk_rows, n))
             logits = logits_into(buffer[: part.stop - start], hidden[part], weight, temperature)
-            chunk_logp, _, sum_exp = softmax_stats_(logits, token_ids[part])
+            if want_entropy:  # from here on `logits` is exp(z - max), as softmax_stats_ leaves it
+                chunk_logp, _, sum_exp, entropy[part], logits = softmax_stats_entropy_(
+                    logits, token_ids[part], exp_buffer[: part.stop - start])
+            else:
+                chunk_logp, _, sum_exp = softmax_stats_(logits, token_ids[part])
             logp[part] = chunk_logp
-            if want_entropy:  # logits now holds e = exp(z - max); z - max = log e (xlogy: 0 where e underflowed)
-                entropy[part] = sum_exp.log() - torch.xlogy(logits, logits).sum(dim=1) / sum_exp
             with torch.enable_grad():
                 leaf = chunk_logp.detach().requires_grad_()
                 old = leaf.detach() if old_logps is None else old_logps[part]
