@@ -72,16 +72,13 @@ from .trl_trainer import (
     OLD_PENDING_KEY,
     PREFIX_KEY,
     OneLayerGRPOTrainer,
-    _unsupported,
-    check_trl_version,
-    loss_config_from_trl,
+    SyncReferenceLayers,
     register_lane_trainer,
-    unsupported_parallelism,
 )
 from .checkpoint import load_lane_layer, save_layer_weights
 from .lanes import Lane, LaneCache, LanePolicy, resolve_lanes
 from .layout import PaddedLayout
-from .loss import BACKENDS, grpo_loss, token_logprobs
+from .loss import grpo_loss, token_logprobs
 from .policy import decoder_of
 
 import trl
@@ -94,6 +91,7 @@ LANES_FILE = "lanes.json"  # in a checkpoint: the lanes and their directories
 # OneLayerGRPOTrainer methods a LaneGRPOTrainer inherits as they are (they do not touch the one-layer policy);
 # every other method OneLayerGRPOTrainer defines is overridden here (tests/test_trl_lanes.py checks it).
 INHERITED = ("_layout", "_loss_scale", "_log_loss_metrics", "_masked_logprobs",
+             "_build_trl",  # the checks and TRL's construction, before any policy exists
              "_entropy_control", "_adapt_entropy",  # these two: only OneLayerGRPOTrainer._compute_loss calls them
              "training_step", "_world_loss_metrics")  # these two: through trainable_parameters / given the rows
 # Per-row entries of TRL's generation output: how a lane's rows are padded to the lanes' common width.
@@ -219,22 +217,6 @@ def lane_stratified_split(batch: dict[str, Any], num_lanes: int, chunks: int) ->
 
 
 # ---------------------------------------------------------------------------------------- callbacks
-class _SyncLaneReferences(TrainerCallback):
-    """TRL's reference syncing per lane (SyncRefModelCallback's timing and formula): every ref_model_sync_steps
-    optimizer steps each lane's reference copy becomes alpha * lane layer + (1 - alpha) * reference."""
-
-    def __init__(self, policy: LanePolicy):
-        self.policy = policy
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % args.ref_model_sync_steps == 0:
-            alpha = args.ref_model_mixup_alpha
-            with torch.no_grad():
-                for reference, layer in zip(self.policy.reference_layers, self.policy.lane_layers, strict=True):
-                    for ref, cur in zip(reference.parameters(), layer.parameters(), strict=True):
-                        ref.mul_(1.0 - alpha).add_(cur, alpha=alpha)
-
-
 class _ZeroLaneGradients(TrainerCallback):
     """Trainer calls `model.zero_grad()` after each optimizer step; the lanes' layers are not in the model (the
     shared model stays untouched), so their gradients are dropped here, right after the step that used them."""
@@ -264,42 +246,25 @@ class LaneGRPOTrainer(OneLayerGRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *positional,
                  layer: Sequence[Lane | int], loss_backend: str = "auto", **kwargs):
-        check_trl_version()
         lanes = as_lanes(layer)
-        if loss_backend not in BACKENDS:
-            raise ValueError(f"loss_backend must be one of {BACKENDS}, got {loss_backend!r}")
-        if args is None:
-            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
-            args = GRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-OneLayerGRPO")
-        if (reason := _unsupported(args, kwargs)) is not None:
-            raise NotImplementedError(f"OneLayerGRPOTrainer does not support {reason}")
-        if (reason := _unsupported_with_lanes(args, kwargs)) is not None:
-            raise NotImplementedError(f"OneLayerGRPOTrainer with lanes does not support {reason}")
-        if isinstance(model, nn.Module):  # bad lanes fail before TRL builds anything
-            resolve_lanes(lanes, len(decoder_of(model).layers))
-        self._loss_config = loss_config_from_trl(args)
-        self.loss_backend = loss_backend
-        # As OneLayerGRPOTrainer: TRL is built as if beta were 0 (no full reference model), knobs restored after.
-        beta, sync = args.beta, args.sync_ref_model
-        args.beta, args.sync_ref_model = 0.0, False
-        try:
-            GRPOTrainer.__init__(self, model, reward_funcs, args, *positional, **kwargs)
-        finally:
-            args.beta, args.sync_ref_model = beta, sync
-        self.beta = beta
-        if (reason := unsupported_parallelism(self)) is not None:
-            raise NotImplementedError(f"OneLayerGRPOTrainer does not support {reason}")
-        if sync and beta == 0.0:
-            raise ValueError("sync_ref_model=True needs beta > 0: without the KL term there is no reference to sync")
+
+        def check_lanes(args: GRPOConfig) -> None:
+            if (reason := _unsupported_with_lanes(args, kwargs)) is not None:
+                raise NotImplementedError(f"OneLayerGRPOTrainer with lanes does not support {reason}")
+            if isinstance(model, nn.Module):  # bad lanes fail before TRL builds anything
+                resolve_lanes(lanes, len(decoder_of(model).layers))
+
+        self._build_trl(model, reward_funcs, args, positional, kwargs, loss_backend, check_lanes)
+        sync = self.args.sync_ref_model
         self.lanes: list[Lane] = resolve_lanes(lanes, len(decoder_of(self.model).layers))  # the given order
         # sync_ref_model moves each lane's reference: then each lane needs its own copy of its original layer.
         self.policy = LanePolicy(self.model, self.lanes, own_references=sync)  # freezes the shared model
         self._position = {k: p for p, k in enumerate(self.policy.order)}  # lane k -> its place in policy order
         if sync:
-            self.add_callback(_SyncLaneReferences(self.policy))
+            self.add_callback(SyncReferenceLayers(list(zip(self.policy.reference_layers, self.policy.lane_layers,
+                                                           strict=True))))
         self.add_callback(_ZeroLaneGradients(self.policy))
         self._generating = self._old_logps_requested = False
-        self._old_logps_from_first_use = self.args.gradient_accumulation_steps % self.args.steps_per_generation == 0
 
     @property
     def num_lanes(self) -> int:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -178,21 +178,22 @@ _PER_ROW_AT_SEQUENCE_LEVEL = ("clip_ratio/low_mean", "clip_ratio/high_mean", "cl
                               "cispo_clip_ratio")
 
 
-class _SyncOneLayerReference(TrainerCallback):
-    """TRL's reference syncing with a one-layer reference: every `ref_model_sync_steps` optimizer steps the
+class SyncReferenceLayers(TrainerCallback):
+    """TRL's reference syncing with one-layer references: every `ref_model_sync_steps` optimizer steps each
     reference layer becomes alpha * trained layer + (1 - alpha) * reference layer (TRL's SyncRefModelCallback
-    timing and formula; everything else in TRL's reference equals the policy, so only this layer changes)."""
+    timing and formula; everything else in TRL's reference equals the policy, so only these layers change).
+    pairs: (reference layer, trained layer), one per trained layer (one, or one per lane)."""
 
-    def __init__(self, policy: OneLayerPolicy):
-        self.policy = policy
+    def __init__(self, pairs: Sequence[tuple[torch.nn.Module, torch.nn.Module]]):
+        self.pairs = list(pairs)
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % args.ref_model_sync_steps == 0:
             alpha = args.ref_model_mixup_alpha
             with torch.no_grad():
-                for ref, cur in zip(self.policy.reference_layer.parameters(), self.policy.target_layer.parameters(),
-                                    strict=True):
-                    ref.mul_(1.0 - alpha).add_(cur, alpha=alpha)
+                for reference, trained in self.pairs:
+                    for ref, cur in zip(reference.parameters(), trained.parameters(), strict=True):
+                        ref.mul_(1.0 - alpha).add_(cur, alpha=alpha)
 
 
 class _GenerationCapture:
@@ -281,19 +282,34 @@ class OneLayerGRPOTrainer(GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *positional, layer: int,
                  loss_backend: str = "auto", **kwargs):
-        check_trl_version()
-        if loss_backend not in BACKENDS:
-            raise ValueError(f"loss_backend must be one of {BACKENDS}, got {loss_backend!r}")
         if isinstance(layer, (list, tuple)) and not isinstance(self, tuple(_LANE_TRAINER)):
             # __new__ builds a LaneGRPOTrainer for OneLayerGRPOTrainer(..., layer=[...]) itself; a subclass keeps
             # its class and trains one layer
             raise NotImplementedError(f"{type(self).__name__} trains one layer; for lanes (a list of layers) "
                                       "call OneLayerGRPOTrainer itself or subclass onelayer_fast.trl_lanes.LaneGRPOTrainer")
+        self._build_trl(model, reward_funcs, args, positional, kwargs, loss_backend)
+        self.policy = OneLayerPolicy(self.model, layer)  # freezes every other parameter: TRL's optimizer skips them
+        if self.args.sync_ref_model:
+            self.add_callback(SyncReferenceLayers([(self.policy.reference_layer, self.policy.target_layer)]))
+        self._prefix_stash: tuple[Tensor, Tensor, Tensor] | None = None
+        self._capture: _GenerationCapture | None = None
+        self.prefix_passes = 0  # prefix forwards run here, beyond the states captured from generation
+        self._generating = self._old_logps_pending = False
+
+    def _build_trl(self, model, reward_funcs, args: GRPOConfig | None, positional: tuple, kwargs: dict[str, Any],
+                   loss_backend: str, check_more: Callable[[GRPOConfig], None] | None = None) -> None:
+        """Check the settings (`check_more`: a subclass's own checks, before anything loads) and build TRL's
+        GRPOTrainer without its full reference model; the one-layer policy is the caller's to add."""
+        check_trl_version()
+        if loss_backend not in BACKENDS:
+            raise ValueError(f"loss_backend must be one of {BACKENDS}, got {loss_backend!r}")
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = GRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-OneLayerGRPO")
         if (reason := _unsupported(args, kwargs)) is not None:
             raise NotImplementedError(f"OneLayerGRPOTrainer does not support {reason}")
+        if check_more is not None:
+            check_more(args)
         self._loss_config = loss_config_from_trl(args)  # checks the loss knobs before anything loads
         self.loss_backend = loss_backend
         # TRL loads a full reference model when beta != 0 (and refuses sync_ref_model when beta == 0): the
@@ -301,7 +317,7 @@ class OneLayerGRPOTrainer(GRPOTrainer):
         beta, sync = args.beta, args.sync_ref_model
         args.beta, args.sync_ref_model = 0.0, False
         try:
-            super().__init__(model, reward_funcs, args, *positional, **kwargs)
+            GRPOTrainer.__init__(self, model, reward_funcs, args, *positional, **kwargs)
         finally:
             args.beta, args.sync_ref_model = beta, sync
         self.beta = beta
@@ -309,13 +325,6 @@ class OneLayerGRPOTrainer(GRPOTrainer):
             raise NotImplementedError(f"OneLayerGRPOTrainer does not support {reason}")
         if sync and beta == 0.0:
             raise ValueError("sync_ref_model=True needs beta > 0: without the KL term there is no reference to sync")
-        self.policy = OneLayerPolicy(self.model, layer)  # freezes every other parameter: TRL's optimizer skips them
-        if sync:
-            self.add_callback(_SyncOneLayerReference(self.policy))
-        self._prefix_stash: tuple[Tensor, Tensor, Tensor] | None = None
-        self._capture: _GenerationCapture | None = None
-        self.prefix_passes = 0  # prefix forwards run here, beyond the states captured from generation
-        self._generating = self._old_logps_pending = False
         self._old_logps_from_first_use = self.args.gradient_accumulation_steps % self.args.steps_per_generation == 0
 
     # ---- the prefix, computed once per generation batch -------------------------------------------------
