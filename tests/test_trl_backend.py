@@ -28,10 +28,10 @@ VOCAB = 128
 PROMPTS = ["1+2=", "33+4=", "5+66=", "7+8=", "12+3=", "4+56=", "9+9=", "61+2="]  # lengths differ: left padding
 
 
-def tiny_model(path, seed: int = 0):
-    """A random-init 3-layer Qwen2, saved where TRL reloads its reference model from. The EOS row of the tied
-    embedding is drawn large (its logit then has a std of ~5 where every other token's is ~0.1) so that some
-    completions end early (masked tails) and others run to the limit."""
+def qwen2_tiny(seed: int = 0):
+    """A random-init 3-layer Qwen2. The EOS row of the tied embedding is drawn large (its logit then has a std
+    of ~5 where every other token's is ~0.1) so that some completions end early (masked tails) and others run to
+    the limit. (tests/test_trl_lanes.py builds its models here too.)"""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -41,6 +41,12 @@ def tiny_model(path, seed: int = 0):
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():
         model.model.embed_tokens.weight[1] = 1.0 * torch.randn(config.hidden_size)
+    return model
+
+
+def tiny_model(path, seed: int = 0):
+    """`qwen2_tiny`, saved where TRL reloads its reference model from."""
+    model = qwen2_tiny(seed)
     model.save_pretrained(path)
     model.config._name_or_path = str(path)
     return model
@@ -188,10 +194,12 @@ def test_prefix_states_come_from_generation(tmp_path):
     assert no_cache.prefix_passes == 1  # one generation batch, one prefix forward
 
 
-def sampling_rollout(prompts, trainer):
-    """TRL's rollout_func standing in for vLLM: fixed completions per (prompt, draw) (lengths 2-8, the short ones
-    ending in EOS) with sampling log-probs that differ from the model's, so that the importance-sampling ratios
-    spread over both sides of 1 (and past TRL's bounds)."""
+def fixed_rollout(prompts, trainer, sampling_logprobs: bool = False):
+    """TRL's rollout_func: the j-th completion of a prompt in a call is a fixed function of (prompt, j), lengths
+    2 to 8 (the short ones ending in EOS), so that runs compared with each other train on the same rollouts.
+    sampling_logprobs: also the sampler's log-probs (as vLLM returns them), drawn around the model's (about
+    -log(VOCAB)) so that importance-sampling ratios spread over both sides of 1 (and past TRL's bounds);
+    otherwise None."""
     import random
     from collections import Counter
 
@@ -207,7 +215,13 @@ def sampling_rollout(prompts, trainer):
         prompt_ids.append(trainer.processing_class(text)["input_ids"])
         completion_ids.append(ids)
         logprobs.append([-4.85 + draw.uniform(-0.6, 0.6) for _ in ids])
-    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs}
+    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids,
+            "logprobs": logprobs if sampling_logprobs else None}
+
+
+def sampling_rollout(prompts, trainer):
+    """`fixed_rollout` with the sampler's log-probs: vLLM's rollouts, stood in for."""
+    return fixed_rollout(prompts, trainer, sampling_logprobs=True)
 
 
 def train_with_fake_vllm(trainer_class, tmp_path, mode, layer_kwargs=None, **overrides):

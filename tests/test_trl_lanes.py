@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
-from collections import Counter
 
 import pytest
 import torch
@@ -25,47 +23,17 @@ from onelayer_fast.checkpoint import load_layer, merge_checkpoint, read_meta  # 
 from onelayer_fast.lanes import Lane  # noqa: E402
 from onelayer_fast.trl import OneLayerGRPOTrainer  # noqa: E402
 from onelayer_fast.trl_lanes import INHERITED, LANE_KEY, LaneGRPOTrainer, lane_stratified_split  # noqa: E402
+from test_trl_backend import (PROMPTS, VOCAB, digit_share, fixed_rollout, qwen2_tiny,  # noqa: E402
+                              relative_difference, trl_args)
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-VOCAB = 128
-PROMPTS = ["1+2=", "33+4=", "5+66=", "7+8=", "12+3=", "4+56=", "9+9=", "61+2="]  # lengths differ: left padding
 LANES = [Lane(2, learning_rate=1e-2), Lane(0, learning_rate=3e-2)]  # deepest first is not the given order
 
 
 def tiny_model(dtype=torch.float64, seed: int = 0):
-    """A random-init 3-layer Qwen2 (as tests/test_trl_backend.py's: a large EOS row so that sampled completions
-    end at different lengths)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True, eos_token_id=1, pad_token_id=0)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        model.model.embed_tokens.weight[1] = 1.0 * torch.randn(config.hidden_size)
-    return model.to(dtype)
-
-
-def digit_share(completions, **_):
-    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
-
-
-def fixed_rollout(prompts, trainer):
-    """TRL's rollout_func: the j-th completion of a prompt in a call is a fixed function of (prompt, j), lengths
-    2 to 8 (shorter ones end with EOS), so the lanes and the single runs train on the same rollouts."""
-    seen = Counter()
-    prompt_ids, completion_ids = [], []
-    for text in prompts:
-        draw = random.Random(f"{text}|{seen[text]}")
-        seen[text] += 1
-        length = draw.randint(2, 8)
-        ids = [draw.randrange(3, VOCAB) for _ in range(length)]
-        if length < 8:
-            ids[-1] = 1
-        prompt_ids.append(trainer.processing_class(text)["input_ids"])
-        completion_ids.append(ids)
-    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": None}
+    """tests/test_trl_backend.py's model (a large EOS row so that sampled completions end at different lengths),
+    in `dtype`, not saved: no reference model is ever loaded from it."""
+    return qwen2_tiny(seed).to(dtype)
 
 
 def rollout_with_logprobs(prompts, trainer):
@@ -74,15 +42,6 @@ def rollout_with_logprobs(prompts, trainer):
     output = fixed_rollout(prompts, trainer)
     output["logprobs"] = [[-1.0 - 0.25 * (i % 3)] * len(ids) for i, ids in enumerate(output["completion_ids"])]
     return output
-
-
-def trl_args(out, **overrides):
-    settings = dict(output_dir=str(out), per_device_train_batch_size=8, num_generations=4, max_completion_length=8,
-                    beta=0.04, max_steps=3, learning_rate=1e-2, use_cpu=True, bf16=False,
-                    gradient_checkpointing=False, report_to="none", save_strategy="no", logging_steps=1,
-                    disable_tqdm=True, seed=7, shuffle_dataset=False)
-    settings.update(overrides)
-    return trl.GRPOConfig(**settings)
 
 
 def build(out, layer, dtype=torch.float64, rollout=fixed_rollout, model=None, eval_dataset=None, **overrides):
@@ -103,11 +62,6 @@ def single_run(out, lane: Lane, **kwargs):
 
 def state(module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def relative_difference(a: dict, b: dict) -> float:
-    num = sum((a[k] - b[k]).double().pow(2).sum() for k in a)
-    return float(num.sqrt() / sum(a[k].double().pow(2).sum() for k in a).sqrt())
 
 
 def moved(after: dict, before: dict) -> dict:
