@@ -37,7 +37,7 @@ from .kernels.grpo_loss import GlobalCounts, check_counts_supported, group_advan
 from .lanes import Lane, LanePolicy
 from .rollout import DrawKeys, encode_prompts, generate_lanes
 from .tasks import Example, Task
-from .trainer import GRPOConfig, check_resume, flag, scored_batch, step_prompts
+from .trainer import GRPOConfig, check_groups_split, check_resume, scored_batch, step_prompts
 from .update import DivergenceError, lanes_update
 
 
@@ -290,11 +290,5 @@ class LaneTrainer:
 def _check_data_parallel(config: GRPOConfig, world: World) -> None:
     """ValueError for lanes that cannot train across `world`'s ranks: each lane's prompt groups must split evenly
     (a group never splits across ranks), and the loss must be computable over a batch split across ranks."""
-    groups = config.per_device_train_batch_size // config.num_generations
-    if groups % world.size != 0:
-        raise ValueError(f"each lane's {groups} prompt groups per step ({flag('per_device_train_batch_size')} "
-                         f"{config.per_device_train_batch_size} / {flag('num_generations')} {config.num_generations}) "
-                         f"do not split evenly across {world.size} ranks: a group never splits across ranks, so each "
-                         "lane's groups per step must be a multiple of the number of ranks (the batch size here is a "
-                         "lane's step total over every rank)")
+    check_groups_split(config, world, lanes=True)
     check_counts_supported(config.loss_config(), GlobalCounts(tokens=0.0, rows=0))

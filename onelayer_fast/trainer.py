@@ -377,14 +377,21 @@ def resolve_sampler(config: GRPOConfig, task: Task, world: World) -> str:
     if sampler == "keyed" and is_environment_task(task):
         raise ValueError(f"{flag('sampler')} keyed (and data-parallel training) runs single-turn tasks; {task.name!r} "
                          "is an environment task: train it in one process with --sampler generate")
+    check_groups_split(config, world)
+    return sampler
+
+
+def check_groups_split(config: GRPOConfig, world: World, lanes: bool = False) -> None:
+    """ValueError unless a step's prompt groups (each lane's, with `lanes`) split evenly across `world`'s ranks: a
+    group never splits across ranks."""
     groups = config.per_device_train_batch_size // config.num_generations
     if groups % world.size != 0:
-        raise ValueError(f"{groups} prompt groups per step ({flag('per_device_train_batch_size')} "
+        whose, total = ("each lane's ", "a lane's step total") if lanes else ("", "the step's total")
+        raise ValueError(f"{whose}{groups} prompt groups per step ({flag('per_device_train_batch_size')} "
                          f"{config.per_device_train_batch_size} / {flag('num_generations')} {config.num_generations}) "
-                         f"do not split evenly across {world.size} ranks: a group never splits across ranks, so the "
-                         f"groups per step must be a multiple of the number of ranks (the batch size here is the "
-                         "step's total over every rank)")
-    return sampler
+                         f"do not split evenly across {world.size} ranks: a group never splits across ranks, so "
+                         f"{whose or 'the '}groups per step must be a multiple of the number of ranks (the batch size "
+                         f"here is {total} over every rank)")
 
 
 def step_prompts(task: Task, seed: int, step: int, count: int) -> list[Example]:
