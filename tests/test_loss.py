@@ -658,6 +658,11 @@ def make_knob_case(temperature, dtype=torch.float64):
     return cast(hidden), cast(weight), ids, mask, cast(old_logps), cast(ref_logps)
 
 
+def assert_fp64_close(got, expected, backend: str) -> None:
+    """(loss, hidden gradient, weight gradient) against the float64 formulas, to ~1e-9."""
+    for name, value, target in zip(("loss", "grad hidden", "grad weight"), got, expected, strict=True):
+        torch.testing.assert_close(value, target, rtol=1e-9, atol=1e-12, msg=f"{backend} {name}")
+
 # name: (LossConfig knobs, advantages all zero (only the entropy bonus and the KL act))
 KNOB_CASES = {
     "vespo": (dict(loss_type="vespo"), False),
@@ -726,9 +731,7 @@ def test_row_level_knobs_match_fp64_trl_formulas(case, monkeypatch):
                                         old_logps=old_logps, ref_logps=ref_logps if knobs.get("beta") else None,
                                         backend=backend, **knobs)
         assert loss.dtype == torch.float64 and gh.dtype == gw.dtype == torch.float64, backend
-        torch.testing.assert_close(loss, e_loss, rtol=1e-9, atol=1e-12, msg=f"{backend} loss")
-        torch.testing.assert_close(gh, e_gh, rtol=1e-9, atol=1e-12, msg=f"{backend} grad hidden")
-        torch.testing.assert_close(gw, e_gw, rtol=1e-9, atol=1e-12, msg=f"{backend} grad weight")
+        assert_fp64_close((loss, gh, gw), (e_loss, e_gh, e_gw), backend)
         for name in names:
             assert name in metrics and metrics[name].dim() == 0, (backend, name, sorted(metrics))
             # the clip fractions are float32 counts (as before these knobs): exact to float32's resolution
@@ -946,9 +949,7 @@ def test_sampling_weights_match_fp64_trl_formulas(case, monkeypatch):
     for backend in ("reference", "chunked") if row_level else ("reference",):
         loss, metrics, gh, gw = run_olf(hidden, weight, ids, mask, weight_grad=True, backend=backend,
                                         sampling_weights=weights, **common)
-        torch.testing.assert_close(loss, e_loss, rtol=1e-9, atol=1e-12, msg=f"{backend} loss")
-        torch.testing.assert_close(gh, e_gh, rtol=1e-9, atol=1e-12, msg=f"{backend} grad hidden")
-        torch.testing.assert_close(gw, e_gw, rtol=1e-9, atol=1e-12, msg=f"{backend} grad weight")
+        assert_fp64_close((loss, gh, gw), (e_loss, e_gh, e_gw), backend)
         if knobs.get("beta"):
             torch.testing.assert_close(metrics["kl"].double(), e_metrics["kl"], rtol=1e-9, atol=1e-12)
 
@@ -1000,9 +1001,7 @@ def test_off_policy_mask_measures_drift_from_the_sampler(loss_type, monkeypatch)
     for backend in ("reference", "chunked"):
         loss, _, gh, gw = run_olf(hidden, weight, ids, mask, weight_grad=True, backend=backend,
                                   sampling_logps=sampling, **knobs)
-        torch.testing.assert_close(loss, e_loss, rtol=1e-9, atol=1e-12, msg=f"{backend} loss")
-        torch.testing.assert_close(gh, e_gh, rtol=1e-9, atol=1e-12, msg=f"{backend} grad hidden")
-        torch.testing.assert_close(gw, e_gw, rtol=1e-9, atol=1e-12, msg=f"{backend} grad weight")
+        assert_fp64_close((loss, gh, gw), (e_loss, e_gh, e_gw), backend)
 
 
 @pytest.mark.parametrize("level, knobs", [("token", {}), ("sequence", {}), ("token", {"loss_type": "grpo", "beta": 0.04}),
