@@ -96,6 +96,18 @@ def token_logprobs(
     return flat.view(token_ids.shape)
 
 
+def masked_token_logprobs(hidden: Tensor, lm_head_weight: Tensor, token_ids: Tensor, mask: Tensor,
+                          temperature: float = 1.0, backend: str = "auto") -> Tensor:
+    """`token_logprobs` at the unmasked positions only, 0 elsewhere: hidden (B, C, H), token_ids and mask (B, C)
+    -> (B, C) in the states' precision (at least float32). `grpo_loss` takes its log-probs over the same tokens
+    (and chunks them alike), so reference or old log-probs taken here equal the loss's to the bit wherever the
+    weights agree: a zero KL gradient stays zero, not rounding noise that Adam would turn into a whole step."""
+    valid = mask.bool()
+    logps = torch.zeros(valid.shape, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
+    logps[valid] = token_logprobs(hidden[valid], lm_head_weight, token_ids[valid], temperature, backend=backend)
+    return logps
+
+
 def _resolve_backend(backend: str, hidden: Tensor, weight: Tensor, completion_mask: Tensor | None = None,
                      config: LossConfig | None = None) -> str:
     """"auto" as `dispatch.auto_backend` decides; an explicit "triton" checked for inputs it does not cover."""

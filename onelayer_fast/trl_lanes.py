@@ -78,7 +78,7 @@ from .trl_trainer import (
 from .checkpoint import load_lane_layer, save_layer_weights
 from .lanes import Lane, LaneCache, LanePolicy, resolve_lanes
 from .layout import PaddedLayout
-from .loss import grpo_loss, token_logprobs
+from .loss import grpo_loss
 from .policy import decoder_of
 
 import trl
@@ -373,14 +373,8 @@ class LaneGRPOTrainer(OneLayerGRPOTrainer):
         tokens the lane's loss takes its log-probs over (as OneLayerGRPOTrainer does for one run): where the
         weights agree (a lane's reference before its first step) they agree to the bit, and a zero KL gradient
         stays zero instead of rounding noise that Adam would turn into a whole step."""
-        logps = torch.zeros(completion_ids.shape, dtype=torch.float32, device=hidden.device)
-        for a, b in zip(starts[:-1], starts[1:]):
-            valid = mask[a:b].bool()
-            rows = slice(a, b)
-            logps[rows][valid] = token_logprobs(hidden[rows][valid], self.policy.lm_head_weight,
-                                                completion_ids[rows][valid], temperature=self.temperature,
-                                                backend=self.loss_backend).float()
-        return logps
+        return torch.cat([self._masked_logprobs(hidden[a:b], completion_ids[a:b], mask[a:b])
+                          for a, b in zip(starts[:-1], starts[1:])])
 
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"

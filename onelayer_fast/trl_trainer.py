@@ -49,7 +49,7 @@ from torch import Tensor
 from .checkpoint import load_layer, read_meta, save_layer_weights
 from .kernels.grpo_loss import LossConfig
 from .layout import PaddedLayout
-from .loss import BACKENDS, grpo_loss, token_logprobs
+from .loss import BACKENDS, grpo_loss, masked_token_logprobs
 from .policy import OneLayerPolicy, decoder_of
 from .update import EntropyControl, entropy_sum_and_count
 
@@ -375,14 +375,11 @@ class OneLayerGRPOTrainer(GRPOTrainer):
         return logps, None, None
 
     def _masked_logprobs(self, hidden: Tensor, completion_ids: Tensor, mask: Tensor) -> Tensor:
-        """(B, C) log-probs at the unmasked completion tokens, 0 elsewhere. The loss takes its log-probs over
-        the same rows, so where the weights agree (the reference layer before the first step) they agree to the
-        bit, as TRL's do: rounding noise in a zero gradient would become a whole Adam step."""
-        valid = mask.bool()
-        logps = torch.zeros(valid.shape, dtype=torch.float32, device=hidden.device)
-        logps[valid] = token_logprobs(hidden[valid], self.policy.lm_head_weight, completion_ids[valid],
-                                      temperature=self.temperature, backend=self.loss_backend).float()
-        return logps
+        """(B, C) float32 log-probs at the unmasked completion tokens, 0 elsewhere (`masked_token_logprobs`: where
+        the weights agree, e.g. the reference layer before the first step, they equal the loss's to the bit, as
+        TRL's do)."""
+        return masked_token_logprobs(hidden, self.policy.lm_head_weight, completion_ids, mask,
+                                     temperature=self.temperature, backend=self.loss_backend).float()
 
     def _generate(self, prompts):
         """TRL's sampling, unchanged; with HF generation the prefix states it computes are kept for the update

@@ -15,7 +15,7 @@ from .kernels.grpo_loss import GlobalCounts, LossConfig, high_entropy_mask
 from .kernels.token_logprobs import chunked_token_logprobs_entropy
 from .lanes import lane_rows
 from .layout import check_layout, make_layout
-from .loss import BACKENDS, grpo_loss, token_logprobs
+from .loss import BACKENDS, grpo_loss, masked_token_logprobs
 from .policy import PrefixCache
 
 
@@ -332,11 +332,8 @@ def reference_logps(policy, cache, batch: RolloutBatch, config: UpdateConfig):
     if config.loss.beta == 0.0:
         return None
     states = policy.completion_states(cache, reference=True)
-    valid = batch.completion_mask.bool()
-    logps = torch.zeros(valid.shape, dtype=torch.promote_types(states.dtype, torch.float32), device=states.device)
-    logps[valid] = token_logprobs(states[valid], policy.lm_head_weight, batch.completion_ids[valid],
-                                  config.loss.temperature, backend=config.loss_backend)
-    return logps
+    return masked_token_logprobs(states, policy.lm_head_weight, batch.completion_ids, batch.completion_mask,
+                                 config.loss.temperature, backend=config.loss_backend)
 
 
 def _advantage_args(batch: RolloutBatch) -> dict:
