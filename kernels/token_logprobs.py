@@ -86,8 +86,9 @@ def softmax_stats_entropy_(logits: Tensor, token_ids: Tensor, exp_buffer: Tensor
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """softmax_stats_ plus each row's entropy: logits -> z - max in place, exp(z - max) into `exp_buffer` (same
     shape). Returns (logp, logsumexp, sum of exp, entropy, exp(z - max)).
-    H = log S - sum_v e_v (z_v - max) / S: the row dot products run as one batched matmul, about as cheap as the
-    exp pass itself (an elementwise log over the chunk instead costs several times that)."""
+    H = log S - sum_v e_v (z_v - max) / S (the max cancels: no large terms); the row dot products run as one
+    batched matmul, about as cheap as the exp pass itself (an elementwise log over the chunk costs several
+    times that). The fused loss and `chunked_token_logprobs_entropy` both take their statistics here."""
     target = logits.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     peak = logits.amax(dim=1)
     shifted = logits.sub_(peak.unsqueeze(1))
@@ -221,16 +222,8 @@ def chunked_token_logprobs_entropy_forward(
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
         logits = logits_into(buffer[: stop - start], hidden[start:stop], weight, temperature)
-        target = logits.gather(1, token_ids[start:stop].unsqueeze(1)).squeeze(1)
-        peak = logits.amax(dim=1)
-        shifted = logits.sub_(peak.unsqueeze(1))  # z - max, in place
-        exp = torch.exp(shifted, out=probs_buffer[: stop - start])
-        sum_exp = exp.sum(dim=1)
-        log_sum_exp = sum_exp.log()
-        # H = log(sum exp(z - max)) - sum_v p_v (z_v - max): the max cancels, no large terms
-        entropy[start:stop] = log_sum_exp - exp.mul_(shifted).sum(dim=1) / sum_exp
-        lse[start:stop] = peak + log_sum_exp
-        logp[start:stop] = target - lse[start:stop]
+        logp[start:stop], lse[start:stop], _, entropy[start:stop], _ = softmax_stats_entropy_(
+            logits, token_ids[start:stop], probs_buffer[: stop - start])
     return logp, entropy, lse
 
 
