@@ -51,7 +51,7 @@ from .kernels.grpo_loss import LossConfig
 from .layout import PaddedLayout
 from .loss import BACKENDS, grpo_loss, masked_token_logprobs
 from .policy import OneLayerPolicy, decoder_of
-from .update import EntropyControl, entropy_sum_and_count
+from .update import SEQUENCE_LEVEL_ROW_METRICS, TOKEN_MEAN_METRICS, EntropyControl, entropy_sum_and_count
 
 SUPPORTED_TRL_VERSIONS = ("1.16",)  # major.minor releases whose GRPOTrainer internals this module was checked against
 PREFIX_KEY = "onelayer_prefix_hidden"  # the batch entry holding the prefix output (B, P + C, H)
@@ -170,12 +170,10 @@ def average_gradients(parameters: Sequence[Tensor], world_size: int) -> None:
 
 # The loss metrics TRL logs, and what each is a mean over: TRL reduces every one across processes as
 # sum(value * weight) / sum(weight) (its `global_masked_mean`), with the completion tokens as weights, or the
-# rows where the metric has one value per row (vespo's weight; the clip ratios at sequence level).
+# rows where the metric has one value per row (vespo's weight; the clip ratios at sequence level): the split the
+# engine's own data-parallel reduction makes (update.TOKEN_MEAN_METRICS, update.SEQUENCE_LEVEL_ROW_METRICS).
 LOSS_METRICS = ("entropy", "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
                 "cispo_clip_ratio", "vespo/phi_seq_mean")
-_PER_ROW_METRICS = ("vespo/phi_seq_mean",)
-_PER_ROW_AT_SEQUENCE_LEVEL = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-                              "cispo_clip_ratio")
 
 
 class SyncReferenceLayers(TrainerCallback):
@@ -447,7 +445,7 @@ class OneLayerGRPOTrainer(GRPOTrainer):
         # shape on every process whatever each one's loss path computed
         entries = []
         for name in wanted:
-            per_row = name in _PER_ROW_METRICS or (sequence and name in _PER_ROW_AT_SEQUENCE_LEVEL)
+            per_row = name not in TOKEN_MEAN_METRICS or (sequence and name in SEQUENCE_LEVEL_ROW_METRICS)
             weight = rows if per_row else tokens
             entries.append((float(metrics[name]) * weight, weight, 1.0) if name in metrics else (0.0, 0.0, 0.0))
         entries += [(float(value), 1.0, 1.0) for value in process_means.values()]
