@@ -96,27 +96,28 @@ class World:
         self._collective("gather", lambda: dist.all_gather(parts, local))
         return torch.cat(parts).to(tensor.device)
 
-    def all_reduce_gradients(self, params: list[Tensor]) -> None:
-        """Sum each parameter's .grad over the ranks, in place (a parameter without one counts as zeros).
+    def all_reduce_gradients(self, params: list[Tensor], average: bool = False) -> None:
+        """Sum (average: mean, as DDP's reducer: divided by the ranks, then summed) each parameter's .grad over
+        the ranks, in place; a parameter without one counts as zeros, so every rank runs the same collectives.
 
-        Explicit, not DistributedDataParallel: the trained tensors are one layer's handful, so one flat
-        all-reduce after backward costs no more than DDP's buckets, and the loss's forward does not go through
-        one wrapped module (prefix cache, then suffix from the trained layer, then the chunked lm_head loss),
-        which is what DDP hooks into. Called after backward and before clipping, so that clipping and the
-        optimizer step see the same gradient on every rank.
+        Explicit, not DistributedDataParallel: the trained tensors are one layer's handful (a few lanes'), so
+        flat all-reduces after backward cost no more than DDP's buckets, and the loss's forward does not go
+        through one wrapped module (prefix cache, then suffix from the trained layer, then the chunked lm_head
+        loss), which is what DDP hooks into. Called after backward and before clipping, so that clipping and the
+        optimizer step see the same gradient on every rank. Flat buffers of at most GRADIENT_BUCKET_ELEMENTS:
+        never a second copy of many large layers at once.
         """
         if not self.distributed:
             return
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        total = self.all_reduce_sum(flat)
-        offset = 0
-        for p in params:
-            n = p.grad.numel()
-            p.grad.copy_(total[offset:offset + n].view_as(p.grad))
-            offset += n
+        for grads in _gradient_buckets(params):
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            if average:
+                flat.div_(self.size)
+            total = self.all_reduce_sum(flat)
+            offset = 0
+            for g in grads:
+                g.copy_(total[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
 
     def barrier(self) -> None:
         if not self.distributed:
@@ -147,6 +148,27 @@ class World:
             if dist.is_initialized():
                 dist.destroy_process_group()
             self._group_alive = False
+
+
+# Gradients are all-reduced in flat buffers of at most this many elements (DDP's default bucket is 25 MiB).
+GRADIENT_BUCKET_ELEMENTS = 1 << 23
+
+
+def _gradient_buckets(params: list[Tensor]) -> list[list[Tensor]]:
+    """The parameters' gradients (zeros where a parameter has none yet), grouped in order into runs of one
+    device and dtype and at most GRADIENT_BUCKET_ELEMENTS elements (a larger gradient gets a bucket alone)."""
+    buckets: list[list[Tensor]] = []
+    size, key = 0, None
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grad = p.grad
+        if not buckets or (grad.device, grad.dtype) != key or size + grad.numel() > GRADIENT_BUCKET_ELEMENTS:
+            buckets.append([])
+            size, key = 0, (grad.device, grad.dtype)
+        buckets[-1].append(grad)
+        size += grad.numel()
+    return buckets
 
 
 def _first_line(error: BaseException) -> str:

@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import load_layer, read_meta, save_layer_weights
+from .distributed import World
 from .kernels.grpo_loss import LossConfig
 from .layout import PaddedLayout
 from .loss import BACKENDS, grpo_loss, masked_token_logprobs
@@ -132,40 +133,21 @@ def unsupported_parallelism(trainer: GRPOTrainer) -> str | None:
     return None
 
 
-# Gradients are averaged in flat buffers of at most this many elements (DDP's default bucket is 25 MiB): one
-# collective per bucket instead of one per tensor, without a second copy of a whole large layer.
-GRADIENT_BUCKET_ELEMENTS = 1 << 23
-
-
 def average_gradients(parameters: Sequence[Tensor], world_size: int) -> None:
-    """Each parameter's gradient becomes its mean over the `world_size` processes of the default process group:
-    what DDP's reducer does, done here because the loss runs the policy's own modules, never DDP's forward, so
-    DDP never arms its reducer. As DDP: divide, then all-reduce the sum (the same rounding), in flat buckets.
-    Every rank must call it with the same parameters in the same order; a parameter without a gradient takes
-    part as zeros (so the collectives line up), and keeps the averaged gradient."""
+    """Each parameter's gradient becomes its mean over the `world_size` processes of accelerate's default process
+    group (`World.all_reduce_gradients(average=True)`): what DDP's reducer does, done here because the loss runs
+    the policy's own modules, never DDP's forward, so DDP never arms its reducer. Every rank must call it with
+    the same parameters in the same order."""
     if world_size <= 1:
         return
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         raise RuntimeError(f"{world_size} processes but no torch.distributed process group: launch with "
                            "`accelerate launch` or torchrun")
-    buckets: list[list[Tensor]] = []
-    size, key = 0, None
-    for parameter in parameters:
-        if parameter.grad is None:
-            parameter.grad = torch.zeros_like(parameter)
-        grad = parameter.grad
-        if not buckets or (grad.device, grad.dtype) != key or size + grad.numel() > GRADIENT_BUCKET_ELEMENTS:
-            buckets.append([])
-            size, key = 0, (grad.device, grad.dtype)
-        buckets[-1].append(grad)
-        size += grad.numel()
-    for grads in buckets:
-        flat = torch.cat([g.reshape(-1) for g in grads]).div_(world_size)
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+    parameters = list(parameters)
+    world = World(rank=torch.distributed.get_rank(), size=world_size, device=parameters[0].device,
+                  backend=torch.distributed.get_backend(),
+                  resume_hint="rerun with resume_from_checkpoint to continue from the last checkpoint")
+    world.all_reduce_gradients(parameters, average=True)
 
 
 # The loss metrics TRL logs, and what each is a mean over: TRL reduces every one across processes as
