@@ -489,7 +489,7 @@ class OneLayerGRPOTrainer(GRPOTrainer):
             pending.zero_()
         self._log_loss_metrics(result.metrics, mode, mask)
         if self.args.use_adaptive_entropy and mode == "train":
-            self._adapt_entropy(hidden, completion_ids, mask, config)
+            self._adapt_entropy(hidden, completion_ids, mask, config, result.metrics)
         if mode == "train" and self.accelerator.sync_gradients and \
                 (self.args.use_adaptive_entropy or self.args.entropy_coef != 0.0):
             self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
@@ -504,10 +504,17 @@ class OneLayerGRPOTrainer(GRPOTrainer):
                               maximum=a.entropy_coef_max, delta=a.entropy_coef_delta, target=a.entropy_target,
                               last_entropy=self._last_world_entropy)
 
-    def _adapt_entropy(self, hidden: Tensor, completion_ids: Tensor, mask: Tensor, config: LossConfig) -> None:
+    def _adapt_entropy(self, hidden: Tensor, completion_ids: Tensor, mask: Tensor, config: LossConfig,
+                       metrics: dict[str, Tensor]) -> None:
         """TRL's window: the entropy sum and token count of every micro-batch of the accumulation window, over
-        the tokens the loss acts on; at the optimizer-step boundary the coefficient moves for the next step."""
-        stats = entropy_sum_and_count(hidden.detach(), self.policy.lm_head_weight, completion_ids, mask, config)
+        the tokens the loss acts on; at the optimizer-step boundary the coefficient moves for the next step.
+        Over every unmasked token that is the loss's own entropy metric times the tokens; only an entropy subset
+        (top_entropy_quantile < 1) needs its entropies taken again."""
+        if config.top_entropy_quantile >= 1.0 and "entropy" in metrics:
+            count = mask.sum().double()
+            stats = torch.stack([metrics["entropy"].double() * count.clamp(min=1.0), count])
+        else:
+            stats = entropy_sum_and_count(hidden.detach(), self.policy.lm_head_weight, completion_ids, mask, config)
         window = self._entropy_window_stats
         self._entropy_window_stats = stats if window is None else window + stats
         if self.accelerator.sync_gradients:
